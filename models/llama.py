@@ -1,0 +1,289 @@
+"""TinyLlama-shaped decoder: RMSNorm, RoPE, grouped-query attention (SDPA), SwiGLU, static KV cache.
+
+Mirrors transformers/models/llama/modeling_llama.py (LlamaRMSNorm, LlamaRotaryEmbedding with
+`rotate_half`, LlamaAttention, LlamaMLP, LlamaDecoderLayer) so Hugging Face weights load unpermuted
+(see models/hf_weights.py). The KV cache is preallocated once, as in gpt-fast, so a decode step has
+static shapes and can be compiled into a CUDA graph.
+
+attention_mask convention (B, T) integer tensor, 0 = padding, and any positive value a segment id:
+a query sees a key only if both carry the same id (and the key is not in the future). A plain 0/1
+padding mask is the one-segment case; packed rows give each sample its own id.
+"""
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    dim: int = 2048
+    n_layers: int = 22
+    n_heads: int = 32
+    n_kv_heads: int = 4
+    ffn_dim: int = 5632
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    def __post_init__(self):
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"dim {self.dim} / n_heads {self.n_heads} / n_kv_heads {self.n_kv_heads} do not divide")
+
+
+LLAMA_CONFIGS = {
+    "tinyllama-1.1b": dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632,
+                           max_seq_len=2048),
+    # ~10M non-embedding parameters: matched to Coeus `nano` for honest comparisons
+    "small": dict(vocab_size=32000, dim=384, n_layers=6, n_heads=6, n_kv_heads=2, ffn_dim=1024, max_seq_len=1024),
+    "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256),
+}
+
+
+def llama_config(name, **overrides):
+    if name not in LLAMA_CONFIGS:
+        raise KeyError(f"unknown llama config {name!r}; known: {', '.join(LLAMA_CONFIGS)}")
+    return LlamaConfig(**{**LLAMA_CONFIGS[name], **overrides})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # statistics in fp32 whatever the activation dtype, as LlamaRMSNorm does
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions, head_dim, theta, dtype):
+    """cos/sin for integer positions of any shape -> (*positions.shape, head_dim), HF's duplicated-halves layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # (..., head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, H, T, D); cos/sin: (B, T, D) -> broadcast over heads
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values for one layer: (B, n_kv_heads, max_len, head_dim)."""
+
+    def __init__(self, batch, n_kv_heads, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        # input_pos: (T,) absolute positions of the new tokens, shared by the batch
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.kv_cache = None
+
+    def forward(self, x, cos, sin, mask=None, input_pos=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None and input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, max_len, D)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        gqa = self.n_heads != self.n_kv_heads
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, input_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.gradient_checkpointing = False
+        self.cache_len = 0
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        # HF's LlamaPreTrainedModel init: N(0, 0.02) for linears and embeddings
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def num_params(self, exclude_embeddings=False):
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed_tokens.weight.numel() if exclude_embeddings else n
+
+    def resize_token_embeddings(self, new_vocab):
+        """Grow (or shrink) embeddings and head, keeping the old rows; new rows get the mean of the old."""
+        old = self.embed_tokens.weight.data
+        if new_vocab == old.shape[0]:
+            return
+        n = min(new_vocab, old.shape[0])
+        emb = nn.Embedding(new_vocab, self.config.dim, device=old.device, dtype=old.dtype)
+        emb.weight.data[:n] = old[:n]
+        emb.weight.data[n:] = old.mean(0, keepdim=True)
+        self.embed_tokens = emb
+        if self.config.tie_embeddings:
+            self.lm_head = nn.Linear(self.config.dim, new_vocab, bias=False, device=old.device, dtype=old.dtype)
+            self.lm_head.weight = self.embed_tokens.weight
+        else:
+            old_head = self.lm_head.weight.data
+            head = nn.Linear(self.config.dim, new_vocab, bias=False, device=old.device, dtype=old.dtype)
+            head.weight.data[:n] = old_head[:n]
+            head.weight.data[n:] = old_head.mean(0, keepdim=True)
+            self.lm_head = head
+        self.config.vocab_size = new_vocab
+
+    # --- KV cache -------------------------------------------------------------------------------
+    def setup_cache(self, batch_size, max_len=None, dtype=None, device=None):
+        """Allocate a static KV cache of max_len positions (default: the context length)."""
+        max_len = max_len or self.config.max_seq_len
+        if max_len > self.config.max_seq_len:
+            raise ValueError(f"cache of {max_len} positions exceeds the model's context of {self.config.max_seq_len}")
+        p = self.embed_tokens.weight
+        dtype, device = dtype or p.dtype, device or p.device
+        for layer in self.layers:
+            a = layer.self_attn
+            a.kv_cache = KVCache(batch_size, a.n_kv_heads, max_len, a.head_dim, dtype, device)
+        self.cache_len = max_len
+        causal = torch.ones(max_len, max_len, dtype=torch.bool, device=device).tril()
+        self.register_buffer("causal_mask", causal, persistent=False)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.self_attn.kv_cache = None
+        self.cache_len = 0
+
+    # --- forward --------------------------------------------------------------------------------
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
+                input_pos=None, labels=None, return_hidden=False):
+        """
+        input_ids (B, T) or inputs_embeds (B, T, dim).
+        attention_mask (B, T) (or (B, cache_len) with a cache): 0 = padding, positive = segment id.
+        position_ids (B, T): RoPE positions; default 0..T-1 (or input_pos with a cache).
+        input_pos (T,): absolute cache slots of these tokens; given => the KV cache is used.
+        labels (B, T): next-token targets are labels shifted by one (HF convention), -100 ignored.
+        Returns logits (B, T, V), plus loss if labels, plus final hidden states if return_hidden.
+        """
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        use_cache = input_pos is not None
+        if use_cache and self.cache_len == 0:
+            raise RuntimeError("input_pos given but no KV cache: call setup_cache(batch_size) first")
+        if position_ids is None:
+            base = input_pos if use_cache else torch.arange(T, device=x.device)
+            position_ids = base[None].expand(B, T)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask = self._build_mask(attention_mask, input_pos, B, T, x.device)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, input_pos)
+        h = self.norm(x)
+        logits = self.lm_head(h)
+        out = (logits,)
+        if labels is not None:
+            out += (causal_lm_loss(logits, labels),)
+        if return_hidden:
+            out += (h,)
+        return out[0] if len(out) == 1 else out
+
+    def _build_mask(self, attention_mask, input_pos, B, T, device):
+        """Boolean (B, 1, Tq, Tk) mask, or None for the plain causal case (SDPA's fast is_causal path)."""
+        if input_pos is not None:
+            mask = self.causal_mask[input_pos][None, None]  # (1, 1, T, cache_len)
+            if attention_mask is None:
+                return mask
+            keep = attention_mask[:, None, None, :].bool()   # (B, 1, 1, cache_len)
+            mask = mask & keep
+        else:
+            if attention_mask is None:
+                return None
+            seg = attention_mask
+            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+            mask = (seg[:, None, :, None] == seg[:, None, None, :]) & causal & (seg[:, None, None, :] > 0)
+            input_pos = torch.arange(T, device=device)
+        # a query with nothing to attend (a padding position) would give NaN: let it see itself
+        diag = torch.zeros_like(mask[..., :1, :].expand(mask.shape[0], 1, T, mask.shape[-1]))
+        diag[..., torch.arange(T, device=device), input_pos] = True
+        return mask | diag
+
+
+def causal_lm_loss(logits, labels):
+    """Mean cross-entropy of logits[:, t] against labels[:, t+1], ignoring -100 (fp32 for stability)."""
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+
+def config_dict(cfg):
+    return asdict(cfg)
