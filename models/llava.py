@@ -1,0 +1,112 @@
+"""LLaVA: CLIP-style ViT -> MLP projector -> Llama decoder, one model.
+
+Mirrors transformers/models/llava/modeling_llava.py (LlavaModel.get_image_features / forward,
+LlavaForConditionalGeneration). The three parts are plain submodules, `vision_tower`, `projector` and
+`language_model` (a models.llama.Llama, the only language model inside), so the parameter count is
+exactly the sum of the three parts.
+
+Image-token convention: `input_ids` carry N = `num_image_tokens` copies of the `<image>` placeholder id
+per image (HF's modern processor convention), in the order of the images in `pixel_values` (row-major over
+the batch). Each run of placeholders is overwritten by that image's N projected patch embeddings. Shapes
+are static (the sequence length does not change inside the model), which keeps packing and compilation
+simple. Prompts written with a single `<image>` are turned into N with `expand_image_tokens`.
+The placeholder id need not be inside the decoder's vocabulary: it is never looked up in the embedding.
+Labels at image positions are forced to -100 inside `forward`.
+"""
+from dataclasses import dataclass, field, asdict
+
+import torch
+import torch.nn as nn
+
+from models.llama import Llama, LlamaConfig, llama_config
+from models.projector import Projector
+from models.vit import VisionConfig, VisionTransformer, vision_config
+
+
+@dataclass
+class LlavaConfig:
+    vision: VisionConfig = field(default_factory=lambda: vision_config("clip-vit-l-336"))
+    text: LlamaConfig = field(default_factory=lambda: llama_config("tinyllama-1.1b"))
+    image_token_id: int = 32000
+    feature_layer: int = -2
+    select_strategy: str = "default"
+    projector_bias: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.vision, dict):
+            self.vision = VisionConfig(**self.vision)
+        if isinstance(self.text, dict):
+            self.text = LlamaConfig(**self.text)
+        if self.select_strategy not in ("default", "full"):
+            raise ValueError(f"select_strategy must be 'default' or 'full', got {self.select_strategy!r}")
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**d)
+
+
+def expand_image_tokens(ids, image_token_id, n):
+    """Turn every single `image_token_id` in `ids` into n copies.
+
+    ids: a list of ints (one prompt) or a 1-D LongTensor; returns the same kind.
+    """
+    as_tensor = torch.is_tensor(ids)
+    seq = ids.tolist() if as_tensor else list(ids)
+    out = []
+    for t in seq:
+        out.extend([t] * n if t == image_token_id else [t])
+    return torch.tensor(out, dtype=ids.dtype, device=ids.device) if as_tensor else out
+
+
+class LlavaModel(nn.Module):
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        self.config = cfg
+        self.vision_tower = VisionTransformer(cfg.vision)
+        self.projector = Projector(cfg.vision.dim, cfg.text.dim, bias=cfg.projector_bias)
+        self.language_model = Llama(cfg.text)
+
+    @property
+    def num_image_tokens(self):
+        return self.vision_tower.num_tokens(self.config.select_strategy)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def image_features(self, pixel_values):
+        """pixel_values (B_img, 3, H, W), any float dtype -> (B_img, N, text_dim)."""
+        feats = self.vision_tower.features(pixel_values, self.config.feature_layer, self.config.select_strategy)
+        return self.projector(feats.to(self.projector.linear_1.weight.dtype))
+
+    def image_mask(self, input_ids):
+        return input_ids == self.config.image_token_id
+
+    def embed(self, input_ids, pixel_values=None):
+        """input_ids (B, T) with N placeholders per image -> inputs_embeds (B, T, text_dim)."""
+        is_image = self.image_mask(input_ids)
+        n_placeholders = int(is_image.sum())
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        expected = n_images * self.num_image_tokens
+        if n_placeholders != expected:
+            raise ValueError(
+                f"input_ids hold {n_placeholders} image placeholder tokens (id {self.config.image_token_id}) but "
+                f"{n_images} image(s) x {self.num_image_tokens} tokens = {expected} are expected; "
+                f"use expand_image_tokens(ids, image_token_id, {self.num_image_tokens}) on single placeholders")
+        # the placeholder id may lie outside the vocabulary: embed a harmless id there, then overwrite
+        embeds = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))  # (B, T, dim)
+        if n_images == 0:
+            return embeds
+        feats = self.image_features(pixel_values)  # (B_img, N, dim)
+        return embeds.masked_scatter(is_image[..., None], feats.to(embeds.dtype))
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, labels=None,
+                return_hidden=False):
+        """Same returns as Llama.forward: logits | (logits, loss) | (logits, [loss,] hidden)."""
+        inputs_embeds = self.embed(input_ids, pixel_values)
+        if labels is not None:
+            labels = labels.masked_fill(self.image_mask(input_ids), -100)
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                   position_ids=position_ids, labels=labels, return_hidden=return_hidden)
