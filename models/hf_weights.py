@@ -1,0 +1,386 @@
+"""Hugging Face weights in and out of the hand-written modules, from and to a LOCAL folder (never the hub).
+
+Families and what they read / write:
+    llama  <-> LlamaForCausalLM                                  (models.llama.Llama)
+    clip   <-> CLIPVisionModel, or the vision tower of CLIPModel (models.vit.VisionTransformer)
+    llava  <-> LlavaForConditionalGeneration                     (models.llava.LlavaModel)
+
+A folder holds `config.json` and weights as `model.safetensors`, `model-0000x-of-0000y.safetensors` (+ index
+json) or `pytorch_model*.bin` (read with torch.load(weights_only=True)).
+
+One mapping per family, a function from OUR parameter name to the HF name (`llama_key`, `clip_key`,
+`llava_key`). Import walks our model's keys and fetches each mapped name from the file; export writes
+each tensor under the mapped name. So the two directions cannot drift apart.
+
+Layouts accepted on import (the loader picks, per part, the prefix that the file actually uses):
+    CLIP:  `vision_model.embeddings.*` (CLIPModel, transformers 4 CLIPVisionModel) or `embeddings.*`
+    LLaVA: transformers-4 files `language_model.model.*`, `language_model.lm_head.*`,
+           `vision_tower.vision_model.*` (or `vision_tower.*`), `multi_modal_projector.*`;
+           transformers-5 modules `model.language_model.*`, `lm_head.*`, `model.vision_tower.*`,
+           `model.multi_modal_projector.*`.
+    Llama configs with top-level `rope_theta` (transformers 4) or `rope_parameters` (transformers 5).
+Export writes the transformers-4 file layout (what the published llava-hf / openai checkpoints use), which
+both transformers 4 and 5 load, and both rope spellings in config.json.
+
+Missing, unexpected and mis-shaped keys raise ValueError listing them. Buffers that old checkpoints carry
+(`rotary_emb.inv_freq`, `position_ids`) and the text half of a CLIPModel are skipped on purpose.
+"""
+import glob
+import json
+import os
+import re
+
+import torch
+
+from models.llama import Llama, LlamaConfig
+from models.llava import LlavaConfig, LlavaModel
+from models.vit import VisionConfig, VisionTransformer
+
+# --- the mapping tables ------------------------------------------------------------------------------------
+
+# our VisionTransformer key prefix -> HF CLIPVisionTransformer key prefix (regex, replacement)
+CLIP_TABLE = [
+    (r"patch_embed\.", "embeddings.patch_embedding."),
+    (r"class_embedding$", "embeddings.class_embedding"),
+    (r"position_embedding\.", "embeddings.position_embedding."),
+    (r"pre_norm\.", "pre_layrnorm."),  # sic: CLIP's spelling
+    (r"post_norm\.", "post_layernorm."),
+    (r"blocks\.(\d+)\.norm1\.", r"encoder.layers.\1.layer_norm1."),
+    (r"blocks\.(\d+)\.norm2\.", r"encoder.layers.\1.layer_norm2."),
+    (r"blocks\.(\d+)\.attn\.", r"encoder.layers.\1.self_attn."),  # q_proj, k_proj, v_proj, out_proj
+    (r"blocks\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),          # fc1, fc2
+]
+
+
+def clip_key(key, prefix=""):
+    for pattern, repl in CLIP_TABLE:
+        if re.match(pattern, key):
+            return prefix + re.sub("^" + pattern, repl, key)
+    raise KeyError(f"no CLIP mapping for our key {key!r}")
+
+
+def llama_key(key, body="model.", head=""):
+    """Our Llama names are HF's minus the `model.` wrapper (embed_tokens, layers.i.self_attn.q_proj, ...)."""
+    return head + key if key.startswith("lm_head.") else body + key
+
+
+# the prefixes each part may carry in a file; the first one of each list is what export writes
+LLAVA_PREFIXES = {
+    "vision_tower": ["vision_tower.vision_model.", "vision_tower.",
+                     "model.vision_tower.vision_model.", "model.vision_tower."],
+    "projector": ["multi_modal_projector.", "model.multi_modal_projector."],
+    "language_model": [("language_model.model.", "language_model."),
+                       ("model.language_model.", "")],
+}
+CLIP_PREFIXES = ["vision_model.", ""]
+LLAMA_PREFIXES = [("model.", "")]
+IGNORED = re.compile(r"(rotary_emb\.inv_freq|position_ids)$")
+
+
+def llava_key(key, layout=None):
+    """Our LlavaModel key -> HF key under `layout` (part -> prefix; default: the export layout)."""
+    layout = layout or {part: prefixes[0] for part, prefixes in LLAVA_PREFIXES.items()}
+    part, rest = key.split(".", 1)
+    if part == "vision_tower":
+        return clip_key(rest, layout[part])
+    if part == "projector":
+        return layout[part] + rest  # linear_1 / linear_2: same names as LlavaMultiModalProjector
+    if part == "language_model":
+        body, head = layout[part]
+        return llama_key(rest, body, head)
+    raise KeyError(f"no LLaVA mapping for our key {key!r}")
+
+
+def _mapper(family, layout):
+    if family == "llama":
+        return lambda k: llama_key(k, *layout)
+    if family == "clip":
+        return lambda k: clip_key(k, layout)
+    if family == "llava":
+        return lambda k: llava_key(k, layout)
+    raise ValueError(f"unknown family {family!r}")
+
+
+def _our_keys(model):
+    keys = list(model.state_dict().keys())
+    if getattr(model, "config", None) is not None:
+        tied = (isinstance(model, Llama) and model.config.tie_embeddings) or \
+               (isinstance(model, LlavaModel) and model.config.text.tie_embeddings)
+        if tied:  # a tied head is stored once, as the embedding (HF omits lm_head.weight)
+            keys = [k for k in keys if not k.endswith("lm_head.weight")]
+    return keys
+
+
+def _pick_layout(family, our_keys, file_keys):
+    """Per part, the candidate prefix under which the file has the most of our keys."""
+    def hits(layout, keys):
+        f = _mapper(family, layout)
+        return sum(f(k) in file_keys for k in keys)
+    if family == "llama":
+        return LLAMA_PREFIXES[0]
+    if family == "clip":
+        return max(CLIP_PREFIXES, key=lambda p: hits(p, our_keys))
+    layout = {part: prefixes[0] for part, prefixes in LLAVA_PREFIXES.items()}
+    for part, prefixes in LLAVA_PREFIXES.items():
+        part_keys = [k for k in our_keys if k.startswith(part + ".")]
+        layout[part] = max(prefixes, key=lambda p: hits({**layout, part: p}, part_keys))
+    return layout
+
+
+def _listing(name, items, limit=20):
+    items = sorted(items)
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"\n  {name} ({len(items)}): " + ", ".join(items[:limit]) + more
+
+
+def hf_to_ours(model, family, hf_state, source="state dict"):
+    """Rename an HF state dict to `model`'s keys; ValueError listing missing / unexpected / mis-shaped keys."""
+    ours = model.state_dict()
+    our_keys = _our_keys(model)
+    file_keys = set(hf_state)
+    layout = _pick_layout(family, our_keys, file_keys)
+    to_hf = _mapper(family, layout)
+    out, missing, misshaped, used = {}, [], [], set()
+    for k in our_keys:
+        hk = to_hf(k)
+        if hk not in hf_state:
+            missing.append(hk)
+            continue
+        used.add(hk)
+        t = hf_state[hk]
+        if tuple(t.shape) != tuple(ours[k].shape):
+            misshaped.append(f"{hk} file {tuple(t.shape)} vs model {tuple(ours[k].shape)}")
+        out[k] = t
+    unexpected = [k for k in file_keys - used if not IGNORED.search(k)]
+    if family == "clip" and layout:  # a CLIPModel also carries the text tower and projections: not ours
+        unexpected = [k for k in unexpected if k.startswith(layout)]
+    if missing or unexpected or misshaped:
+        msg = f"{source}: weights do not fit the {family} model"
+        if missing:
+            msg += _listing("missing", missing)
+        if unexpected:
+            msg += _listing("unexpected", unexpected)
+        if misshaped:
+            msg += _listing("mis-shaped", misshaped)
+        raise ValueError(msg)
+    return out
+
+
+def ours_to_hf(model, family):
+    """`model`'s state dict under HF names (export layout), tied head stored once, tensors contiguous."""
+    default_layout = {"llama": LLAMA_PREFIXES[0], "clip": CLIP_PREFIXES[0], "llava": None}[family]
+    to_hf = _mapper(family, default_layout)
+    sd = model.state_dict()
+    return {to_hf(k): sd[k].detach().contiguous() for k in _our_keys(model)}
+
+
+# --- reading a folder --------------------------------------------------------------------------------------
+
+def read_config(folder):
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face model folder)")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: malformed JSON ({e})") from None
+
+
+def weight_files(folder):
+    """The weight files of a folder: safetensors preferred, sharded via the index when there is one."""
+    for index_name, pattern in (("model.safetensors.index.json", "*.safetensors"),
+                                ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
+        index = os.path.join(folder, index_name)
+        if os.path.isfile(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return [os.path.join(folder, s) for s in shards]
+        files = sorted(glob.glob(os.path.join(folder, pattern)))
+        if files:
+            return files
+    raise FileNotFoundError(f"{folder}: no *.safetensors or pytorch_model*.bin weights")
+
+
+def read_state_dict(folder):
+    from safetensors.torch import load_file
+    state = {}
+    for path in weight_files(folder):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: listed in the index but missing")
+        if path.endswith(".safetensors"):
+            state.update(load_file(path))
+        else:
+            state.update(torch.load(path, map_location="cpu", weights_only=True))
+    return state
+
+
+def tokenizer_model_path(folder):
+    """`tokenizer.model` (sentencepiece) of an HF folder, or None when there is none."""
+    path = os.path.join(folder, "tokenizer.model")
+    return path if os.path.isfile(path) else None
+
+
+# --- configs ----------------------------------------------------------------------------------------------
+
+# transformers' defaults, for the fields old configs leave out (llava-hf text_config lists only a few)
+HF_LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                         tie_word_embeddings=False)
+HF_CLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                               image_size=224, patch_size=32, layer_norm_eps=1e-5, num_channels=3,
+                               hidden_act="quick_gelu")
+
+
+def llama_config_from_hf(c):
+    c = {**HF_LLAMA_DEFAULTS, **c}
+    rope = c.get("rope_parameters") or {}
+    scaling = c.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if rope_type not in ("default", None):
+        raise ValueError(f"rope type {rope_type!r} is not supported (plain RoPE only)")
+    theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+    for flag in ("attention_bias", "mlp_bias"):
+        if c.get(flag):
+            raise ValueError(f"config has {flag}=true, which this Llama does not implement")
+    if c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {c['hidden_act']!r} unsupported (SwiGLU with silu only)")
+    heads = c["num_attention_heads"]
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    if head_dim * heads != c["hidden_size"]:
+        raise ValueError(f"head_dim {head_dim} x {heads} heads != hidden_size {c['hidden_size']}: unsupported")
+    return LlamaConfig(vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
+                       n_heads=heads, n_kv_heads=c.get("num_key_value_heads") or heads,
+                       ffn_dim=c["intermediate_size"], max_seq_len=c["max_position_embeddings"],
+                       rope_theta=float(theta), norm_eps=c["rms_norm_eps"],
+                       tie_embeddings=bool(c["tie_word_embeddings"]))
+
+
+def llama_config_to_hf(cfg: LlamaConfig):
+    return dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=cfg.vocab_size,
+                hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layers,
+                num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
+                rope_theta=cfg.rope_theta, rope_parameters=dict(rope_type="default", rope_theta=cfg.rope_theta),
+                tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False)
+
+
+def vision_config_from_hf(c):
+    if "vision_config" in c and c.get("model_type") == "clip":  # a CLIPModel config
+        c = c["vision_config"]
+    c = {**HF_CLIP_VISION_DEFAULTS, **c}
+    if c["hidden_act"] != "quick_gelu":
+        raise ValueError(f"vision hidden_act {c['hidden_act']!r} unsupported (CLIP quick_gelu only)")
+    return VisionConfig(image_size=c["image_size"], patch_size=c["patch_size"], dim=c["hidden_size"],
+                        n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
+                        mlp_dim=c["intermediate_size"], norm_eps=c["layer_norm_eps"], in_channels=c["num_channels"])
+
+
+def vision_config_to_hf(cfg: VisionConfig):
+    return dict(architectures=["CLIPVisionModel"], model_type="clip_vision_model", hidden_size=cfg.dim,
+                intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                image_size=cfg.image_size, patch_size=cfg.patch_size, layer_norm_eps=cfg.norm_eps,
+                num_channels=cfg.in_channels, hidden_act="quick_gelu")
+
+
+def llava_config_from_hf(c):
+    layer = c.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise ValueError(f"vision_feature_layer {layer!r}: only a single layer is supported")
+    if c.get("projector_hidden_act", "gelu") != "gelu":
+        raise ValueError(f"projector_hidden_act {c['projector_hidden_act']!r} unsupported (gelu only)")
+    token = c.get("image_token_id", c.get("image_token_index", 32000))
+    return LlavaConfig(vision=vision_config_from_hf(c.get("vision_config", {})),
+                       text=llama_config_from_hf(c.get("text_config", {})),
+                       image_token_id=token, feature_layer=layer,
+                       select_strategy=c.get("vision_feature_select_strategy", "default"),
+                       projector_bias=c.get("multimodal_projector_bias", True))
+
+
+def llava_config_to_hf(cfg: LlavaConfig):
+    vision = vision_config_to_hf(cfg.vision)
+    text = llama_config_to_hf(cfg.text)
+    del vision["architectures"], text["architectures"]
+    n_tokens = cfg.vision.num_patches + (cfg.select_strategy == "full")
+    return dict(architectures=["LlavaForConditionalGeneration"], model_type="llava", vision_config=vision,
+                text_config=text, image_token_index=cfg.image_token_id, vision_feature_layer=cfg.feature_layer,
+                vision_feature_select_strategy=cfg.select_strategy, projector_hidden_act="gelu",
+                multimodal_projector_bias=cfg.projector_bias, image_seq_length=n_tokens,
+                tie_word_embeddings=cfg.text.tie_embeddings)
+
+
+# --- public entry points ----------------------------------------------------------------------------------
+
+def detect_family(config):
+    arch = " ".join(config.get("architectures") or [])
+    model_type = config.get("model_type", "")
+    if "Llava" in arch or model_type == "llava":
+        return "llava"
+    if "CLIP" in arch or model_type in ("clip", "clip_vision_model"):
+        return "clip"
+    if "Llama" in arch or model_type == "llama":
+        return "llama"
+    raise ValueError(f"unsupported model (architectures {arch!r}, model_type {model_type!r}); "
+                     "expected LlamaForCausalLM, CLIPVisionModel/CLIPModel or LlavaForConditionalGeneration")
+
+
+BUILDERS = {
+    "llama": (llama_config_from_hf, Llama),
+    "clip": (vision_config_from_hf, VisionTransformer),
+    "llava": (llava_config_from_hf, LlavaModel),
+}
+
+
+def load_into(model, folder, family=None):
+    """Load HF weights from `folder` into an existing module (e.g. TinyLlama into LlavaModel.language_model)."""
+    if family is None:
+        family = {Llama: "llama", VisionTransformer: "clip", LlavaModel: "llava"}[type(model)]
+    state = hf_to_ours(model, family, read_state_dict(folder), source=folder)
+    model.load_state_dict(state, strict=False)  # strict=False only for the tied head, checked above
+    return model
+
+
+def load_pretrained(folder, dtype=torch.float32, device="cpu", family=None):
+    """Build our model from an HF folder and load its weights. Returns the model (in eval mode).
+
+    dtype: cast every weight to this (default float32; pass torch.bfloat16 to keep a bf16 checkpoint small).
+    """
+    config = read_config(folder)
+    family = family or detect_family(config)
+    config_from_hf, cls = BUILDERS[family]
+    cfg = config_from_hf(config)
+    with torch.device("meta"):
+        model = cls(cfg)
+    state = hf_to_ours(model, family, read_state_dict(folder), source=folder)
+    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    lm = model.language_model if family == "llava" else model if family == "llama" else None
+    if lm is not None and lm.config.tie_embeddings:
+        lm.lm_head.weight = lm.embed_tokens.weight
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftover:  # cannot happen when hf_to_ours passed; kept as a guard against silent garbage
+        raise ValueError(f"{folder}: parameters left uninitialised: {leftover}")
+    return model.eval()
+
+
+def export_pretrained(model, folder):
+    """Write `model` as an HF folder (config.json + model.safetensors) that transformers loads."""
+    from safetensors.torch import save_file
+    if isinstance(model, LlavaModel):
+        family, config = "llava", llava_config_to_hf(model.config)
+    elif isinstance(model, VisionTransformer):
+        family, config = "clip", vision_config_to_hf(model.config)
+    elif isinstance(model, Llama):
+        family, config = "llama", llama_config_to_hf(model.config)
+    else:
+        raise TypeError(f"cannot export {type(model).__name__}")
+    state = {k: v.cpu() for k, v in ours_to_hf(model, family).items()}
+    dtypes = {v.dtype for v in state.values()}
+    config["torch_dtype"] = str(dtypes.pop() if len(dtypes) == 1 else torch.float32).replace("torch.", "")
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, "model.safetensors.tmp")
+    save_file(state, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return folder
