@@ -1,0 +1,373 @@
+"""Multi-GPU training on PyTorch's own engine: torchrun set-up, DDP / FSDP2 wrapping, a resumable sharded
+sampler, gradient accumulation, cross-rank reductions, rank-0 output, and checkpoints (a full state dict
+gathered on rank 0 that a one-GPU run loads, and a sharded `torch.distributed.checkpoint` save/resume).
+
+Every helper is a no-op when the script is started with plain `python` (no RANK in the environment):
+single-process behaviour stays exactly what it was.
+
+    dist = init_distributed("auto")                        # reads RANK / WORLD_SIZE / LOCAL_RANK from torchrun
+    model = wrap_model(model.to(dist.device), "fsdp", block_types=(Block,), mixed_precision=torch.bfloat16)
+    sampler = ShardedSampler(len(dataset), seed=args.seed)  # this rank's disjoint share of each epoch
+    for micro, batch in enumerate(...):
+        with grad_sync(model, sync=(micro + 1) % accum == 0):   # DDP no_sync / FSDP2 set_requires_gradient_sync
+            (model(**batch) / accum).backward()
+    model_sd, optim_sd = gather_full_state_dict(model, optimizer)  # collective; full tensors on rank 0 only
+
+References: torchtitan (parallelize_llama: fully_shard per block, then the root), the FSDP2 tutorial
+(pytorch.org/tutorials/intermediate/FSDP_tutorial.html) and torch.distributed.checkpoint.state_dict.
+"""
+import contextlib
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+
+# --- process group -----------------------------------------------------------------------------------
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def init_distributed(device="auto"):
+    """Join the torchrun process group (nccl on CUDA, gloo on CPU); without torchrun, a one-process DistInfo.
+
+    device: "auto" | "cpu" | "cuda". Under torchrun on CUDA each process takes cuda:LOCAL_RANK.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        if device == "cuda":
+            device = "cuda:0" if "LOCAL_RANK" not in os.environ else f"cuda:{os.environ['LOCAL_RANK']}"
+        return DistInfo(device=device)
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        if local >= torch.cuda.device_count():
+            raise SystemExit(f"error: LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) visible; "
+                             f"lower --nproc_per_node")
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+        if not dist.is_initialized():
+            dist.init_process_group("nccl", device_id=torch.device(device))
+    elif not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return DistInfo(rank, world, local, device)
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank():
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+# --- reductions (loss normalisers, logging) -------------------------------------------------------
+def all_reduce_sum(x):
+    """Sum of a number or tensor over ranks; returned as a new tensor (float for plain numbers)."""
+    t = torch.as_tensor(x, dtype=torch.float64 if not torch.is_tensor(x) else None).clone()
+    if is_distributed():
+        if dist.get_backend() == "nccl" and t.device.type != "cuda":
+            t = t.to(f"cuda:{torch.cuda.current_device()}")
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_mean(x):
+    return all_reduce_sum(x) / get_world_size()
+
+
+# --- rank-0 output -----------------------------------------------------------------------------------
+def print0(*args, **kwargs):
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+def tqdm0(iterable=None, **kwargs):
+    """A tqdm bar shown on rank 0 only (the other ranks iterate silently)."""
+    from tqdm import tqdm
+    return tqdm(iterable, disable=kwargs.pop("disable", False) or not is_main_process(), **kwargs)
+
+
+# --- wrapping ------------------------------------------------------------------------------------------
+def _checkpoint_blocks(model, block_types):
+    """Recompute each block's activations in backward (non-reentrant torch.utils.checkpoint).
+
+    The block's forward is replaced on the instance instead of wrapping the module (as checkpoint_wrapper
+    does), so parameter names -- and hence every state dict -- stay the same as the plain model's. FSDP2's
+    hooks run around __call__, so the recompute happens while the block's parameters are gathered.
+    """
+    for m in model.modules():
+        if isinstance(m, block_types) and not getattr(m, "_act_ckpt", False):
+            forward = m.forward
+
+            def ckpt_forward(*args, _forward=forward, **kwargs):
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            m.forward = ckpt_forward
+            m._act_ckpt = True
+
+
+def wrap_model(model, mode="ddp", block_types=(), mixed_precision=None, activation_checkpointing=False,
+               **ddp_kwargs):
+    """Wrap a model (already on its device) for data-parallel training.
+
+    mode: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 fully_shard on every block_types module, then
+    the root). mixed_precision=torch.bfloat16 (FSDP only) keeps fp32 master weights sharded, gathers them
+    in bf16 for compute and reduces gradients in fp32; DDP runs get bf16 from the scripts' autocast.
+    activation_checkpointing recomputes each block_types module in backward.
+    ddp_kwargs go to DDP (bucket_cap_mb, gradient_as_bucket_view, static_graph, ...).
+    In a single process the model comes back unwrapped (only activation checkpointing is applied).
+    """
+    block_types = tuple(block_types) if isinstance(block_types, (list, tuple)) else (block_types,)
+    if activation_checkpointing:
+        if not block_types:
+            raise ValueError("activation_checkpointing needs block_types (the modules to recompute)")
+        _checkpoint_blocks(model, block_types)
+    if not is_distributed():
+        return model
+    device = next(model.parameters()).device
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ddp_kwargs.setdefault("gradient_as_bucket_view", True)
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **ddp_kwargs)
+    if mode != "fsdp":
+        raise ValueError(f"unknown --dist mode {mode!r}: ddp or fsdp")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    # FSDP2 shards each rank's *local* tensors and, unlike DDP, does not broadcast them: make rank 0's
+    # initialisation everyone's, so a run whose ranks seeded differently is still one model.
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=0)
+    mesh = init_device_mesh(device.type, (get_world_size(),))
+    kwargs = dict(mesh=mesh)
+    if mixed_precision is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
+    for m in model.modules():
+        if block_types and isinstance(m, block_types):
+            fully_shard(m, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def unwrap_model(model):
+    """The plain module under DDP / torch.compile (FSDP2 keeps the module itself)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+@contextlib.contextmanager
+def grad_sync(model, sync=True):
+    """Gradient accumulation: run forward+backward of a micro-step inside; sync=False skips the cross-rank
+    gradient reduction (DDP no_sync, FSDP2 set_requires_gradient_sync(False)); the last micro-step syncs."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    if isinstance(model, DDP) and not sync:
+        with model.no_sync():
+            yield
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+# --- data ------------------------------------------------------------------------------------------
+class ShardedSampler(torch.utils.data.Sampler):
+    """Each rank's disjoint share of a seeded per-epoch permutation, resumable mid-epoch.
+
+    The epoch order is randperm(n) from seed + epoch (or 0..n-1 without shuffle), padded by wrapping
+    around (or cut, with drop_last) to a multiple of world_size; rank r takes every world_size-th index
+    from r. So one process with batch B*world sees, step by step, the same samples as world processes
+    with batch B each. state_dict() holds (epoch, offset): offset = this rank's samples already yielded
+    this epoch. With DataLoader workers (which prefetch) pass the count the loop really trained on.
+    """
+
+    def __init__(self, n, rank=None, world_size=None, shuffle=True, seed=0, drop_last=False):
+        if n <= 0:
+            raise ValueError("ShardedSampler over an empty data set")
+        self.n, self.shuffle, self.seed, self.drop_last = n, shuffle, seed, drop_last
+        self.rank = get_rank() if rank is None else rank
+        self.world_size = get_world_size() if world_size is None else world_size
+        if drop_last and n < self.world_size:
+            raise ValueError(f"{n} samples cannot be split over {self.world_size} ranks with drop_last")
+        self.epoch, self.offset = 0, 0
+
+    def __len__(self):
+        """Samples per rank per epoch (the full epoch, whatever the offset)."""
+        return self.n // self.world_size if self.drop_last else -(-self.n // self.world_size)
+
+    def epoch_indices(self, epoch):
+        """This rank's whole index list for an epoch (a pure function of seed, epoch, rank, world size)."""
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        else:
+            order = list(range(self.n))
+        total = len(self) * self.world_size
+        order = order[:total] if self.drop_last else (order * (-(-total // self.n)))[:total]
+        return order[self.rank::self.world_size]
+
+    def set_epoch(self, epoch):
+        """Start epoch `epoch` from its beginning (a resumed epoch keeps its offset: see load_state_dict)."""
+        if epoch != self.epoch:
+            self.epoch, self.offset = epoch, 0
+
+    def __iter__(self):
+        indices = self.epoch_indices(self.epoch)
+        while self.offset < len(indices):
+            i = indices[self.offset]
+            self.offset += 1
+            yield i
+
+    def state_dict(self, consumed=None):
+        return {"epoch": self.epoch, "offset": self.offset if consumed is None else consumed,
+                "seed": self.seed, "world_size": self.world_size}
+
+    def load_state_dict(self, state):
+        if state["world_size"] != self.world_size or state["seed"] != self.seed:
+            raise ValueError(f"sampler state was saved with world_size {state['world_size']} / seed {state['seed']},"
+                             f" this run has {self.world_size} / {self.seed}: an exact resume needs the same")
+        self.epoch, self.offset = state["epoch"], state["offset"]
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+def _clean_fqn(name):
+    # names as the plain model has them: without DDP's "module.", torch.compile's "_orig_mod."
+    for prefix in ("module.", "_orig_mod."):
+        name = name.replace(prefix, "")
+    return name
+
+
+def _optim_fqns_to_ids(osd):
+    """torch.distributed.checkpoint's optimizer dict (keyed by parameter name) -> optimizer.state_dict()'s
+    layout (keyed by position), which a plain optimizer.load_state_dict takes."""
+    index = {fqn: i for i, fqn in enumerate(f for g in osd["param_groups"] for f in g["params"])}
+    return {"state": {index[f]: s for f, s in osd["state"].items()},
+            "param_groups": [{**g, "params": [index[f] for f in g["params"]]} for g in osd["param_groups"]]}
+
+
+def _optim_ids_to_fqns(model, optimizer, osd):
+    names = {id(p): _clean_fqn(n) for n, p in model.named_parameters()}
+    fqns = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    return {"state": {fqns[i]: s for i, s in osd["state"].items()},
+            "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in osd["param_groups"]]}
+
+
+def gather_full_state_dict(model, optimizer=None):
+    """(model state dict, optimizer state dict) as full CPU tensors on rank 0, the layout of the plain
+    single-process model and optimizer; empty dicts on other ranks. Collective under torchrun: every rank
+    calls it. In a single process: model.state_dict() / optimizer.state_dict() unchanged."""
+    if not is_distributed():
+        return unwrap_model(model).state_dict(), (optimizer.state_dict() if optimizer is not None else None)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=opts)
+    optim_sd = None
+    if optimizer is not None:
+        optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
+        optim_sd = _optim_fqns_to_ids(optim_sd) if is_main_process() else {}
+    return model_sd, optim_sd
+
+
+def load_full_state_dict(model, model_sd, optimizer=None, optim_sd=None):
+    """Load a full (plain-layout) state dict -- from gather_full_state_dict or a one-GPU run -- into a plain,
+    DDP or FSDP2 model; every rank passes the full dicts (each rank keeps its own shard)."""
+    if not is_distributed():
+        unwrap_model(model).load_state_dict(model_sd)
+        if optimizer is not None and optim_sd is not None:
+            optimizer.load_state_dict(optim_sd)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_sd, options=opts)
+    if optimizer is not None and optim_sd is not None:
+        set_optimizer_state_dict(model, optimizer, _optim_ids_to_fqns(model, optimizer, optim_sd), options=opts)
+
+
+def save_sharded(folder, model, optimizer=None, extra=None):
+    """Each rank writes its own shards of model + optimizer with torch.distributed.checkpoint (DCP).
+
+    Atomic: written into `folder.tmp`, then renamed to `folder` once every rank is done (an older
+    `folder` is replaced only then). extra: a small per-rank dict (step, sampler state, RNG, args) saved
+    as rank{r}.pt. `folder` must be on a file system all ranks see (multi-node: a shared one).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    folder = os.path.abspath(folder)
+    tmp, old = folder + ".tmp", folder + ".old"
+    if is_main_process():
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    state = {"model": model_sd}
+    if optimizer is not None:
+        state["optimizer"] = optim_sd
+    dcp.save(state, checkpoint_id=tmp)
+    if extra is not None:
+        torch.save(extra, os.path.join(tmp, f"rank{get_rank()}.pt"))
+    barrier()
+    if is_main_process():
+        if os.path.exists(folder):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def load_sharded(folder, model, optimizer=None):
+    """Resume from save_sharded's folder into an identically wrapped model (+ optimizer); returns this
+    rank's extra dict (or None)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    if not os.path.isfile(os.path.join(folder, ".metadata")):
+        raise FileNotFoundError(f"{folder} is not a sharded checkpoint (no .metadata: missing or half-written)")
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    state = {"model": model_sd}
+    if optimizer is not None:
+        state["optimizer"] = optim_sd
+    dcp.load(state, checkpoint_id=folder)
+    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
+                   optim_state_dict=state.get("optimizer", {}))
+    path = os.path.join(folder, f"rank{get_rank()}.pt")
+    return torch.load(path, weights_only=True) if os.path.isfile(path) else None
