@@ -151,7 +151,9 @@ def hf_to_ours(model, family, hf_state, source="state dict"):
         if tuple(t.shape) != tuple(ours[k].shape):
             misshaped.append(f"{hk} file {tuple(t.shape)} vs model {tuple(ours[k].shape)}")
         out[k] = t
-    unexpected = [k for k in file_keys - used if not IGNORED.search(k)]
+    # a tied head may still be written out (transformers' in-memory state dict has it): it is the embedding
+    tied_heads = {to_hf(k) for k in ours if k.endswith("lm_head.weight") and k not in our_keys}
+    unexpected = [k for k in file_keys - used - tied_heads if not IGNORED.search(k)]
     if family == "clip" and layout:  # a CLIPModel also carries the text tower and projections: not ours
         unexpected = [k for k in unexpected if k.startswith(layout)]
     if missing or unexpected or misshaped:
