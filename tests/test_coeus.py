@@ -1,0 +1,215 @@
+"""Coeus against slow references: the chunked global branch, the block-wise local branch, and the whole
+model's parallel forward / recurrent decoding / chunked prefill against a float64 token-by-token model."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.coeus import Coeus, coeus_config
+from models.gla import chunk_gla, gla_step, scan_states, segsum
+from models.sliding_window import sliding_window_attention
+from tests.coeus_reference import dense_sliding_window, naive_gla, naive_scan, rel_err, use_reference
+
+LENGTHS = [1, 7, 63, 64, 65, 200, 1000]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # these are many small ops: on a shared 2-core box, one thread is several times faster than two
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def rand_qkvg(B, H, T, D, seed=0, dtype=torch.float32, gmin=-3.0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, D, generator=gen) for _ in range(3))
+    # mix of gates near 1 (log-decay ~ -1e-3) and strong ones
+    g = F.logsigmoid(torch.randn(B, H, T, generator=gen) * 4 + 3).clamp_min(gmin)
+    return [t.to(dtype) for t in (q, k, v, g)]
+
+
+def test_segsum_is_sum_of_its_own_terms():
+    g = torch.randn(3, 9, dtype=torch.float64)
+    s = segsum(g)
+    for i in range(9):
+        for j in range(9):
+            want = g[:, j + 1:i + 1].sum(-1) if i >= j else torch.full((3,), float("-inf"), dtype=torch.float64)
+            torch.testing.assert_close(s[:, i, j], want)
+
+
+@pytest.mark.parametrize("N", [1, 5, 64, 65, 300, 4200])
+def test_scan_states_matches_loop(N):
+    u = torch.randn(2, N, 3, dtype=torch.float64)
+    a = -torch.rand(2, N, dtype=torch.float64) * 0.1
+    assert rel_err(scan_states(u, a), naive_scan(u, a)) < 1e-10
+
+
+@pytest.mark.parametrize("T", LENGTHS)
+def test_chunk_gla_matches_naive(T):
+    q, k, v, g = rand_qkvg(2, 3, T, 16, seed=T)
+    s0 = torch.randn(2, 3, 16, 16)
+    for init in (None, s0):
+        o, S = chunk_gla(q, k, v, g, chunk_size=16, initial_state=init)
+        o_ref, S_ref = naive_gla(q, k, v, g, initial_state=init)
+        assert o.dtype == torch.float32 and S.dtype == torch.float32
+        assert rel_err(o, o_ref) <= 1e-4, T
+        assert rel_err(S, S_ref) <= 1e-4, T
+
+
+def test_chunk_gla_default_chunk_and_recursive_scan():
+    # chunk 64 (the default) and, with chunk 4, 250 chunks so the state scan recurses
+    q, k, v, g = rand_qkvg(1, 2, 1000, 8, seed=3)
+    o_ref, S_ref = naive_gla(q, k, v, g)
+    for C in (64, 4):
+        o, S = chunk_gla(q, k, v, g, chunk_size=C)
+        assert rel_err(o, o_ref) <= 1e-4 and rel_err(S, S_ref) <= 1e-4, C
+
+
+def test_gla_step_matches_naive():
+    q, k, v, g = rand_qkvg(2, 3, 20, 8, seed=1)
+    S = torch.zeros(2, 3, 8, 8)
+    outs = []
+    for t in range(20):
+        o, S = gla_step(q[:, :, t], k[:, :, t], v[:, :, t], g[:, :, t], S)
+        outs.append(o)
+    o_ref, S_ref = naive_gla(q, k, v, g)
+    assert rel_err(torch.stack(outs, 2), o_ref) <= 1e-5 and rel_err(S, S_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("T", [7, 65, 200])
+def test_chunk_gla_gradients_match_naive(T):
+    q, k, v, g = (t.double().requires_grad_() for t in rand_qkvg(2, 2, T, 8, seed=T))
+    s0 = torch.randn(2, 2, 8, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 2, T, 8, dtype=torch.float64)
+    wS = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    grads = []
+    for fn in (chunk_gla, naive_gla):
+        o, S = fn(q, k, v, g, chunk_size=16, initial_state=s0)
+        grads.append(torch.autograd.grad((o * w).sum() + (S * wS).sum(), (q, k, v, g, s0)))
+    for name, a, b in zip("q k v g s0".split(), *grads):
+        assert rel_err(a, b) < 1e-9, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extreme_decays_stay_finite(dtype):
+    T = 200
+    q, k, v, g = rand_qkvg(1, 2, T, 16, seed=5)
+    g = torch.where(torch.rand(1, 2, T, generator=torch.Generator().manual_seed(0)) < 0.5,
+                    torch.full_like(g, -30.0), torch.full_like(g, -1e-6))   # gates ~0 and ~1, mixed
+    g[:, 0, :100] = -30.0                                                    # a stretch of forgetting
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    g = g.requires_grad_()
+    o, S = chunk_gla(q, k, v, g, chunk_size=64)
+    (o.float().sum() + S.sum()).backward()
+    for t in (o, S, q.grad, k.grad, v.grad, g.grad):
+        assert torch.isfinite(t.float()).all()
+    if dtype == torch.float32:
+        o_ref, _ = naive_gla(q.detach(), k.detach(), v.detach(), g.detach())
+        assert rel_err(o, o_ref) <= 1e-4
+    # a log-decay of -30 forgets exactly: the output right after it only sees its own key
+    o1, _ = chunk_gla(q.detach().float(), k.detach().float(), v.detach().float(), torch.full_like(g, -30.0))
+    own = (q.detach().float() * k.detach().float()).sum(-1, keepdim=True) * 16 ** -0.5 * v.detach().float()
+    assert rel_err(o1, own) < 1e-5
+
+
+@pytest.mark.parametrize("W", [4, 128])
+@pytest.mark.parametrize("T", LENGTHS)
+def test_sliding_window_matches_dense(T, W):
+    gen = torch.Generator().manual_seed(T + W)
+    q, k, v = (torch.randn(2, 2, T, 8, generator=gen) for _ in range(3))
+    assert rel_err(sliding_window_attention(q, k, v, W), dense_sliding_window(q, k, v, W)) <= 1e-5
+
+
+@pytest.mark.parametrize("prefix_len", [0, 3, 8])
+def test_sliding_window_with_prefix(prefix_len):
+    # a prefix of real keys is the same as running the concatenated sequence and keeping the tail
+    W, T = 8, 21
+    gen = torch.Generator().manual_seed(prefix_len)
+    q, k, v = (torch.randn(1, 2, prefix_len + T, 8, generator=gen) for _ in range(3))
+    full = dense_sliding_window(q, k, v, W)[:, :, prefix_len:]
+    pk = F.pad(k[:, :, :prefix_len], (0, 0, W - prefix_len, 0))
+    pv = F.pad(v[:, :, :prefix_len], (0, 0, W - prefix_len, 0))
+    out = sliding_window_attention(q[:, :, prefix_len:], k[:, :, prefix_len:], v[:, :, prefix_len:], W,
+                                   prefix_k=pk, prefix_v=pv, prefix_len=torch.tensor(prefix_len))
+    assert rel_err(out, full) <= 1e-5
+
+
+def tiny_model(W, seed=0):
+    torch.manual_seed(seed)
+    m = Coeus(coeus_config("tiny", window=W)).eval()
+    with torch.no_grad():  # larger random weights than the init, so both branches matter
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+@pytest.mark.parametrize("W", [4, 128])
+@pytest.mark.parametrize("T", LENGTHS)
+def test_model_parallel_decode_prefill_match_naive(T, W):
+    model = tiny_model(W, seed=T)
+    ref = use_reference(copy.deepcopy(model).double())
+    ids = torch.randint(0, model.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(T))
+    with torch.no_grad():
+        want = ref(ids)
+        got = model(ids)
+        assert got.dtype == torch.float32
+        assert rel_err(got, want) <= 1e-4, "parallel"
+        logits, state = model.prefill(ids)  # tiny: prefill_chunk 32, so T > 32 crosses chunk boundaries
+        assert rel_err(logits, want) <= 1e-4, "prefill"
+        state = model.init_state(2)
+        steps = []
+        for t in range(T):
+            lg, state = model.step(ids[:, t], state)
+            steps.append(lg)
+        assert rel_err(torch.stack(steps, 1), want) <= 1e-4, "decode"
+        assert int(state["pos"]) == T
+
+
+def test_prefill_then_decode_continues_exactly():
+    model = tiny_model(4)
+    ids = torch.randint(0, 65, (1, 90), generator=torch.Generator().manual_seed(0))
+    want = model(ids)
+    _, state = model.prefill(ids[:, :37])   # odd split: not a multiple of the chunk, window or prefill chunk
+    lg, state = model.prefill(ids[:, 37:50], state)
+    assert rel_err(lg, want[:, 37:50]) <= 1e-4
+    out = []
+    for t in range(50, 90):
+        o, state = model.step(ids[:, t], state)
+        out.append(o)
+    assert rel_err(torch.stack(out, 1), want[:, 50:]) <= 1e-4
+    last, _ = model.prefill(ids[:, :50], last_only=True)
+    assert rel_err(last, want[:, 49]) <= 1e-4
+
+
+def test_model_gradients_match_naive():
+    model = tiny_model(4).train()
+    ref = use_reference(copy.deepcopy(model).double())
+    ids = torch.randint(0, 65, (2, 45), generator=torch.Generator().manual_seed(1))
+    model.double()
+    _, loss = model(ids, labels=ids)
+    _, loss_ref = ref(ids, labels=ids)
+    loss.backward()
+    loss_ref.backward()
+    for (n, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+        assert rel_err(p.grad, p_ref.grad) < 1e-8, n
+
+
+def test_loss_ignores_minus_100_and_bf16_forward_is_finite():
+    model = tiny_model(4)
+    ids = torch.randint(0, 65, (2, 40))
+    labels = ids.clone()
+    labels[:, :20] = -100
+    logits, loss = model(ids, labels=labels)
+    want = F.cross_entropy(logits[:, 19:-1].reshape(-1, 65), ids[:, 20:].reshape(-1))
+    torch.testing.assert_close(loss, want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lg, loss = model(ids, labels=ids)
+    assert torch.isfinite(lg.float()).all() and torch.isfinite(loss)
+
+
+def test_nano_size():
+    n = Coeus(coeus_config("nano")).num_params()
+    assert 10e6 < n < 12e6
