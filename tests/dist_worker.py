@@ -52,6 +52,18 @@ def train(model, optimizer, sampler, data, steps, micro_bs, accum=ACCUM):
     return losses
 
 
+def count_allreduces(ddp_model):
+    """Count DDP's bucket all-reduces (a comm hook that does the default all-reduce and counts it)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    calls = []
+
+    def hook(state, bucket):
+        calls.append(1)
+        return allreduce_hook(state, bucket)
+    ddp_model.register_comm_hook(None, hook)
+    return calls
+
+
 def reference(micro_bs, steps=STEPS, accum=ACCUM):
     """One process, the same sampler order, micro-batch micro_bs: (losses, model, optimizer)."""
     model = build()
@@ -66,16 +78,20 @@ def main(out):
     data = make_data()
     res = {"world_size": info.world_size}
 
-    # DDP, with activation checkpointing: recompute must not change a bit of the result
-    model = wrap_model(build(), "ddp", block_types=(Block,), activation_checkpointing=True)
+    # DDP, with activation checkpointing: recompute must not change a bit of the result. Each rank starts
+    # from its own init: DDP's broadcast makes them all rank 0's (= the reference's seed 0)
+    model = wrap_model(build(seed=get_rank()), "ddp", block_types=(Block,), activation_checkpointing=True)
+    res["ddp_allreduces"] = count_allreduces(model)
     res["ddp"] = train(model, make_optimizer(model), ShardedSampler(N_SAMPLES, seed=7), data, STEPS, MICRO_BS)
     # DDP without accumulation (each micro-step syncs)
     model = wrap_model(build(), "ddp")
+    res["ddp_noaccum_allreduces"] = count_allreduces(model)
     res["ddp_noaccum"] = train(model, make_optimizer(model), ShardedSampler(N_SAMPLES, seed=7), data, STEPS,
                                MICRO_BS, accum=1)
 
-    # FSDP2 in fp32, sharded per block: then save (DCP) after 2 steps, and one more step
-    model = wrap_model(build(), "fsdp", block_types=(Block,))
+    # FSDP2 in fp32, sharded per block, ranks initialised differently (wrap_model broadcasts rank 0's):
+    # then save (DCP) after 2 steps, and one more step
+    model = wrap_model(build(seed=get_rank()), "fsdp", block_types=(Block,))
     opt = make_optimizer(model)
     sampler = ShardedSampler(N_SAMPLES, seed=7)
     res["fsdp"] = train(model, opt, sampler, data, STEPS - 1, MICRO_BS)
@@ -110,6 +126,8 @@ def main(out):
                        activation_checkpointing=True)
     res["fsdp_bf16"] = train(model, make_optimizer(model), ShardedSampler(N_SAMPLES, seed=7), data, STEPS,
                              MICRO_BS)
+    for k in ("ddp_allreduces", "ddp_noaccum_allreduces"):
+        res[k] = len(res[k])
     if info.is_main:
         torch.save(res, os.path.join(out, "results.pt"))
     cleanup_distributed()
