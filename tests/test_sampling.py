@@ -43,7 +43,7 @@ def test_repetition_penalty_matches_hf(penalty):
         ctx = ContextState(SamplerConfig(repetition_penalty=penalty), V)
         ctx.setup(B, 40, "cpu")
         ctx.reset(ids)
-        ours = repetition_penalty(logits, ctx.rep_counts > 0, penalty)
+        ours = repetition_penalty(logits, ctx.rep_counts[:, :V] > 0, penalty)
         assert_same(ours, RepetitionPenaltyLogitsProcessor(penalty)(ids, logits.clone()))
 
 

@@ -143,8 +143,10 @@ class ContextState(nn.Module):
     """What the penalties need to know about the context, in fixed-size buffers updated in place.
 
     tokens     (B, capacity) every context token (prompt + generated) at its absolute position
-    rep_counts (B, V) occurrences in the repetition-penalty window (whole context if window == 0)
-    gen_counts (B, V) occurrences in the generated tokens (frequency / presence penalties)
+    rep_counts (B, V+1) occurrences in the repetition-penalty window (whole context if window == 0)
+    gen_counts (B, V+1) occurrences in the generated tokens (frequency / presence penalties)
+    Ids >= V (a VQA prompt's image placeholder may lie outside the vocabulary) count in the spare last
+    column, as transformers' processors do.
     Buffers of an nn.Module have fixed addresses, so a CUDA graph can update them in place (like a KV cache).
     """
 
@@ -161,8 +163,8 @@ class ContextState(nn.Module):
             else:
                 old.zero_()
         buf("tokens", (batch, capacity), torch.long)
-        buf("rep_counts", (batch, self.vocab_size), torch.int32)
-        buf("gen_counts", (batch, self.vocab_size), torch.int32)
+        buf("rep_counts", (batch, self.vocab_size + 1), torch.int32)
+        buf("gen_counts", (batch, self.vocab_size + 1), torch.int32)
 
     @property
     def capacity(self):
@@ -176,7 +178,7 @@ class ContextState(nn.Module):
         self.rep_counts.zero_()
         self.gen_counts.zero_()
         w = self.cfg.repetition_window
-        recent = prompt_ids[:, -w:] if w > 0 else prompt_ids
+        recent = (prompt_ids[:, -w:] if w > 0 else prompt_ids).clamp(max=self.vocab_size)
         self.rep_counts.scatter_add_(1, recent, torch.ones_like(recent, dtype=torch.int32))
         self.prompt_len = T
 
@@ -188,7 +190,7 @@ class ContextState(nn.Module):
         w = self.cfg.repetition_window
         if w > 0:  # the token w positions back leaves the window
             old_pos = (pos - w).clamp(min=0)
-            old = self.tokens.index_select(1, old_pos)                  # (B, 1)
+            old = self.tokens.index_select(1, old_pos).clamp(max=self.vocab_size)  # (B, 1)
             self.rep_counts.scatter_add_(1, old, -one * (pos >= w).to(torch.int32))
         self.gen_counts.scatter_add_(1, tok[:, None], one)
 
@@ -196,9 +198,10 @@ class ContextState(nn.Module):
         """Penalties and the n-gram ban (HF's logits processors) for logits (B, V) at context length cur_len."""
         c = self.cfg
         if c.repetition_penalty != 1.0:
-            logits = repetition_penalty(logits, self.rep_counts > 0, c.repetition_penalty)
+            logits = repetition_penalty(logits, self.rep_counts[:, :-1] > 0, c.repetition_penalty)
         if c.frequency_penalty != 0.0 or c.presence_penalty != 0.0:
-            logits = frequency_presence_penalty(logits, self.gen_counts, c.frequency_penalty, c.presence_penalty)
+            logits = frequency_presence_penalty(logits, self.gen_counts[:, :-1], c.frequency_penalty,
+                                                c.presence_penalty)
         if c.no_repeat_ngram_size > 0:
             banned = no_repeat_ngram_mask(self.tokens, cur_len, c.no_repeat_ngram_size, logits.shape[-1])
             logits = logits.masked_fill(banned, NEG_INF)

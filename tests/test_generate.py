@@ -1,0 +1,269 @@
+"""generate.py on tiny models built here: cached decoding equals full recompute, the CLI, bad input, --eval."""
+import io
+import json
+
+import pytest
+import torch
+from transformers.generation.logits_process import (LogitsProcessorList, NoRepeatNGramLogitsProcessor,
+                                                    RepetitionPenaltyLogitsProcessor)
+
+import generate
+from models.coeus import Coeus, coeus_config
+from models.llama import Llama, llama_config
+from models.llava import LlavaConfig, LlavaModel
+from models.vit import vision_config
+from utils.checkpoint import save_atomic
+from utils.lm_metrics import degeneration_metrics, distinct_n, perplexity, rep_l, seq_rep_n
+from utils.sampling import SamplerConfig
+from utils.tokenizer import CharTokenizer
+
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+        "First Citizen:\nYou are all resolved rather to die than to famish?\n") * 3
+TOK = CharTokenizer.train(TEXT)
+
+
+def tiny_llama(vocab=TOK.vocab_size, **kw):
+    torch.manual_seed(0)
+    return Llama(llama_config("tiny", vocab_size=vocab, max_seq_len=64, **kw)).eval()
+
+
+def tiny_coeus(vocab=TOK.vocab_size):
+    torch.manual_seed(0)
+    return Coeus(coeus_config("tiny", vocab_size=vocab)).eval()
+
+
+def save(tmp_path, kind, model, tok=TOK, name=None, model_config=None):
+    from dataclasses import asdict
+    path = tmp_path / (name or f"{kind}.pt")
+    save_atomic(dict(kind=kind, model_config=model_config or asdict(model.config), model=model.state_dict(),
+                     tokenizer=tok.to_dict()), path)
+    return str(path)
+
+
+def greedy_by_decoder(lm, prompts, n, sampler=None):
+    dec = generate.Decoder(lm, sampler or SamplerConfig(temperature=0))
+    dec.setup(prompts.shape[0], prompts.shape[1] + n, "cpu")
+    return torch.cat(list(generate.decode_tokens(dec, dec.decode_one, prompts, n, sync_every=5)), 1)
+
+
+@pytest.mark.parametrize("make, wrap", [(tiny_llama, generate.LlamaLM), (tiny_coeus, generate.CoeusLM)])
+def test_cached_greedy_equals_full_recompute(make, wrap):
+    """KV cache / recurrent state decoding gives the tokens of rerunning the whole sequence each step."""
+    lm = wrap(make())
+    prompts = torch.randint(0, TOK.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    n = 26  # past Coeus' tiny window (8) and chunk (16): ring buffer and state carry are exercised
+    with torch.no_grad():
+        ours = greedy_by_decoder(lm, prompts, n)
+        ref = generate.full_recompute_greedy(lm, prompts, n)
+    assert torch.equal(ours, ref)
+
+
+def test_greedy_with_penalties_equals_hf_processors_on_full_recompute():
+    lm = generate.LlamaLM(tiny_llama())
+    prompts = torch.randint(0, TOK.vocab_size, (3, 9), generator=torch.Generator().manual_seed(2))
+    cfg = SamplerConfig(temperature=0, repetition_penalty=1.5, no_repeat_ngram_size=3)
+    procs = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.5), NoRepeatNGramLogitsProcessor(3)])
+    with torch.no_grad():
+        ours = greedy_by_decoder(lm, prompts, 30, cfg)
+        ids = prompts
+        for _ in range(30):
+            scores = procs(ids, lm.full_logits(ids)[:, -1].float())
+            ids = torch.cat([ids, scores.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(ours, ids[:, 9:])
+
+
+def test_decode_step_traces_as_one_graph():
+    """fullgraph=True: no graph break in decode_one (what CUDA graphs need); same tokens as eager."""
+    lm = generate.LlamaLM(tiny_llama())
+    cfg = SamplerConfig(temperature=0, repetition_penalty=1.2, repetition_window=4, no_repeat_ngram_size=2,
+                        frequency_penalty=0.1)
+    prompts = torch.randint(0, TOK.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
+    dec = generate.Decoder(lm, cfg)
+    dec.setup(2, 32, "cpu")
+    torch._dynamo.reset()
+    step = torch.compile(dec.decode_one, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        traced = torch.cat(list(generate.decode_tokens(dec, step, prompts, 12, sync_every=0)), 1)
+    assert torch.equal(traced, greedy_by_decoder(lm, prompts, 12, cfg))
+
+
+def test_sampling_is_seeded_and_samples_differ(tmp_path):
+    lm = generate.LlamaLM(tiny_llama())
+    dec = generate.Decoder(lm, SamplerConfig(temperature=1.5, top_k=0, top_p=1.0))
+    prompts = torch.zeros(4, 3, dtype=torch.long)
+    dec.setup(4, 40, "cpu")
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        with torch.no_grad():
+            runs.append(torch.cat(list(generate.decode_tokens(dec, dec.decode_one, prompts, 30)), 1))
+    assert torch.equal(runs[0], runs[1])
+    assert len({tuple(r) for r in runs[0].tolist()}) > 1, "the batch rows should be different samples"
+
+
+def test_cli_streams_and_batches(tmp_path, capsys):
+    ck = save(tmp_path, "llama", tiny_llama())
+    res = generate.main(["--ckpt", ck, "--prompt", "All:", "--max-new-tokens", "20", "--sync-every", "3"])
+    assert capsys.readouterr().out == "All:" + res[0]["texts"][0] + "\n"
+    assert len(res[0]["token_ids"][0]) == 20
+    res = generate.main(["--ckpt", ck, "--prompt", "All:", "--max-new-tokens", "10", "--num-samples", "3",
+                         "--quiet"])
+    assert capsys.readouterr().out.count("--- sample") == 3
+    assert res[0]["new_tokens"] == 30
+
+
+def test_cli_coeus_greedy_matches_reference(tmp_path, capsys):
+    model = tiny_coeus()
+    ck = save(tmp_path, "coeus", model)
+    res = generate.main(["--ckpt", ck, "--prompt", "Speak", "--max-new-tokens", "25", "--greedy", "--quiet"])
+    ids = torch.tensor([TOK.encode("Speak")])
+    with torch.no_grad():
+        ref = generate.full_recompute_greedy(generate.CoeusLM(model), ids, 25)
+    assert res[0]["token_ids"][0] == ref[0].tolist()
+
+
+def test_stop_string_and_eos():
+    tok = CharTokenizer.train("abcdef")
+    row = generate.Row(tok, [0], eos=tok.stoi["d"], stop=())
+    row.add([1, 2, 3, 4])
+    assert row.done and row.ids == [1, 2] and row.text() == "bc"
+    row = generate.Row(tok, [0], eos=None, stop=["cd"])
+    row.add([1, 2])
+    assert not row.done and row.stream_text() == "b"  # "c" held back: it may start "cd"
+    row.add([3, 4])
+    assert row.done and row.text() == "b"
+
+
+def test_cli_stop_string(tmp_path, capsys):
+    ck = save(tmp_path, "llama", tiny_llama())
+    full = generate.main(["--ckpt", ck, "--prompt", "All", "--max-new-tokens", "30", "--greedy", "--quiet"])
+    text = full[0]["texts"][0]
+    stop = text[10:12]
+    capsys.readouterr()
+    cut = generate.main(["--ckpt", ck, "--prompt", "All", "--max-new-tokens", "30", "--greedy", "--quiet",
+                         "--stop", stop, "--sync-every", "4"])
+    assert cut[0]["texts"][0] == text[:text.find(stop)]
+    assert capsys.readouterr().out == "All" + text[:text.find(stop)] + "\n"
+
+
+def test_interactive_reads_stdin(tmp_path, monkeypatch, capsys):
+    ck = save(tmp_path, "llama", tiny_llama())
+    monkeypatch.setattr("sys.stdin", io.StringIO("All:\n\nSpeak\n"))
+    res = generate.main(["--ckpt", ck, "--interactive", "--max-new-tokens", "5", "--quiet"])
+    assert len(res) == 2
+
+
+def test_prompt_file(tmp_path, capsys):
+    ck = save(tmp_path, "llama", tiny_llama())
+    pf = tmp_path / "p.txt"
+    pf.write_text("First Citizen:\n")
+    generate.main(["--ckpt", ck, "--prompt-file", str(pf), "--max-new-tokens", "5", "--quiet"])
+    assert capsys.readouterr().out.startswith("First Citizen:\n")
+
+
+# --- bad input: one clear line each ----------------------------------------------------------------------
+
+def test_prompt_longer_than_context(tmp_path, capsys):
+    ck = save(tmp_path, "llama", tiny_llama())  # context 64
+    long = "Speak, speak. " * 5                  # 70 tokens
+    with pytest.raises(SystemExit, match="over the model's context of 64 tokens"):
+        generate.main(["--ckpt", ck, "--prompt", long, "--max-new-tokens", "10"])
+    res = generate.main(["--ckpt", ck, "--prompt", long, "--max-new-tokens", "10", "--truncate-left", "--quiet"])
+    assert res[0]["new_tokens"] == 10
+
+
+def test_unknown_kind(tmp_path):
+    ck = save(tmp_path, "diffusion", tiny_llama())
+    with pytest.raises(SystemExit, match="kind 'diffusion'"):
+        generate.main(["--ckpt", ck])
+
+
+def test_tokenizer_vocab_mismatch(tmp_path):
+    big = CharTokenizer.train(TEXT + "0123456789QWXZ@#$%^&*()[]{}<>~`|+=_")
+    ck = save(tmp_path, "llama", tiny_llama(), tok=big)
+    with pytest.raises(SystemExit, match=f"tokenizer has {big.vocab_size} tokens but the model's vocabulary is "
+                                         f"{TOK.vocab_size}"):
+        generate.main(["--ckpt", ck])
+
+
+def test_missing_and_corrupt_checkpoint(tmp_path):
+    with pytest.raises(SystemExit, match="not found"):
+        generate.main(["--ckpt", str(tmp_path / "nope.pt")])
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="not a readable checkpoint"):
+        generate.main(["--ckpt", str(bad)])
+
+
+# --- VQA / detection checkpoints ------------------------------------------------------------------------
+
+def tiny_llava():
+    torch.manual_seed(0)
+    tok = CharTokenizer.train(TEXT + "?USERASSITN", specials=["<image>"])
+    cfg = LlavaConfig(vision=vision_config("tiny"), text=llama_config("tiny", vocab_size=tok.vocab_size - 1,
+                                                                      max_seq_len=128),
+                      image_token_id=tok.token_id("<image>"))
+    return LlavaModel(cfg).eval(), tok
+
+
+def test_vqa_decoding_with_image_equals_full_recompute(tmp_path):
+    from PIL import Image
+    model, tok = tiny_llava()
+    ck = save(tmp_path, "vqa", model, tok=tok, model_config=model.config.to_dict())
+    img = tmp_path / "im.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(img)
+    res = generate.main(["--ckpt", ck, "--image", str(img), "--prompt", "Speak?", "--greedy",
+                         "--max-new-tokens", "12", "--quiet"])
+    loaded = generate.load_model(ck)
+    ids, pixels = generate.encode_prompt(loaded, "Speak?", str(img))
+    assert ids.count(tok.token_id("<image>")) == model.num_image_tokens
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(12):
+            x = torch.cat([x, model(x, pixels)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert res[0]["token_ids"][0] == x[0, len(ids):].tolist()
+    # the detection checkpoint's LLaVA side (keys under "llava.") generates the same
+    det = save(tmp_path, "detect", model, tok=tok, name="det.pt",
+               model_config={"llava": model.config.to_dict(), "detection": {}})
+    sd = torch.load(det, weights_only=True)
+    sd["model"] = {"llava." + k: v for k, v in sd["model"].items()}
+    torch.save(sd, det)
+    res2 = generate.main(["--ckpt", det, "--image", str(img), "--prompt", "Speak?", "--greedy",
+                          "--max-new-tokens", "12", "--quiet"])
+    assert res2[0]["token_ids"] == res[0]["token_ids"]
+    with pytest.raises(SystemExit, match="needs a VQA"):
+        generate.main(["--ckpt", save(tmp_path, "llama", tiny_llama()), "--image", str(img)])
+
+
+# --- metrics and --eval ----------------------------------------------------------------------------------
+
+def test_degeneration_metrics_by_hand():
+    s = "a b c d a b c d".split()           # 4-grams: abcd bcda cdab dabc abcd -> 5, 4 unique
+    assert seq_rep_n([s], 4) == pytest.approx(0.2)
+    assert seq_rep_n([s, "a b c d e".split()], 4) == pytest.approx(0.1)
+    assert rep_l([s], 16) == pytest.approx(4 / 7)
+    assert rep_l([s], 2) == pytest.approx(0.0)  # repeats are 4 apart
+    assert distinct_n([s], 1) == pytest.approx(4 / 8)
+    assert distinct_n([["x"] * 5], 2) == pytest.approx(1 / 4)
+    m = degeneration_metrics([s])
+    assert set(m) >= {"seq_rep_4", "rep_16", "distinct_1", "distinct_2", "distinct_3"}
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
+    V = 13
+    ids = torch.randint(0, V, (1000,))
+    r = perplexity(lambda x: torch.zeros(*x.shape, V), ids, block_size=50, batch_size=3)
+    assert r["ppl"] == pytest.approx(V, rel=1e-5) and r["tokens"] == 20 * 49
+
+
+def test_eval_reports_greedy_sampler_and_human(tmp_path, capsys):
+    ck = save(tmp_path, "coeus", tiny_coeus())
+    ev = tmp_path / "valid.txt"
+    ev.write_text(TEXT)
+    out = tmp_path / "report.json"
+    generate.main(["--ckpt", ck, "--eval", "--eval-file", str(ev), "--eval-samples", "4", "--max-new-tokens", "24",
+                   "--eval-prompt-len", "8", "--eval-out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["perplexity"]["ppl"] > 1 and {"greedy", "sampler", "human"} <= set(r)
+    assert r["greedy"]["config"]["temperature"] == 0 and r["sampler"]["config"]["temperature"] == 0.8
+    assert "seq_rep_4" in capsys.readouterr().out
