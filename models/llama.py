@@ -233,6 +233,17 @@ class Llama(nn.Module):
         labels (B, T): next-token targets are labels shifted by one (HF convention), -100 ignored.
         Returns logits (B, T, V), plus loss if labels, plus final hidden states if return_hidden.
         """
+        h = self.hidden(input_ids, inputs_embeds, attention_mask, position_ids, input_pos)
+        logits = self.lm_head(h)
+        out = (logits,)
+        if labels is not None:
+            out += (causal_lm_loss(logits, labels),)
+        if return_hidden:
+            out += (h,)
+        return out[0] if len(out) == 1 else out
+
+    def hidden(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, input_pos=None):
+        """The final-norm hidden states (B, T, dim): forward without the head. Same arguments as forward."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         use_cache = input_pos is not None
@@ -248,14 +259,18 @@ class Llama(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, input_pos)
-        h = self.norm(x)
-        logits = self.lm_head(h)
-        out = (logits,)
-        if labels is not None:
-            out += (causal_lm_loss(logits, labels),)
-        if return_hidden:
-            out += (h,)
-        return out[0] if len(out) == 1 else out
+        return self.norm(x)
+
+    def loss(self, input_ids=None, labels=None, inputs_embeds=None, attention_mask=None, position_ids=None,
+             chunk_size=4096):
+        """The causal-LM loss of forward(..., labels=labels) without ever holding the (B, T, V) logits.
+
+        For training: the head and the cross-entropy run chunk by chunk (fused_linear_cross_entropy), which
+        at TinyLlama's 8 x 2048 x 32000 saves the ~4 GB of fp32 logits and their gradient.
+        """
+        h = self.hidden(input_ids, inputs_embeds, attention_mask, position_ids)
+        h = h[:, :-1].reshape(-1, h.size(-1))  # position t predicts labels[t + 1]
+        return fused_linear_cross_entropy(h, self.lm_head.weight, labels[:, 1:].reshape(-1), chunk_size=chunk_size)
 
     def _build_mask(self, attention_mask, input_pos, B, T, device):
         """Boolean (B, 1, Tq, Tk) mask, or None for the plain causal case (SDPA's fast is_causal path)."""
@@ -283,6 +298,57 @@ def causal_lm_loss(logits, labels):
     logits = logits[:, :-1].float()
     targets = labels[:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """mean CE(h @ W^T, targets) computed in row chunks; the gradients are formed in the same pass.
+
+    Per chunk: logits (C, V) in fp32, loss += logsumexp - target logit, dlogits = softmax - onehot (0 on ignored
+    rows), dh = dlogits @ W, dW += dlogits^T @ h. Only one chunk of logits ever exists; backward just scales
+    the stored gradients by the incoming one. (The idea of Liger-Kernel's fused linear cross-entropy.)
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index, chunk_size):
+        # h (N, d), weight (V, d), targets (N,)
+        acc = torch.promote_types(h.dtype, torch.float32)  # fp32 statistics for bf16/fp16, fp64 stays fp64
+        valid = targets != ignore_index
+        n_valid = valid.sum().clamp(min=1).to(acc)
+        loss = torch.zeros((), dtype=acc, device=h.device)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        for s in range(0, h.shape[0], chunk_size):
+            hc, tc, vc = h[s:s + chunk_size], targets[s:s + chunk_size], valid[s:s + chunk_size]
+            logits = (hc @ weight.t()).to(acc)               # (C, V)
+            lse = torch.logsumexp(logits, dim=-1)             # (C,)
+            tgt = tc.masked_fill(~vc, 0)
+            loss += ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * vc).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            g = logits.sub_(lse[:, None]).exp_()              # softmax, in place of the logits
+            g[torch.arange(g.shape[0], device=g.device), tgt] -= 1.0
+            g = (g * (vc[:, None] / n_valid)).to(hc.dtype)   # d(mean loss)/d(logits), (C, V)
+            if grad_h is not None:
+                grad_h[s:s + chunk_size] = g @ weight.to(g.dtype)
+            if grad_w is not None:
+                grad_w += (g.t() @ hc.to(g.dtype)).to(acc)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None
+
+
+def fused_linear_cross_entropy(h, weight, targets, ignore_index=-100, chunk_size=4096):
+    """Mean cross-entropy of h @ weight.T (N, V) against targets (N,), ignoring ignore_index, never materialising
+    all N x V logits. Equals F.cross_entropy(F.linear(h, weight).float(), targets) (0 when every target is ignored)."""
+    return _FusedLinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_size)
 
 
 def config_dict(cfg):
