@@ -1,7 +1,8 @@
 """Training throughput of the tinyllama-1.1b decoder on 1 GPU and on N GPUs (DDP or FSDP2), and an FSDP2 run
 that stops at a sharded torch.distributed.checkpoint and resumes with the same losses.
 
-One command runs it all (1-GPU baseline, DDP, FSDP2, FSDP2 resume, summary) into a folder of JSON files:
+One command runs it all (1-GPU baseline, DDP with 100 MB and 25 MB buckets, FSDP2, FSDP2 resume, summary)
+into a folder of JSON files:
 
     benchmarks/run_ddp_scaling.sh results/ddp_scaling            # GPU machine, 2 GPUs
     benchmarks/run_ddp_scaling.sh /tmp/ddp_smoke --smoke         # CPU, gloo, tiny model, 2 processes
@@ -60,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true",
                    help="CPU/gloo check: tiny model, seq 64, micro-batch 2, 3 timed steps")
     p.add_argument("--summarize", default=None, metavar="DIR",
-                   help="only summarise DIR's single.json / ddp.json / fsdp.json / fsdp_resume.json")
+                   help="only summarise DIR's single / ddp / ddp_bucket25 / fsdp / fsdp_resume .json")
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.seq_len, args.micro_batch, args.warmup, args.steps = "tiny", 64, 2, 1, 3
@@ -201,7 +202,7 @@ def summarize(folder):
     print(f"{'run':<12}{'GPUs':>5}{'tokens/s':>14}{'per GPU':>12}{'efficiency':>12}{'peak GB':>9}")
     print(f"{'single':<12}{1:>5}{single['tokens_per_s']:>14,.0f}{single['tokens_per_s']:>12,.0f}{'1.000':>12}"
           f"{single.get('peak_mem_gb', math.nan):>9.1f}")
-    for name in ("ddp", "fsdp"):
+    for name in ("ddp", "ddp_bucket25", "fsdp"):
         r = load(f"{name}.json")
         if r is None or "tokens_per_s" not in r:
             continue
