@@ -1,0 +1,294 @@
+"""A DETR-style detection head on the LLaVA model: boxes, objectness and a caption per object query.
+
+    vision tower features (B, N, Dv) --adapter--> proj --+                      +--> box MLP -> sigmoid (cx, cy, w, h)
+                                                         +- memory -> decoder --+--> objectness logit
+    decoder last hidden states (B, L, Dt) --adapter--> proj                     +--> caption decoder (autoregressive)
+
+Adapters are residual bottleneck MLPs (x + up(gelu(down(norm(x)))), `up` zero-initialised so they start
+as the identity). The object-query decoder follows DETR (Carion et al. 2020, models/transformer.py):
+learned queries, self-attention among queries, cross-attention to the memory, outputs of every layer
+go through the shared heads for the auxiliary losses. Vision memory carries 2-D sine positions.
+
+The caption decoder is a small causal transformer whose first input is the query's state:
+    [state, emb(t_1), ..., emb(t_{L-1})] -> logits for [t_1, ..., t_L]   (t_L = eos)
+teacher-forced in training (SetCriterion calls `caption_logits` on the matched queries), greedy at
+inference (`generate_captions`).
+
+`DetectionModel` holds `.llava` (a models.llava.LlavaModel, so the VQA weights keep their keys under
+`llava.`) and `.head`. Both the language-model loss and the detection loss reach the vision tower.
+"""
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.llava import LlavaConfig, LlavaModel
+
+
+@dataclass
+class DetectionConfig:
+    hidden: int = 256
+    num_queries: int = 100
+    decoder_layers: int = 2
+    caption_layers: int = 4
+    adapter_bottleneck: int = 8
+    n_heads: int = 8
+    ffn_mult: int = 4
+    vision_dim: int = 0           # 0: same as hidden
+    text_dim: int = 0             # 0: same as hidden
+    vocab_size: int = 32000       # caption tokens are the language model's tokens
+    max_caption_len: int = 8      # tokens including the final eos
+    eos_id: int = 2
+    dropout: float = 0.0
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class Adapter(nn.Module):
+    """Residual bottleneck MLP: x + up(gelu(down(norm(x)))); identity at initialisation."""
+
+    def __init__(self, dim, bottleneck):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.down = nn.Linear(dim, bottleneck)
+        self.up = nn.Linear(bottleneck, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):
+        return x + self.up(F.gelu(self.down(self.norm(x))))
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, dim, n_heads, dropout=0.0):
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, q_in, k_in, v_in, mask=None, is_causal=False):
+        """q_in (B, Tq, D), k_in / v_in (B, Tk, D); mask: bool (B, 1, Tq|1, Tk), True = attend."""
+        B, Tq, D = q_in.shape
+        H = self.n_heads
+        q = self.q_proj(q_in).view(B, Tq, H, D // H).transpose(1, 2)   # (B, H, Tq, hd)
+        k = self.k_proj(k_in).view(B, -1, H, D // H).transpose(1, 2)   # (B, H, Tk, hd)
+        v = self.v_proj(v_in).view(B, -1, H, D // H).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, Tq, D))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, hidden, dropout=0.0):
+        super().__init__()
+        self.fc1, self.fc2, self.drop = nn.Linear(dim, hidden), nn.Linear(hidden, dim), nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.fc2(self.drop(F.gelu(self.fc1(x))))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm: self-attention (causal or not), optional cross-attention to memory, MLP.
+
+    As in DETR, positions (query embeddings, memory positions) are added to queries and keys, not values.
+    """
+
+    def __init__(self, dim, n_heads, ffn_dim, cross=True, dropout=0.0):
+        super().__init__()
+        self.norm1, self.self_attn = nn.LayerNorm(dim), MultiHeadAttention(dim, n_heads, dropout)
+        self.cross = cross
+        if cross:
+            self.norm2, self.cross_attn = nn.LayerNorm(dim), MultiHeadAttention(dim, n_heads, dropout)
+        self.norm3, self.mlp = nn.LayerNorm(dim), FeedForward(dim, ffn_dim, dropout)
+
+    def forward(self, x, pos=None, memory=None, memory_pos=None, memory_mask=None, causal=False):
+        h = self.norm1(x)
+        qk = h if pos is None else h + pos
+        x = x + self.self_attn(qk, qk, h, is_causal=causal)
+        if self.cross:
+            h = self.norm2(x)
+            q = h if pos is None else h + pos
+            k = memory if memory_pos is None else memory + memory_pos
+            x = x + self.cross_attn(q, k, memory, memory_mask)
+        return x + self.mlp(self.norm3(x))
+
+
+def sine_positions_2d(n_tokens, dim, device, temperature=10000.0):
+    """DETR's PositionEmbeddingSine for a square grid of n_tokens patches, flattened row-major: (N, dim)."""
+    g = int(round(math.sqrt(n_tokens)))
+    if g * g != n_tokens:  # not a square grid (e.g. a class token kept): no positions
+        return torch.zeros(n_tokens, dim, device=device)
+    quarter = dim // 4
+    coords = (torch.arange(g, device=device, dtype=torch.float32) + 0.5) / g * 2 * math.pi
+    freqs = temperature ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    args_y, args_x = y.reshape(-1, 1) / freqs, x.reshape(-1, 1) / freqs                 # (N, quarter)
+    pos = torch.cat([args_y.sin(), args_y.cos(), args_x.sin(), args_x.cos()], dim=-1)  # (N, 4*quarter)
+    return F.pad(pos, (0, dim - pos.shape[-1]))
+
+
+class BoxMLP(nn.Module):
+    def __init__(self, dim, layers=3):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(dim, dim if i < layers - 1 else 4) for i in range(layers))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x.sigmoid()
+
+
+class CaptionDecoder(nn.Module):
+    """Small causal transformer: [query state, emb(t_1..t_{L-1})] -> next-token logits (teacher forcing)."""
+
+    def __init__(self, cfg: DetectionConfig):
+        super().__init__()
+        D = cfg.hidden
+        self.cfg = cfg
+        self.start = nn.Linear(D, D)
+        self.embed = nn.Embedding(cfg.vocab_size, D)
+        self.pos = nn.Parameter(torch.randn(cfg.max_caption_len, D) * 0.02)
+        self.layers = nn.ModuleList(DecoderLayer(D, cfg.n_heads, cfg.ffn_mult * D, cross=False, dropout=cfg.dropout)
+                                    for _ in range(cfg.caption_layers))
+        self.norm = nn.LayerNorm(D)
+        self.out = nn.Linear(D, cfg.vocab_size)
+
+    def forward(self, states, tokens):
+        """states (M, D); tokens (M, L) caption ids (padding may be -100) -> logits (M, L, V)."""
+        M, L = tokens.shape
+        prev = tokens[:, :-1].clamp(min=0)                                      # (M, L-1)
+        x = torch.cat([self.start(states)[:, None], self.embed(prev)], dim=1)   # (M, L, D)
+        x = x + self.pos[:L]
+        for layer in self.layers:
+            x = layer(x, causal=True)
+        return self.out(self.norm(x))
+
+    @torch.no_grad()
+    def generate(self, states, max_len=None):
+        """Greedy decoding: states (M, D) -> (M, L) token ids, eos included, -100 after it."""
+        max_len = max_len or self.cfg.max_caption_len
+        M = states.shape[0]
+        tokens = torch.full((M, 1), -100, dtype=torch.long, device=states.device)
+        done = torch.zeros(M, dtype=torch.bool, device=states.device)
+        out = []
+        for _ in range(max_len):
+            nxt = self.forward(states, tokens)[:, -1].argmax(-1)  # (M,)
+            nxt = nxt.masked_fill(done, -100)
+            out.append(nxt)
+            done |= nxt == self.cfg.eos_id
+            tokens = torch.cat([tokens[:, :-1], nxt[:, None], tokens[:, -1:]], dim=1)
+            if done.all():
+                break
+        return torch.stack(out, dim=1) if out else torch.empty(M, 0, dtype=torch.long)
+
+
+class DetectionHead(nn.Module):
+    def __init__(self, hidden=256, num_queries=100, decoder_layers=2, caption_layers=4, adapter_bottleneck=8,
+                 **kwargs):
+        super().__init__()
+        cfg = DetectionConfig(hidden=hidden, num_queries=num_queries, decoder_layers=decoder_layers,
+                              caption_layers=caption_layers, adapter_bottleneck=adapter_bottleneck, **kwargs)
+        cfg.vision_dim, cfg.text_dim = cfg.vision_dim or hidden, cfg.text_dim or hidden
+        self.config = cfg
+        D = hidden
+        self.vision_adapter = Adapter(cfg.vision_dim, adapter_bottleneck)
+        self.text_adapter = Adapter(cfg.text_dim, adapter_bottleneck)
+        self.vision_proj = nn.Linear(cfg.vision_dim, D)
+        self.text_proj = nn.Linear(cfg.text_dim, D)
+        self.memory_type = nn.Parameter(torch.randn(2, D) * 0.02)  # vision / text
+        self.query_embed = nn.Parameter(torch.randn(num_queries, D))
+        self.layers = nn.ModuleList(DecoderLayer(D, cfg.n_heads, cfg.ffn_mult * D, dropout=cfg.dropout)
+                                    for _ in range(decoder_layers))
+        self.norm = nn.LayerNorm(D)
+        self.box_head = BoxMLP(D)
+        self.obj_head = nn.Linear(D, 1)
+        # DETR/focal-loss prior: start with objectness ~ 0.01 so the many empty queries do not swamp the loss
+        nn.init.constant_(self.obj_head.bias, -math.log((1 - 0.01) / 0.01))
+        self.caption = CaptionDecoder(cfg)
+
+    @classmethod
+    def from_config(cls, cfg):
+        d = dict(asdict(cfg) if not isinstance(cfg, dict) else cfg)
+        return cls(**d)
+
+    def memory(self, vision, text, text_mask):
+        """vision (B, N, Dv), text (B, L, Dt), text_mask (B, L) bool -> memory (B, N+L, D), pos, mask."""
+        B, N, _ = vision.shape
+        v = self.vision_proj(self.vision_adapter(vision)) + self.memory_type[0]
+        t = self.text_proj(self.text_adapter(text)) + self.memory_type[1]
+        memory = torch.cat([v, t.to(v.dtype)], dim=1)                                  # (B, N+L, D)
+        pos = torch.cat([sine_positions_2d(N, v.shape[-1], v.device).to(v.dtype),
+                         torch.zeros(t.shape[1], v.shape[-1], device=v.device, dtype=v.dtype)])[None]
+        keep = torch.cat([torch.ones(B, N, dtype=torch.bool, device=v.device), text_mask.bool()], dim=1)
+        return memory, pos, keep[:, None, None, :]                                     # mask (B, 1, 1, N+L)
+
+    def forward(self, vision, text, text_mask):
+        """-> list (one per decoder layer, last = final) of dict(logits (B, Q), boxes (B, Q, 4), hidden (B, Q, D))."""
+        memory, memory_pos, mask = self.memory(vision, text, text_mask)
+        B = vision.shape[0]
+        pos = self.query_embed[None].expand(B, -1, -1).to(memory.dtype)
+        x = torch.zeros_like(pos)
+        outputs = []
+        for layer in self.layers:
+            x = layer(x, pos, memory, memory_pos, mask)
+            h = self.norm(x)
+            outputs.append({"logits": self.obj_head(h).squeeze(-1), "boxes": self.box_head(h), "hidden": h})
+        return outputs
+
+    def caption_logits(self, states, tokens):
+        return self.caption(states, tokens)
+
+
+class DetectionModel(nn.Module):
+    """LLaVA + detection head. forward returns the LM logits, hidden states and the head's per-layer outputs."""
+
+    def __init__(self, llava_cfg: LlavaConfig, det_cfg: DetectionConfig):
+        super().__init__()
+        if isinstance(det_cfg, dict):
+            det_cfg = DetectionConfig(**det_cfg)
+        det_cfg.vision_dim = llava_cfg.vision.dim
+        det_cfg.text_dim = llava_cfg.text.dim
+        self.llava = LlavaModel(llava_cfg)
+        self.head = DetectionHead.from_config(det_cfg)
+
+    def model_config(self):
+        return {"llava": self.llava.config.to_dict(), "detection": self.head.config.to_dict()}
+
+    @classmethod
+    def from_model_config(cls, d):
+        return cls(LlavaConfig.from_dict(d["llava"]), DetectionConfig(**d["detection"]))
+
+    def vision_features(self, pixel_values):
+        c = self.llava.config
+        return self.llava.vision_tower.features(pixel_values, c.feature_layer, c.select_strategy)  # (B_img, N, Dv)
+
+    def forward(self, input_ids, pixel_values, attention_mask=None, position_ids=None, det_image_index=None,
+                memory_index=None, memory_mask=None):
+        """input_ids (R, T) with N placeholders per image; pixel_values (B_img, 3, H, W).
+        det_image_index (S,): which image of pixel_values each detection sample looks at.
+        memory_index (S, L) / memory_mask (S, L): flat positions (row * T + t) of the tokens whose final
+        hidden states each detection sample reads (padded, mask False on padding).
+        Returns logits (R, T, V), hidden (R, T, Dt), head outputs (or None without detection samples)."""
+        feats = self.vision_features(pixel_values)
+        inputs_embeds = embed_with_features(self.llava, input_ids, feats)
+        logits, hidden = self.llava.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                                   position_ids=position_ids, return_hidden=True)
+        if det_image_index is None:
+            return logits, hidden, None
+        text = hidden.flatten(0, 1)[memory_index]  # (S, L, Dt)
+        return logits, hidden, self.head(feats[det_image_index], text, memory_mask)
+
+
+def embed_with_features(llava, input_ids, feats):
+    """LlavaModel.embed with the vision features already computed (so the tower runs once for both heads).
+    feats (B_img, N, Dv) before the projector."""
+    is_image = llava.image_mask(input_ids)
+    n = int(is_image.sum())
+    if n != feats.shape[0] * feats.shape[1]:
+        raise ValueError(f"input_ids hold {n} image placeholder tokens but {feats.shape[0]} image(s) x "
+                         f"{feats.shape[1]} tokens are given")
+    embeds = llava.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))  # (R, T, Dt)
+    img = llava.projector(feats.to(llava.projector.linear_1.weight.dtype))
+    return embeds.masked_scatter(is_image[..., None], img.to(embeds.dtype))
