@@ -503,11 +503,13 @@ def eval_text(args, loaded, ckpt_args):
             _fail(f"--eval-file not found: {args.eval_file}")
         with open(args.eval_file, encoding="utf-8", errors="replace") as f:
             return f.read(), args.eval_file
+    from utils.text_data import DataError, load_corpus
+    spec = (ckpt_args or {}).get("data") or "shakespeare"
     try:
-        import utils.text_data as text_data
-    except ImportError:
-        _fail("--eval needs --eval-file PATH (utils/text_data.py is not available to find the checkpoint's split)")
-    return text_data.validation_text(ckpt_args or {}, split=args.eval_split)
+        corpus = load_corpus(spec, errors="replace", val_fraction=(ckpt_args or {}).get("val_fraction", 0.1))
+    except DataError as e:
+        _fail(f"{e} (the checkpoint's --data; give --eval-file PATH instead)")
+    return corpus[args.eval_split], f"{corpus['source']} [{args.eval_split}]"
 
 
 @torch.no_grad()
@@ -515,7 +517,10 @@ def run_eval(args, loaded, device, ckpt_args=None):
     """Perplexity on the split, then greedy vs the sampler on the same prompts, human text as reference."""
     tok = loaded.tokenizer
     text, source = eval_text(args, loaded, ckpt_args)
-    ids = tok.encode(text)
+    try:
+        ids = tok.encode(text)
+    except ValueError as e:
+        _fail(f"cannot tokenize the evaluation text {source}: {e}")
     lm = loaded.lm
     block = args.eval_block or min(lm.context or 256, 256)
     ppl = perplexity(lambda x: lm.full_logits(x), ids, block, args.batch_size, device, args.eval_max_tokens)
@@ -624,7 +629,8 @@ def build_parser():
     e.add_argument("--eval", action="store_true",
                    help="report validation perplexity and degeneration metrics (greedy vs the sampler)")
     e.add_argument("--eval-file", default=None, help="UTF-8 text to evaluate on (default: the checkpoint's split)")
-    e.add_argument("--eval-split", default="val", help="split of the checkpoint's data set when no --eval-file")
+    e.add_argument("--eval-split", default="val", choices=["val", "train"],
+                   help="split of the checkpoint's training data (its --data) when no --eval-file")
     e.add_argument("--eval-block", type=int, default=0, help="perplexity block length (0 = min(context, 256))")
     e.add_argument("--eval-max-tokens", type=int, default=200_000, help="cap on the tokens scored for perplexity")
     e.add_argument("--eval-samples", type=int, default=32, help="continuations per sampler")

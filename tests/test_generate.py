@@ -267,3 +267,33 @@ def test_eval_reports_greedy_sampler_and_human(tmp_path, capsys):
     assert r["perplexity"]["ppl"] > 1 and {"greedy", "sampler", "human"} <= set(r)
     assert r["greedy"]["config"]["temperature"] == 0 and r["sampler"]["config"]["temperature"] == 0.8
     assert "seq_rep_4" in capsys.readouterr().out
+
+
+def test_hf_folder_with_sentencepiece(tmp_path, capsys):
+    """A LlamaForCausalLM folder (config.json + safetensors + tokenizer.model) decodes like our model."""
+    from models.hf_weights import export_pretrained
+    from utils.tokenizer import SentencePieceTokenizer
+    tok = SentencePieceTokenizer.train(TEXT.splitlines() * 4, 300, cache_dir=str(tmp_path / "spm"))
+    model = tiny_llama(vocab=tok.vocab_size)
+    folder = tmp_path / "hf"
+    export_pretrained(model, str(folder))
+    (folder / "tokenizer.model").write_bytes(tok.model_proto)
+    res = generate.main(["--ckpt", str(folder), "--prompt", "Speak", "--greedy", "--max-new-tokens", "8",
+                         "--quiet", "--ignore-eos"])
+    ids = torch.tensor([[tok.bos_id] + tok.encode("Speak")])
+    with torch.no_grad():
+        ref = generate.full_recompute_greedy(generate.LlamaLM(model), ids, 8)
+    assert res[0]["token_ids"][0] == ref[0].tolist()
+
+
+def test_bench_decode_smoke(tmp_path):
+    """benchmarks/bench_decode.py --smoke: every path of the GPU benchmark runs on CPU and writes its JSON."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_decode", "benchmarks/bench_decode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "b.json"
+    r = bench.main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text())["ours"]["tokens_per_s"] > 0
+    assert r["hf_generate"]["first_logits_max_abs_diff_vs_ours"] < 1e-4
+    assert r["coeus"]["tokens_per_s"] > 0
