@@ -1,0 +1,230 @@
+"""Training throughput of our TinyLlama-shaped decoder vs transformers' LlamaForCausalLM, in the same run.
+
+    # the issue's benchmark (one H100/H200): tinyllama-1.1b, batch 8 x 2048 tokens, bf16, fused AdamW
+    python benchmarks/bench_llama_train.py --out bench_llama_train.json
+    # without torch.compile (what plain PyTorch gives), and the full-logits loss, for the ablation
+    python benchmarks/bench_llama_train.py --compile none --loss full --out bench_eager.json
+    # CPU smoke test of the whole path on a tiny config (seconds)
+    python benchmarks/bench_llama_train.py --smoke --out /tmp/bench_smoke.json
+
+Precision recipe, identical for both models: weights, gradients and AdamW states all in bf16 (the model is
+cast with .to(torch.bfloat16); torch.optim.AdamW(fused=True) steps the bf16 parameters directly), no autocast,
+no fp32 master weights. Both start from the same weights (ours are exported to transformers through
+models/hf_weights.py) and train on the same random token batch, so the first-step losses must agree.
+
+What differs is only the model code:
+  transformers: LlamaForCausalLM(attn_implementation="sdpa"), model(input_ids, labels=..., use_cache=False).loss,
+                which materialises the (B, T, 32000) logits in bf16 and again in fp32 for the loss.
+  ours:         models.llama.Llama, loss via Llama.loss (chunked fused linear cross-entropy: no full logits),
+                and torch.compile of each decoder block (--compile blocks, the default) or of the whole trunk.
+
+Measured: tokens/s over --steps timed steps after --warmup untimed ones (compilation happens in warmup),
+with torch.cuda.synchronize around the timed loop; peak memory = torch.cuda.max_memory_allocated over the
+model's whole run (weights, gradients, optimizer states and activations), reset between the two models.
+Model FLOPs utilisation uses 6 * N_non-embedding + 6 * n_layers * dim * T (causal attention) per token.
+"""
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from models.hf_weights import llama_config_to_hf, ours_to_hf  # noqa: E402
+from models.llama import Llama, llama_config  # noqa: E402
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="tinyllama-1.1b", help="named LlamaConfig (models/llama.py LLAMA_CONFIGS)")
+    ap.add_argument("--batch", type=int, default=8, help="sequences per step")
+    ap.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
+    ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps per model")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator warm-up)")
+    ap.add_argument("--compile", choices=["none", "blocks", "model"], default="blocks",
+                    help="torch.compile for OUR model: each decoder block, the whole trunk, or nothing")
+    ap.add_argument("--compile-mode", default="default",
+                    help="torch.compile mode, e.g. default, max-autotune-no-cudagraphs")
+    ap.add_argument("--loss", choices=["fused", "full"], default="fused",
+                    help="OUR loss: chunked fused linear cross-entropy, or full logits as transformers does")
+    ap.add_argument("--chunk", type=int, default=4096, help="rows per chunk of the fused cross-entropy")
+    ap.add_argument("--compile-hf", action="store_true", help="also torch.compile the transformers model")
+    ap.add_argument("--skip-hf", action="store_true", help="measure only our model (no transformers needed)")
+    ap.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (same for both)")
+    ap.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="the GPU's dense bf16 peak for the MFU figure (H100/H200 SXM: 989)")
+    ap.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
+    ap.add_argument("--seed", type=int, default=0, help="seed for weights and the token batch")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny config, batch 2 x 64, 3+1 steps, CPU unless --device says otherwise; "
+                         "no compile unless --compile is given explicitly")
+    ap.add_argument("--out", default="bench_llama_train.json", help="JSON file for the results")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.config, args.batch, args.seq, args.steps, args.warmup = "tiny", 2, 64, 3, 1
+        if args.device == "auto":
+            args.device = "cpu"
+        if not any(a == "--compile" or a.startswith("--compile=") for a in (argv or sys.argv[1:])):
+            args.compile = "none"
+    return args
+
+
+class Timer:
+    def __init__(self, device):
+        self.cuda = device.startswith("cuda")
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def reset_memory(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_bytes(self):
+        if self.cuda:
+            return torch.cuda.max_memory_allocated()
+        from utils.runtime import peak_rss_bytes
+        return peak_rss_bytes()  # CPU: process peak RSS, cumulative over the run (not comparable between models)
+
+
+def make_optimizer(params, lr):
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.1, fused=True), True
+    except (RuntimeError, TypeError):  # a device without a fused kernel
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.1), False
+
+
+def measure(name, model, loss_fn, ids, args, timer):
+    """Warm up, then time args.steps optimizer steps; returns the result dict."""
+    opt, fused = make_optimizer(model.parameters(), args.lr)
+    losses = []
+
+    def step():
+        loss = loss_fn(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+
+    t_compile = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    timer.sync()
+    warmup_s = time.perf_counter() - t_compile
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    timer.sync()
+    dt = time.perf_counter() - t0
+    tokens = args.batch * args.seq * args.steps
+    losses = [float(x) for x in losses]
+    res = dict(name=name, tokens_per_s=tokens / dt, step_ms=1000 * dt / args.steps, warmup_s=warmup_s,
+               peak_mem_gb=timer.peak_bytes() / 1e9, fused_adamw=fused, first_loss=losses[0], last_loss=losses[-1])
+    print(f"{name:>14s}: {res['tokens_per_s']:>10,.0f} tokens/s  {res['step_ms']:8.1f} ms/step  "
+          f"peak {res['peak_mem_gb']:6.2f} GB  loss {losses[0]:.4f} -> {losses[-1]:.4f}  "
+          f"(warm-up {warmup_s:.0f} s)", flush=True)
+    del opt
+    return res
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from utils.runtime import pick_device
+    device = pick_device(args.device)
+    timer = Timer(device)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = torch.bfloat16
+    cfg = llama_config(args.config, max_seq_len=max(args.seq, llama_config(args.config).max_seq_len))
+    torch.manual_seed(args.seed)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
+
+    # one set of initial weights for both, kept on the CPU while the other model runs
+    with torch.device(device):
+        ours = Llama(cfg).to(dtype)
+    init_state = {k: v.cpu() for k, v in ours.state_dict().items()}
+    hf_state = {k: v.cpu() for k, v in ours_to_hf(ours, "llama").items()}
+    n_params = ours.num_params()
+    flops_per_token = 6 * ours.num_params(exclude_embeddings=True) + 6 * cfg.n_layers * cfg.dim * args.seq
+    del ours
+
+    results = {}
+    env = dict(device=torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+               torch=torch.__version__, python=platform.python_version())
+    print(f"{args.config}: {n_params / 1e6:.1f}M params, batch {args.batch} x {args.seq} tokens, bf16 weights + "
+          f"fused AdamW, on {env['device']}", flush=True)
+
+    if not args.skip_hf:
+        try:
+            import transformers
+        except ImportError:
+            raise SystemExit("error: transformers is not installed (pip install -r requirements-dev.txt), "
+                             "or pass --skip-hf")
+        env["transformers"] = transformers.__version__
+        timer.reset_memory()
+        hf_cfg = transformers.LlamaConfig(**llama_config_to_hf(cfg), attn_implementation="sdpa")
+        with torch.device(device):
+            hf = transformers.LlamaForCausalLM(hf_cfg)
+        hf = hf.to(dtype)
+        hf.load_state_dict(hf_state, strict=not cfg.tie_embeddings)
+        hf.train()
+        assert hf.config._attn_implementation == "sdpa", hf.config._attn_implementation
+        hf_forward = torch.compile(hf) if args.compile_hf else hf
+        results["transformers"] = measure("transformers", hf,
+                                          lambda x: hf_forward(input_ids=x, labels=x, use_cache=False).loss,
+                                          ids, args, timer)
+        del hf, hf_forward
+        timer.reset_memory()
+
+    timer.reset_memory()
+    with torch.device(device):
+        ours = Llama(cfg)
+    ours = ours.to(dtype)
+    ours.load_state_dict(init_state)
+    ours.train()
+    if args.compile == "blocks":
+        for layer in ours.layers:  # one graph, reused by every block (same code, parameters as inputs)
+            layer.compile(mode=args.compile_mode)
+    elif args.compile == "model":
+        ours.hidden = torch.compile(ours.hidden, mode=args.compile_mode)
+    if args.loss == "fused":
+        loss_fn = lambda x: ours.loss(x, x, chunk_size=args.chunk)  # noqa: E731
+    else:
+        loss_fn = lambda x: ours(x, labels=x)[1]  # noqa: E731
+    results["ours"] = measure("ours", ours, loss_fn, ids, args, timer)
+
+    summary = dict(args=vars(args), env=env, n_params=n_params, flops_per_token=flops_per_token, results=results)
+    for r in results.values():
+        r["mfu"] = r["tokens_per_s"] * flops_per_token / (args.peak_tflops * 1e12)
+    if "transformers" in results:
+        hf_r, our_r = results["transformers"], results["ours"]
+        summary["speedup"] = our_r["tokens_per_s"] / hf_r["tokens_per_s"]
+        summary["memory_ratio"] = our_r["peak_mem_gb"] / hf_r["peak_mem_gb"]
+        summary["first_loss_diff"] = abs(our_r["first_loss"] - hf_r["first_loss"])
+        summary["goal_met"] = summary["speedup"] >= 1.25 and summary["memory_ratio"] <= 1.0
+        print(f"speed-up ours / transformers: {summary['speedup']:.3f}x   peak memory ratio: "
+              f"{summary['memory_ratio']:.3f}   first-step loss difference: {summary['first_loss_diff']:.2e}   "
+              f"MFU ours {our_r['mfu']:.1%} vs {hf_r['mfu']:.1%}   goal (>=1.25x, memory <=1x) "
+              f"{'met' if summary['goal_met'] else 'NOT met'}")
+        if not device.startswith("cuda"):
+            print("note: on CPU peak memory is the process's cumulative peak RSS; the ratio means nothing there")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
