@@ -48,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, constant")
     p.add_argument("--bucket-cap-mb", type=float, default=100.0,
                    help="DDP gradient bucket size in MB (PyTorch's default 25 is small for a 1.1B model)")
+    p.add_argument("--loss", default="fused", choices=["fused", "logits"],
+                   help="fused: Llama.loss, chunked head + cross-entropy without the (B, T, V) logits (default);\n"
+                        "logits: forward(labels=...), the full fp32 logits")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each decoder block")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder block (Module.compile)")
     p.add_argument("--save-ckpt", default=None,
@@ -70,11 +73,11 @@ def parse_args(argv=None):
 
 
 def synthetic_data(n, seq_len, vocab, seed):
-    """n sequences of seq_len + 1 tokens: start + stride * t (mod vocab), random start and stride."""
+    """n sequences of seq_len tokens: start + stride * t (mod vocab), random start and stride."""
     g = torch.Generator().manual_seed(seed)
     start = torch.randint(0, vocab, (n, 1), generator=g)
     stride = torch.randint(1, 17, (n, 1), generator=g)
-    return (start + stride * torch.arange(seq_len + 1)) % vocab
+    return (start + stride * torch.arange(seq_len)) % vocab
 
 
 def run(args):
@@ -99,7 +102,7 @@ def run(args):
             layer.compile()
     model = D.wrap_model(model, args.dist if info.enabled else "ddp", block_types=(Block,),
                          mixed_precision=torch.bfloat16 if args.dist == "fsdp" else None,
-                         activation_checkpointing=args.activation_checkpointing,
+                         activation_checkpointing=args.activation_checkpointing, forward_methods=("loss",),
                          bucket_cap_mb=args.bucket_cap_mb, gradient_as_bucket_view=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, fused=True)
 
@@ -118,9 +121,10 @@ def run(args):
     def train_step():
         loss_sum = torch.zeros((), device=device)
         for micro in range(args.accum):
-            batch = data[[next(it) for _ in range(args.micro_batch)]].to(device, non_blocking=True)
+            ids = data[[next(it) for _ in range(args.micro_batch)]].to(device, non_blocking=True)  # (B, T)
             with D.grad_sync(model, sync=micro == args.accum - 1), autocast:
-                _, loss = model(batch[:, :-1], labels=batch[:, :-1])
+                # labels = inputs: the model shifts them (position t predicts token t + 1)
+                loss = model.loss(ids, labels=ids) if args.loss == "fused" else model(ids, labels=ids)[1]
                 (loss / args.accum).backward()
             loss_sum += loss.detach() / args.accum
         optimizer.step()
@@ -154,7 +158,8 @@ def run(args):
         "dist": args.dist if info.enabled else "none", "world_size": info.world_size, "model": args.model,
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
         "torch": torch.__version__, "dtype": dtype_name, "micro_batch": args.micro_batch, "seq_len": args.seq_len,
-        "accum": args.accum, "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
+        "accum": args.accum, "loss": args.loss,
+        "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
         "params": sum(p.numel() for p in model.parameters()),  # FSDP2's DTensors report the global size
         "losses": {str(s): l for s, l in zip(steps_done, global_losses)},
         "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")},

@@ -34,8 +34,9 @@ def make_optimizer(model):
     return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
 
 
-def train(model, optimizer, sampler, data, steps, micro_bs, accum=ACCUM):
-    """`steps` optimizer steps of `accum` micro-batches each; returns the global mean loss of each step."""
+def train(model, optimizer, sampler, data, steps, micro_bs, accum=ACCUM, fused_loss=False):
+    """`steps` optimizer steps of `accum` micro-batches each; returns the global mean loss of each step.
+    fused_loss: call model.loss (chunked head + cross-entropy) instead of forward."""
     it = iter(sampler)
     losses = []
     for _ in range(steps):
@@ -43,7 +44,7 @@ def train(model, optimizer, sampler, data, steps, micro_bs, accum=ACCUM):
         for micro in range(accum):
             ids = data[[next(it) for _ in range(micro_bs)]]
             with grad_sync(model, sync=micro == accum - 1):
-                _, loss = model(ids, labels=ids)
+                loss = model.loss(ids, labels=ids) if fused_loss else model(ids, labels=ids)[1]
                 (loss / accum).backward()
             total += loss.item() / accum
         optimizer.step()
@@ -83,11 +84,11 @@ def main(out):
     model = wrap_model(build(seed=get_rank()), "ddp", block_types=(Block,), activation_checkpointing=True)
     res["ddp_allreduces"] = count_allreduces(model)
     res["ddp"] = train(model, make_optimizer(model), ShardedSampler(N_SAMPLES, seed=7), data, STEPS, MICRO_BS)
-    # DDP without accumulation (each micro-step syncs)
-    model = wrap_model(build(), "ddp")
+    # DDP without accumulation (each micro-step syncs), training through model.loss instead of forward
+    model = wrap_model(build(seed=get_rank()), "ddp", forward_methods=("loss",))
     res["ddp_noaccum_allreduces"] = count_allreduces(model)
     res["ddp_noaccum"] = train(model, make_optimizer(model), ShardedSampler(N_SAMPLES, seed=7), data, STEPS,
-                               MICRO_BS, accum=1)
+                               MICRO_BS, accum=1, fused_loss=True)
 
     # FSDP2 in fp32, sharded per block, ranks initialised differently (wrap_model broadcasts rank 0's):
     # then save (DCP) after 2 steps, and one more step
@@ -126,6 +127,10 @@ def main(out):
                        activation_checkpointing=True)
     res["fsdp_bf16"] = train(model, make_optimizer(model), ShardedSampler(N_SAMPLES, seed=7), data, STEPS,
                              MICRO_BS)
+    # FSDP2 through model.loss (register_fsdp_forward_method), fp32
+    model = wrap_model(build(), "fsdp", block_types=(Block,), forward_methods=("loss",))
+    res["fsdp_fused_loss"] = train(model, make_optimizer(model), ShardedSampler(N_SAMPLES, seed=7), data, STEPS,
+                                   MICRO_BS, fused_loss=True)
     for k in ("ddp_allreduces", "ddp_noaccum_allreduces"):
         res[k] = len(res[k])
     if info.is_main:

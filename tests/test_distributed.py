@@ -63,6 +63,7 @@ def test_ddp_two_procs_match_one_proc_doubled_batch(two_procs, ref_accum):
 def test_fsdp2_two_procs_match_one_proc_doubled_batch(two_procs, ref_accum):
     res, _ = two_procs
     assert_close_list(res["fsdp"], ref_accum[0], 1e-5)
+    assert_close_list(res["fsdp_fused_loss"], ref_accum[0], 1e-5)  # model.loss through FSDP2's hooks
 
 
 def test_fsdp2_bf16_mixed_precision_with_activation_checkpointing_runs_close(two_procs, ref_accum):

@@ -140,14 +140,35 @@ def _checkpoint_blocks(model, block_types):
             m._act_ckpt = True
 
 
+def _route_through_ddp(ddp, name):
+    """ddp.<name>(...) = the module's method <name>, called through DDP.__call__ (which prepares the gradient
+    all-reduce; calling ddp.module.<name> directly would skip it): the method stands in for forward meanwhile."""
+    module = ddp.module
+    method = getattr(module, name)
+
+    def call(*args, **kwargs):
+        shadowed = module.__dict__.get("forward")
+        module.forward = method
+        try:
+            return ddp(*args, **kwargs)
+        finally:
+            if shadowed is None:
+                del module.forward
+            else:
+                module.forward = shadowed
+    setattr(ddp, name, call)
+
+
 def wrap_model(model, mode="ddp", block_types=(), mixed_precision=None, activation_checkpointing=False,
-               **ddp_kwargs):
+               forward_methods=(), **ddp_kwargs):
     """Wrap a model (already on its device) for data-parallel training.
 
     mode: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 fully_shard on every block_types module, then
     the root). mixed_precision=torch.bfloat16 (FSDP only) keeps fp32 master weights sharded, gathers them
     in bf16 for compute and reduces gradients in fp32; DDP runs get bf16 from the scripts' autocast.
     activation_checkpointing recomputes each block_types module in backward.
+    forward_methods: methods that training calls instead of forward (e.g. ("loss",) for Llama.loss): they
+    are made to go through DDP / FSDP2's hooks, so wrapped_model.loss(...) syncs gradients like forward.
     ddp_kwargs go to DDP (bucket_cap_mb, gradient_as_bucket_view, static_graph, ...).
     In a single process the model comes back unwrapped (only activation checkpointing is applied).
     """
@@ -162,11 +183,14 @@ def wrap_model(model, mode="ddp", block_types=(), mixed_precision=None, activati
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         ddp_kwargs.setdefault("gradient_as_bucket_view", True)
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **ddp_kwargs)
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **ddp_kwargs)
+        for name in forward_methods:
+            _route_through_ddp(ddp, name)
+        return ddp
     if mode != "fsdp":
         raise ValueError(f"unknown --dist mode {mode!r}: ddp or fsdp")
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     # FSDP2 shards each rank's *local* tensors and, unlike DDP, does not broadcast them: make rank 0's
     # initialisation everyone's, so a run whose ranks seeded differently is still one model.
     with torch.no_grad():
@@ -180,6 +204,8 @@ def wrap_model(model, mode="ddp", block_types=(), mixed_precision=None, activati
         if block_types and isinstance(m, block_types):
             fully_shard(m, **kwargs)
     fully_shard(model, **kwargs)
+    for name in forward_methods:
+        register_fsdp_forward_method(model, name)
     return model
 
 
