@@ -83,7 +83,13 @@ def main(out):
     # from its own init: DDP's broadcast makes them all rank 0's (= the reference's seed 0)
     model = wrap_model(build(seed=get_rank()), "ddp", block_types=(Block,), activation_checkpointing=True)
     res["ddp_allreduces"] = count_allreduces(model)
-    res["ddp"] = train(model, make_optimizer(model), ShardedSampler(N_SAMPLES, seed=7), data, STEPS, MICRO_BS)
+    opt = make_optimizer(model)
+    res["ddp"] = train(model, opt, ShardedSampler(N_SAMPLES, seed=7), data, STEPS, MICRO_BS)
+    ddp_sd, ddp_osd = gather_full_state_dict(model, opt)  # DDP: no "module." in the names, plain optimizer layout
+    if info.is_main:
+        plain = build()
+        res["ddp_full_ok"] = (ddp_sd.keys() == plain.state_dict().keys()
+                              and len(ddp_osd["state"]) == len(list(plain.parameters())))
     # DDP without accumulation (each micro-step syncs), training through model.loss instead of forward
     model = wrap_model(build(seed=get_rank()), "ddp", forward_methods=("loss",))
     res["ddp_noaccum_allreduces"] = count_allreduces(model)

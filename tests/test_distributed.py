@@ -56,6 +56,7 @@ def test_ddp_two_procs_match_one_proc_doubled_batch(two_procs, ref_accum):
     assert_close_list(res["ddp"], ref_accum[0], 1e-5)  # gradient accumulation with no_sync + act. ckpt
     assert_close_list(res["ddp_noaccum"], W.reference(2 * W.MICRO_BS, accum=1)[0], 1e-5)
     assert abs(res["ddp"][0] - res["ddp"][-1]) > 1e-3, "losses must move for the comparison to mean anything"
+    assert res["ddp_full_ok"]
     # no_sync: with 2 micro-steps per optimizer step, gradients cross ranks once per step, not twice
     assert res["ddp_allreduces"] == res["ddp_noaccum_allreduces"] > 0
 
@@ -160,6 +161,7 @@ def test_single_process_is_a_no_op(tmp_path):
     assert info.world_size == 1 and not info.enabled
     model = W.build()
     assert D.wrap_model(model, "fsdp", block_types=(W.Block,)) is model
+    assert D.rank0_only(lambda x: x + 1)(1) == 2
     assert float(D.all_reduce_mean(3.0)) == 3.0 and float(D.all_reduce_sum(torch.tensor([2.0]))) == 2.0
     opt = W.make_optimizer(model)
     with D.grad_sync(model, sync=False):

@@ -6,7 +6,8 @@ Every helper is a no-op when the script is started with plain `python` (no RANK 
 single-process behaviour stays exactly what it was.
 
     dist = init_distributed("auto")                        # reads RANK / WORLD_SIZE / LOCAL_RANK from torchrun
-    model = wrap_model(model.to(dist.device), "fsdp", block_types=(Block,), mixed_precision=torch.bfloat16)
+    model = wrap_model(model.to(dist.device), "fsdp", block_types=(Block,), mixed_precision=torch.bfloat16,
+                       forward_methods=("loss",))          # model.loss(...) then syncs gradients like forward
     sampler = ShardedSampler(len(dataset), seed=args.seed)  # this rank's disjoint share of each epoch
     for micro, batch in enumerate(...):
         with grad_sync(model, sync=(micro + 1) % accum == 0):   # DDP no_sync / FSDP2 set_requires_gradient_sync
@@ -17,6 +18,7 @@ References: torchtitan (parallelize_llama: fully_shard per block, then the root)
 (pytorch.org/tutorials/intermediate/FSDP_tutorial.html) and torch.distributed.checkpoint.state_dict.
 """
 import contextlib
+import functools
 import os
 import shutil
 from dataclasses import dataclass
@@ -114,6 +116,14 @@ def all_reduce_mean(x):
 def print0(*args, **kwargs):
     if is_main_process():
         print(*args, **kwargs, flush=True)
+
+
+def rank0_only(fn):
+    """fn on rank 0, None elsewhere: e.g. plot = rank0_only(plot_metrics). Not for collectives."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs) if is_main_process() else None
+    return wrapper
 
 
 def tqdm0(iterable=None, **kwargs):
