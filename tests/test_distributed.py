@@ -153,6 +153,15 @@ def test_sampler_exact_resume_mid_epoch():
         D.ShardedSampler(20, rank=0, world_size=4, seed=4).load_state_dict(state)
 
 
+def test_shard_slice_partitions_a_global_batch():
+    x = list(range(12))
+    parts = [x[D.shard_slice(12, rank=r, world_size=3)] for r in range(3)]
+    assert parts == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert x[D.shard_slice(12)] == x  # one process keeps it all
+    with pytest.raises(ValueError, match="does not split"):
+        D.shard_slice(10, rank=0, world_size=3)
+
+
 # --- one process: every helper leaves behaviour unchanged ------------------------------------------
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_single_process_is_a_no_op(tmp_path):

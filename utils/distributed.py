@@ -303,6 +303,18 @@ class ShardedSampler(torch.utils.data.Sampler):
         self.epoch, self.offset = state["epoch"], state["offset"]
 
 
+def shard_slice(n, rank=None, world_size=None):
+    """This rank's contiguous part of a global batch of n, for loops that draw random batches (nanoGPT's
+    get_batch) rather than walk epochs: every rank draws the same global batch from the same RNG and keeps
+    its slice, so N processes train on exactly what one process with the whole batch would."""
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    if n % world_size:
+        raise ValueError(f"global batch {n} does not split over {world_size} ranks")
+    per = n // world_size
+    return slice(rank * per, (rank + 1) * per)
+
+
 # --- checkpoints ---------------------------------------------------------------------------------------
 def _clean_fqn(name):
     # names as the plain model has them: without DDP's "module.", torch.compile's "_orig_mod."
