@@ -83,10 +83,14 @@ class Timer:
             torch.cuda.synchronize()
 
     def reset_memory(self):
+        """Free what the previous model left and restart the peak; returns bytes still allocated (should be ~0)."""
+        torch._dynamo.reset()  # compiled graphs hold references to their model's parameters
         gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated()
+        return 0
 
     def peak_bytes(self):
         if self.cuda:
@@ -102,19 +106,36 @@ def make_optimizer(params, lr):
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.1), False
 
 
-def measure(name, model, loss_fn, ids, args, timer):
-    """Warm up, then time args.steps optimizer steps; returns the result dict."""
+def measure(name, model, loss_fn, ids, args, timer, eager_loss_fn=None):
+    """Warm up, then time args.steps optimizer steps; returns the result dict.
+
+    eager_loss_fn: if the first (compiling) step fails, report why and go on with this uncompiled loss.
+    """
     opt, fused = make_optimizer(model.parameters(), args.lr)
     losses = []
+    compile_error = None
+
+    current = {"loss_fn": loss_fn}
 
     def step():
-        loss = loss_fn(ids)
+        loss = current["loss_fn"](ids)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
 
     t_compile = time.perf_counter()
+    if eager_loss_fn is not None:
+        try:
+            step()
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a compiler failure must not lose the run
+            compile_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            print(f"warning: torch.compile failed for {name} ({compile_error}); measuring eagerly", flush=True)
+            torch._dynamo.reset()
+            opt.zero_grad(set_to_none=True)
+            current["loss_fn"] = eager_loss_fn
     for _ in range(args.warmup):
         step()
     timer.sync()
@@ -127,7 +148,8 @@ def measure(name, model, loss_fn, ids, args, timer):
     tokens = args.batch * args.seq * args.steps
     losses = [float(x) for x in losses]
     res = dict(name=name, tokens_per_s=tokens / dt, step_ms=1000 * dt / args.steps, warmup_s=warmup_s,
-               peak_mem_gb=timer.peak_bytes() / 1e9, fused_adamw=fused, first_loss=losses[0], last_loss=losses[-1])
+               peak_mem_gb=timer.peak_bytes() / 1e9, fused_adamw=fused, first_loss=losses[0], last_loss=losses[-1],
+               compile_error=compile_error)
     print(f"{name:>14s}: {res['tokens_per_s']:>10,.0f} tokens/s  {res['step_ms']:8.1f} ms/step  "
           f"peak {res['peak_mem_gb']:6.2f} GB  loss {losses[0]:.4f} -> {losses[-1]:.4f}  "
           f"(warm-up {warmup_s:.0f} s)", flush=True)
@@ -170,7 +192,7 @@ def main(argv=None):
             raise SystemExit("error: transformers is not installed (pip install -r requirements-dev.txt), "
                              "or pass --skip-hf")
         env["transformers"] = transformers.__version__
-        timer.reset_memory()
+        left = timer.reset_memory()
         hf_cfg = transformers.LlamaConfig(**llama_config_to_hf(cfg), attn_implementation="sdpa")
         with torch.device(device):
             hf = transformers.LlamaForCausalLM(hf_cfg)
@@ -181,26 +203,36 @@ def main(argv=None):
         hf_forward = torch.compile(hf) if args.compile_hf else hf
         results["transformers"] = measure("transformers", hf,
                                           lambda x: hf_forward(input_ids=x, labels=x, use_cache=False).loss,
-                                          ids, args, timer)
+                                          ids, args, timer,
+                                          eager_loss_fn=(lambda x: hf(input_ids=x, labels=x, use_cache=False).loss)
+                                          if args.compile_hf else None)
+        results["transformers"]["allocated_before_gb"] = left / 1e9
         del hf, hf_forward
-        timer.reset_memory()
 
-    timer.reset_memory()
+    left = timer.reset_memory()
     with torch.device(device):
         ours = Llama(cfg)
     ours = ours.to(dtype)
     ours.load_state_dict(init_state)
     ours.train()
+    if args.loss == "fused":
+        loss_fn = lambda x: ours.loss(x, x, chunk_size=args.chunk)  # noqa: E731
+    else:
+        loss_fn = lambda x: ours(x, labels=x)[1]  # noqa: E731
+    eager_loss_fn = None
+    if args.compile != "none":
+        def eager_loss_fn(x):  # undo the compilation, then the same loss
+            for layer in ours.layers:
+                layer._compiled_call_impl = None
+            ours.__dict__.pop("hidden", None)
+            return loss_fn(x)
     if args.compile == "blocks":
         for layer in ours.layers:  # one graph, reused by every block (same code, parameters as inputs)
             layer.compile(mode=args.compile_mode)
     elif args.compile == "model":
         ours.hidden = torch.compile(ours.hidden, mode=args.compile_mode)
-    if args.loss == "fused":
-        loss_fn = lambda x: ours.loss(x, x, chunk_size=args.chunk)  # noqa: E731
-    else:
-        loss_fn = lambda x: ours(x, labels=x)[1]  # noqa: E731
-    results["ours"] = measure("ours", ours, loss_fn, ids, args, timer)
+    results["ours"] = measure("ours", ours, loss_fn, ids, args, timer, eager_loss_fn=eager_loss_fn)
+    results["ours"]["allocated_before_gb"] = left / 1e9
 
     summary = dict(args=vars(args), env=env, n_params=n_params, flops_per_token=flops_per_token, results=results)
     for r in results.values():
