@@ -1,0 +1,234 @@
+"""Chat template, tokenisation with label masking, and the collators of the VQA / detection scripts.
+
+Template (LLaVA-1.5's "v1" layout, with an optional system line):
+
+    <s>[system ]USER: <question with N image tokens> ASSISTANT: <answer></s>USER: ... ASSISTANT: <answer></s>
+
+Each piece is tokenised on its own and the ids are concatenated, so the prompt that generation sees
+(`encode_conversation` of a conversation that ends with a user turn) is exactly the prefix of the
+training sequence, and the label mask is exact: no character-offset guessing.
+
+Labels: -100 on <s>, the system line, the user turns and the image tokens; the assistant answers and
+their end-of-turn token (</s>) are learned. `turn_ids[t]` is the index (0, 1, ...) of the assistant turn
+token t belongs to, -1 elsewhere, so a caller can split the loss per turn (teacher/student spans).
+
+Over-long samples keep the answer side: prompt text is cut first (from the front of the earliest user
+turns, never through the image tokens), then the last answer from its end; `truncated` says it happened.
+"""
+import torch
+
+IMAGE_TAG = "<image>"
+IGNORE = -100
+ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                "system": "system"}
+
+
+class ChatTemplate:
+    def __init__(self, user="USER:", assistant="ASSISTANT:", system=None):
+        self.user, self.assistant, self.system = user, assistant, system
+
+    def to_dict(self):
+        return dict(user=self.user, assistant=self.assistant, system=self.system)
+
+
+def role_of(turn):
+    r = ROLE_ALIASES.get(str(turn.get("from", turn.get("role", ""))).lower())
+    if r is None:
+        raise ValueError(f"unknown speaker {turn.get('from', turn.get('role'))!r} (expected human/gpt/system)")
+    return r
+
+
+def _segments(conversations, tokenizer, image_token_id, num_image_tokens, template):
+    """-> list of [ids, kind, turn] with kind in {"bos", "prompt", "image", "answer"}."""
+    segs = []
+    if tokenizer.bos_id is not None:
+        segs.append([[tokenizer.bos_id], "bos", -1])
+    system = template.system
+    turns = list(conversations)
+    if turns and role_of(turns[0]) == "system":
+        system, turns = turns[0]["value"], turns[1:]
+    if system:
+        segs.append([tokenizer.encode(system), "prompt", -1])
+    eos = tokenizer.eos_id
+    n_answers = 0
+    for turn in turns:
+        role, value = role_of(turn), turn["value"]
+        if role == "user":
+            pieces = value.split(IMAGE_TAG)
+            text = template.user + " " + pieces[0].strip()
+            for piece in pieces[1:]:
+                if text.strip():
+                    segs.append([tokenizer.encode(text), "prompt", -1])
+                segs.append([[image_token_id] * num_image_tokens, "image", -1])
+                text = piece.strip()
+            text = (text + " " + template.assistant).strip()
+            segs.append([tokenizer.encode(text), "prompt", -1])
+        elif role == "assistant":
+            ids = tokenizer.encode(value.strip()) + ([eos] if eos is not None else [])
+            segs.append([ids, "answer", n_answers])
+            n_answers += 1
+        else:
+            raise ValueError("a system turn may only come first")
+    return segs
+
+
+def _truncate(segs, max_len):
+    """Cut prompt text (front of the earliest user turns), then the last answers (their ends)."""
+    excess = sum(len(s[0]) for s in segs) - max_len
+    for s in segs:
+        if excess <= 0:
+            break
+        if s[1] == "prompt":
+            cut = min(excess, len(s[0]))
+            s[0] = s[0][cut:]
+            excess -= cut
+    for s in reversed(segs):
+        if excess <= 0:
+            break
+        if s[1] == "answer":
+            cut = min(excess, len(s[0]))
+            s[0] = s[0][:len(s[0]) - cut]
+            excess -= cut
+    if excess > 0:
+        n_img = sum(len(s[0]) for s in segs if s[1] == "image")
+        raise ValueError(f"the image tokens alone ({n_img}) do not fit in the context of {max_len} tokens")
+
+
+def encode_conversation(conversations, tokenizer, image_token_id, num_image_tokens, max_len,
+                        template=None, strict=False):
+    """One conversation -> dict(input_ids, labels, turn_ids: list[int], n_images, truncated: bool).
+
+    conversations: [{"from": "human"|"gpt"|"system", "value": str}], "<image>" marks where an image goes.
+    A conversation ending with a user turn gives the generation prompt (ends with "ASSISTANT:").
+    strict: an over-long conversation raises instead of being truncated.
+    """
+    template = template or ChatTemplate()
+    segs = _segments(conversations, tokenizer, image_token_id, num_image_tokens, template)
+    n_images = sum(s[1] == "image" for s in segs)
+    total = sum(len(s[0]) for s in segs)
+    truncated = total > max_len
+    if truncated:
+        if strict:
+            raise ValueError(f"conversation of {total} tokens is longer than the context of {max_len} tokens")
+        _truncate(segs, max_len)
+    input_ids, labels, turn_ids = [], [], []
+    for ids, kind, turn in segs:
+        input_ids += ids
+        labels += ids if kind == "answer" else [IGNORE] * len(ids)
+        turn_ids += [turn] * len(ids)
+    return dict(input_ids=input_ids, labels=labels, turn_ids=turn_ids, n_images=n_images, truncated=truncated)
+
+
+def answer_spans(sample):
+    """{turn index: the label ids of that assistant turn} (what the model is taught to say)."""
+    spans = {}
+    for lab, turn in zip(sample["labels"], sample["turn_ids"]):
+        if lab != IGNORE:
+            spans.setdefault(turn, []).append(lab)
+    return spans
+
+
+# --- collators -------------------------------------------------------------------------------------
+# A sample is a dict from encode_conversation plus `pixel_values` ((n_images, 3, H, W) tensor or None)
+# and any metadata (passed through as lists). Datasets return None for a skipped (unreadable) sample.
+
+_TENSOR_KEYS = ("input_ids", "labels", "turn_ids", "pixel_values", "n_images", "truncated")
+
+
+def _meta(samples):
+    keys = [k for k in samples[0] if k not in _TENSOR_KEYS] if samples else []
+    return {k: [s.get(k) for s in samples] for k in keys}
+
+
+def _stack_pixels(samples):
+    pix = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None and len(s["pixel_values"])]
+    return torch.cat(pix) if pix else None
+
+
+class PadCollator:
+    """Right-pad to the longest sample: attention_mask 1/0, labels -100 and turn_ids -1 on padding.
+
+    pixel_values: every sample's images concatenated in sample order, matching the row-major order of
+    the image tokens in input_ids (what LlavaModel.embed expects).
+    """
+
+    def __init__(self, pad_id, pad_to_multiple_of=1):
+        self.pad_id, self.multiple = pad_id, pad_to_multiple_of
+
+    def __call__(self, samples):
+        n_skipped = sum(s is None for s in samples)
+        samples = [s for s in samples if s is not None]
+        T = max((len(s["input_ids"]) for s in samples), default=1)
+        T = -(-T // self.multiple) * self.multiple
+        B = len(samples)
+        input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        labels = torch.full((B, T), IGNORE, dtype=torch.long)
+        turn_ids = torch.full((B, T), -1, dtype=torch.long)
+        attention_mask = torch.zeros((B, T), dtype=torch.long)
+        for i, s in enumerate(samples):
+            n = len(s["input_ids"])
+            input_ids[i, :n] = torch.tensor(s["input_ids"])
+            labels[i, :n] = torch.tensor(s["labels"])
+            turn_ids[i, :n] = torch.tensor(s["turn_ids"])
+            attention_mask[i, :n] = 1
+        return dict(input_ids=input_ids, labels=labels, turn_ids=turn_ids, attention_mask=attention_mask,
+                    position_ids=None, pixel_values=_stack_pixels(samples), n_samples=B, n_skipped=n_skipped,
+                    n_truncated=sum(bool(s.get("truncated")) for s in samples),
+                    n_images=[s.get("n_images", 0) for s in samples],
+                    sample_rows=[(i, 0, len(s["input_ids"])) for i, s in enumerate(samples)], meta=_meta(samples))
+
+
+class PackCollator:
+    """Pack samples into rows of at most max_len tokens (first fit, in the given order).
+
+    attention_mask carries a segment id per sample (1, 2, ... within a row; 0 = padding) so attention stays
+    inside each sample, and position_ids restart at 0 for every sample. sample_rows[i] = (row, start, end)
+    of the i-th kept sample; pixel_values follow the row-major order of the image tokens.
+    """
+
+    def __init__(self, pad_id, max_len):
+        self.pad_id, self.max_len = pad_id, max_len
+
+    def __call__(self, samples):
+        n_skipped = sum(s is None for s in samples)
+        samples = [s for s in samples if s is not None]
+        rows, fill = [], []
+        for i, s in enumerate(samples):
+            n = len(s["input_ids"])
+            if n > self.max_len:
+                raise ValueError(f"sample of {n} tokens does not fit a packed row of {self.max_len}")
+            for r, used in enumerate(fill):
+                if used + n <= self.max_len:
+                    rows[r].append(i)
+                    fill[r] += n
+                    break
+            else:
+                rows.append([i])
+                fill.append(n)
+        R, T = len(rows), max(fill, default=1)
+        input_ids = torch.full((R, T), self.pad_id, dtype=torch.long)
+        labels = torch.full((R, T), IGNORE, dtype=torch.long)
+        turn_ids = torch.full((R, T), -1, dtype=torch.long)
+        attention_mask = torch.zeros((R, T), dtype=torch.long)
+        position_ids = torch.zeros((R, T), dtype=torch.long)
+        sample_rows = [None] * len(samples)
+        order = []
+        for r, members in enumerate(rows):
+            t = 0
+            for seg, i in enumerate(members, start=1):
+                s = samples[i]
+                n = len(s["input_ids"])
+                input_ids[r, t:t + n] = torch.tensor(s["input_ids"])
+                labels[r, t:t + n] = torch.tensor(s["labels"])
+                turn_ids[r, t:t + n] = torch.tensor(s["turn_ids"])
+                attention_mask[r, t:t + n] = seg
+                position_ids[r, t:t + n] = torch.arange(n)
+                sample_rows[i] = (r, t, t + n)
+                order.append(i)
+                t += n
+        return dict(input_ids=input_ids, labels=labels, turn_ids=turn_ids, attention_mask=attention_mask,
+                    position_ids=position_ids, pixel_values=_stack_pixels([samples[i] for i in order]),
+                    n_samples=len(samples), n_skipped=n_skipped,
+                    n_truncated=sum(bool(s.get("truncated")) for s in samples),
+                    n_images=[s.get("n_images", 0) for s in samples],
+                    sample_rows=sample_rows, meta=_meta(samples))

@@ -1,0 +1,243 @@
+"""VQA data: LLaVA conversation JSON + image folder, and the embedded easy-VQA set converted to it.
+
+(a) LLaVA format: a JSON list of
+        {"id": ..., "image": "rel/path.png" | ["a.png", "b.png"],
+         "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}
+    image paths are relative to an image folder. `load_conversations` validates every entry up front and
+    ends bad input in one line naming the entry and field.
+(b) easy-VQA (github.com/vzhou842/easy-VQA): 64x64 images of one coloured shape, 13 answers; shipped in
+    the `easy-vqa` wheel on PyPI. `prepare_easy_vqa` fetches the wheel with `pip download`, checks its
+    sha256, reads images and questions straight out of the zip and writes data/easy_vqa/{train,val,test}.json
+    plus the images, and train_dialogs.json (one multi-turn conversation per training image).
+    val = the questions of the last `val_images` training images (no image shared with train).
+
+`VQADataset` opens images lazily in __getitem__. An image that is missing or unreadable makes the sample
+None (the collators drop and count it; the training script reports the count each epoch); with
+strict=True it raises with the path. A sample is never given a blank image instead.
+"""
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+from PIL import Image, UnidentifiedImageError
+
+from utils.chat import IMAGE_TAG, ROLE_ALIASES
+
+EASY_VQA_WHEEL = "easy_vqa-1.0-py3-none-any.whl"
+EASY_VQA_SHA256 = "fcb51b309b78c7b00f97b64cdbcbcf5c105f94da1b39c0796cee5a787c4f650f"
+EASY_VQA_COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
+QUESTION_TYPES = ("yes/no", "color", "shape", "other")
+
+
+class DataError(ValueError):
+    """Bad user data; the message is the one line to print."""
+
+
+def question_type(answer):
+    """yes/no, color, shape (easy-VQA's answer classes), other."""
+    a = answer.strip().lower()
+    if a in ("yes", "no"):
+        return "yes/no"
+    if a in EASY_VQA_COLORS:
+        return "color"
+    if a in EASY_VQA_SHAPES:
+        return "shape"
+    return "other"
+
+
+# --- (a) LLaVA conversation JSON -----------------------------------------------------------------
+
+def load_conversations(json_path, image_folder=None):
+    """Read and validate a LLaVA conversation JSON -> list of entries with `images` (a list) added."""
+    if not os.path.isfile(json_path):
+        raise DataError(f"data file not found: {json_path}")
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{json_path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{json_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{json_path}: expected a JSON list of samples, got {type(data).__name__}")
+    if not data:
+        raise DataError(f"{json_path}: the data set is empty (no samples)")
+    entries = [validate_entry(e, i, json_path) for i, e in enumerate(data)]
+    if image_folder is not None and any(e["images"] for e in entries) and not os.path.isdir(image_folder):
+        raise DataError(f"image folder not found: {image_folder} (needed by {json_path})")
+    return entries
+
+
+def validate_entry(e, i, where="data"):
+    def bad(field, why):
+        name = f"entry {i}" + (f" (id {e.get('id')!r})" if isinstance(e, dict) and "id" in e else "")
+        raise DataError(f"{where}: {name}: field '{field}' {why}")
+
+    if not isinstance(e, dict):
+        raise DataError(f"{where}: entry {i}: expected an object, got {type(e).__name__}")
+    image = e.get("image")
+    if image is None:
+        images = []
+    elif isinstance(image, str):
+        images = [image]
+    elif isinstance(image, list) and all(isinstance(x, str) for x in image):
+        images = list(image)
+    else:
+        bad("image", f"must be a path or a list of paths, got {image!r:.80}")
+    conv = e.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        bad("conversations", "is missing or not a non-empty list")
+    for j, turn in enumerate(conv):
+        if not isinstance(turn, dict):
+            bad(f"conversations[{j}]", f"must be an object, got {type(turn).__name__}")
+        who = turn.get("from", turn.get("role"))
+        if str(who).lower() not in ROLE_ALIASES:
+            bad(f"conversations[{j}].from", f"must be human/gpt/system, got {who!r}")
+        if not isinstance(turn.get("value"), str):
+            bad(f"conversations[{j}].value", f"must be a string, got {type(turn.get('value')).__name__}")
+    if not any(ROLE_ALIASES[str(t.get("from", t.get("role"))).lower()] == "assistant" for t in conv):
+        bad("conversations", "has no gpt (assistant) turn to learn")
+    n_tags = sum(t["value"].count(IMAGE_TAG) for t in conv)
+    if n_tags != len(images):
+        bad("conversations", f"holds {n_tags} {IMAGE_TAG} tag(s) but 'image' names {len(images)} image(s)")
+    return {**e, "images": images}
+
+
+def open_image(path):
+    """Open and fully decode an image (errors surface here, not later in a worker)."""
+    with Image.open(path) as img:
+        img.load()
+        return img.copy()
+
+
+class VQADataset:
+    """entries (from load_conversations) -> samples made by `encode(entry) -> dict`, plus pixel_values.
+
+    __getitem__ returns encode(entry) with `pixel_values` (n_images, 3, H, W) (None without images),
+    `id` and `index` added; or None when an image cannot be read (strict=False).
+    """
+
+    def __init__(self, entries, image_folder, processor, encode, strict=False):
+        self.entries, self.folder, self.processor, self.encode = entries, image_folder, processor, encode
+        self.strict = strict
+        self.skipped = []  # paths skipped in this process (workers keep their own; the collators count too)
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, i):
+        import torch
+        e = self.entries[i]
+        pixels = []
+        for name in e["images"]:
+            path = os.path.join(self.folder, name)
+            try:
+                pixels.append(self.processor(open_image(path)))
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+                if self.strict:
+                    raise DataError(f"cannot read image {path} ({type(err).__name__}: {err})") from None
+                self.skipped.append(path)
+                return None
+        sample = self.encode(e)
+        sample["pixel_values"] = torch.stack(pixels) if pixels else None
+        sample["id"] = e.get("id", i)
+        sample["index"] = i
+        return sample
+
+
+# --- (b) easy-VQA ----------------------------------------------------------------------------------
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_easy_vqa_wheel(data_dir):
+    """data/easy_vqa-1.0-py3-none-any.whl, downloaded with pip if absent; sha256-checked."""
+    path = os.path.join(data_dir, EASY_VQA_WHEEL)
+    if not os.path.isfile(path):
+        os.makedirs(data_dir, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "easy-vqa==1.0", "-d", data_dir]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0 or not os.path.isfile(path):
+            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or [""]
+            raise DataError(f"could not download easy-vqa ({' '.join(cmd)}): {tail[0]}; "
+                            f"put {EASY_VQA_WHEEL} into {data_dir}/ by hand")
+    digest = sha256_of(path)
+    if digest != EASY_VQA_SHA256:
+        raise DataError(f"{path}: sha256 {digest} does not match the expected {EASY_VQA_SHA256}; delete it and retry")
+    return path
+
+
+def easy_vqa_entries(questions, split, image_prefix):
+    """easy-VQA's [question, answer, image_id] triples -> LLaVA conversation entries."""
+    return [{"id": f"{split}-{k}", "image": f"{image_prefix}/{img_id}.png", "question_type": question_type(a),
+             "conversations": [{"from": "human", "value": f"{IMAGE_TAG}\n{q}"}, {"from": "gpt", "value": a}]}
+            for k, (q, a, img_id) in enumerate(questions)]
+
+
+def easy_vqa_dialogs(questions, split, image_prefix, seed=0):
+    """One multi-turn conversation per image holding all of its questions (in a seeded random order).
+
+    LLaVA trains on such multi-turn conversations of one image; here it also means the image and the
+    prompt are encoded once for ~10 questions instead of ten times, which is what makes CPU training quick.
+    """
+    import random
+    by_image = {}
+    for q, a, img_id in questions:
+        by_image.setdefault(img_id, []).append((q, a))
+    rng = random.Random(seed)
+    out = []
+    for img_id in sorted(by_image):
+        qa = by_image[img_id]
+        rng.shuffle(qa)
+        conv = []
+        for k, (q, a) in enumerate(qa):
+            conv += [{"from": "human", "value": (f"{IMAGE_TAG}\n" if k == 0 else "") + q}, {"from": "gpt", "value": a}]
+        out.append({"id": f"{split}-image-{img_id}", "image": f"{image_prefix}/{img_id}.png", "conversations": conv})
+    return out
+
+
+def prepare_easy_vqa(data_dir="data", val_images=400, quiet=False):
+    """Write data_dir/easy_vqa/{train,train_dialogs,val,test}.json and the images (once). Returns that folder."""
+    out = os.path.join(data_dir, "easy_vqa")
+    done = os.path.join(out, ".complete-v2")
+    if os.path.isfile(done):
+        return out
+    wheel = fetch_easy_vqa_wheel(data_dir)
+    if not quiet:
+        print(f"preparing easy-VQA from {wheel} -> {out}")
+    root = "easy_vqa/data"
+    with zipfile.ZipFile(wheel) as z:
+        splits = {}
+        for split in ("train", "test"):
+            questions = json.loads(z.read(f"{root}/{split}/questions.json"))
+            img_dir = os.path.join(out, split, "images")
+            os.makedirs(img_dir, exist_ok=True)
+            prefix = f"{root}/{split}/images/"
+            for name in z.namelist():
+                if name.startswith(prefix) and name.endswith(".png"):
+                    with open(os.path.join(img_dir, name[len(prefix):]), "wb") as f:
+                        f.write(z.read(name))
+            splits[split] = questions
+    n_train_images = 1 + max(img for _, _, img in splits["train"])
+    first_val = n_train_images - val_images
+    train_q = [q for q in splits["train"] if q[2] < first_val]
+    val_q = [q for q in splits["train"] if q[2] >= first_val]
+    for name, qs, split in (("train", train_q, "train"), ("val", val_q, "train"), ("test", splits["test"], "test")):
+        with open(os.path.join(out, f"{name}.json"), "w") as f:
+            json.dump(easy_vqa_entries(qs, name, f"{split}/images"), f)
+    with open(os.path.join(out, "train_dialogs.json"), "w") as f:
+        json.dump(easy_vqa_dialogs(train_q, "train", "train/images"), f)
+    open(done, "w").close()
+    if not quiet:
+        print(f"easy-VQA: {len(train_q)} train / {len(val_q)} val / {len(splits['test'])} test questions")
+    return out
