@@ -345,7 +345,8 @@ def load_into(model, folder, family=None):
 def load_pretrained(folder, dtype=torch.float32, device="cpu", family=None):
     """Build our model from an HF folder and load its weights. Returns the model (in eval mode).
 
-    dtype: cast every weight to this (default float32; pass torch.bfloat16 to keep a bf16 checkpoint small).
+    dtype: cast every floating weight to this (default float32; torch.bfloat16 halves the memory; None keeps
+    the file's dtypes).
     """
     config = read_config(folder)
     family = family or detect_family(config)
@@ -354,7 +355,7 @@ def load_pretrained(folder, dtype=torch.float32, device="cpu", family=None):
     with torch.device("meta"):
         model = cls(cfg)
     state = hf_to_ours(model, family, read_state_dict(folder), source=folder)
-    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    state = {k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     lm = model.language_model if family == "llava" else model if family == "llama" else None
     if lm is not None and lm.config.tie_embeddings:

@@ -63,7 +63,7 @@ IDS = torch.randint(0, 250, (2, 9), generator=torch.Generator().manual_seed(0))
 
 # --- Llama ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variant", ["new", "old_rope", "sharded", "bin", "tied"])
+@pytest.mark.parametrize("variant", ["new", "old_rope", "sharded", "bin", "sharded_bin", "tied"])
 def test_llama_folder_loads(tmp_path, variant):
     torch.manual_seed(0)
     hf = randomise_(transformers.LlamaForCausalLM(tiny_llama_cfg(tie_word_embeddings=variant == "tied")))
@@ -74,6 +74,17 @@ def test_llama_folder_loads(tmp_path, variant):
         hf.save_pretrained(tmp_path)
         torch.save(load_file(tmp_path / "model.safetensors"), tmp_path / "pytorch_model.bin")
         os.remove(tmp_path / "model.safetensors")
+    elif variant == "sharded_bin":  # transformers-4 style pytorch_model-0000x-of-00002.bin + index
+        hf.save_pretrained(tmp_path)
+        sd = load_file(tmp_path / "model.safetensors")
+        os.remove(tmp_path / "model.safetensors")
+        keys = sorted(sd)
+        weight_map = {}
+        for i, part in enumerate((keys[:len(keys) // 2], keys[len(keys) // 2:])):
+            name = f"pytorch_model-0000{i + 1}-of-00002.bin"
+            torch.save({k: sd[k] for k in part}, tmp_path / name)
+            weight_map.update({k: name for k in part})
+        (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     else:
         hf.save_pretrained(tmp_path)
     if variant == "old_rope":
