@@ -1,0 +1,202 @@
+"""Time and peak memory of long sequences: Coeus parallel forward, Coeus chunked prefill, Coeus recurrent
+steps, and the Llama baseline (SDPA, same size), over a list of lengths.
+
+    python stress_test_massive.py                                   # CPU: 1k .. 30k, fresh process per point
+    python stress_test_massive.py --max --out $OUT/stress          # GPU: adds 100k, 300k, 1M
+    python stress_test_massive.py --lengths 1000,4000 --modes parallel,llama
+
+Peak memory: torch.cuda.max_memory_allocated on a GPU (weights included); on the CPU the peak RSS of a fresh
+subprocess per measurement (ru_maxrss never decreases, so one process cannot measure several points), with
+the RSS before the measured call beside it. An out-of-memory at one length is recorded as OOM and the sweep
+goes on. Writes stress.csv, stress.json and stress.png (log-log) into --out.
+Modes: parallel (model(ids), the training form, no grad), prefill (model.prefill(ids, last_only=True):
+prefill_chunk tokens at a time, state carried), step (recurrent decode; --step-tokens tokens measured,
+reported per token), llama (the matched Llama forward, SDPA causal).
+"""
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from models.coeus import COEUS_CONFIGS, Coeus, coeus_config
+from models.llama import Llama, LlamaConfig
+from utils.runtime import peak_rss_bytes, pick_device
+
+DEFAULT_LENGTHS = "1000,5000,10000,20000,30000"
+MAX_LENGTHS = "100000,300000,1000000"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default=DEFAULT_LENGTHS, help="comma-separated sequence lengths")
+    p.add_argument("--max", action="store_true", help=f"also run {MAX_LENGTHS} (meant for a GPU)")
+    p.add_argument("--modes", default="parallel,prefill,step,llama", help="which measurements")
+    p.add_argument("--config", default="nano", choices=sorted(COEUS_CONFIGS))
+    p.add_argument("--vocab-size", type=int, default=65, help="65 = tinyshakespeare characters")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--step-tokens", type=int, default=256, help="tokens timed in step mode")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median), after one warm-up")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights/activations dtype; auto = bf16 on GPU, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the step (step mode)")
+    p.add_argument("--out", default="out/stress", help="folder for stress.csv / .json / .png")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "mode:T", internal
+    return p.parse_args(argv)
+
+
+def build(mode, args, device, dtype):
+    cfg = coeus_config(args.config, vocab_size=args.vocab_size)
+    if mode == "llama":
+        lcfg = LlamaConfig(vocab_size=args.vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                           n_kv_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim, max_seq_len=2048, tie_embeddings=True)
+        return Llama(lcfg).to(device, dtype).eval()
+    return Coeus(cfg).to(device, dtype).eval()
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def measure(mode, T, args, device, dtype):
+    """One point: median seconds of `repeats` calls after a warm-up, and peak memory."""
+    torch.manual_seed(0)
+    model = build(mode, args, device, dtype)
+    ids = torch.randint(0, args.vocab_size, (args.batch_size, T), device=device)
+    if mode == "parallel" or mode == "llama":
+        fn = lambda: model(ids)  # noqa: E731
+    elif mode == "prefill":
+        fn = lambda: model.prefill(ids, last_only=True)  # noqa: E731
+    elif mode == "step":
+        n = min(T, args.step_tokens)
+
+        def fn():
+            state = model.init_state(args.batch_size)
+            for t in range(n):
+                _, state = model.step(ids[:, t], state, compile=args.compile)
+    else:
+        raise SystemExit(f"error: unknown mode {mode!r}")
+    base_rss = _current_rss()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    fn()  # warm-up (and compile)
+    sync(device)
+    times = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    sec = statistics.median(times)
+    row = {"mode": mode, "T": T, "seconds": sec}
+    if mode == "step":
+        row.update(step_tokens=min(T, args.step_tokens), ms_per_token=1e3 * sec / min(T, args.step_tokens))
+    if device.startswith("cuda"):
+        row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        row["peak_mib"] = peak_rss_bytes() / 2**20
+        row["rss_before_mib"] = base_rss / 2**20
+    return row
+
+
+def _current_rss():
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def run_point(mode, T, args, device, dtype):
+    if device.startswith("cuda"):
+        try:
+            return measure(mode, T, args, device, dtype)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return {"mode": mode, "T": T, "seconds": "OOM", "peak_mib": "OOM"}
+    # CPU: a fresh interpreter per point, so ru_maxrss is this point's peak
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{mode}:{T}", "--config", args.config,
+           "--vocab-size", str(args.vocab_size), "--batch-size", str(args.batch_size), "--repeats", str(args.repeats),
+           "--step-tokens", str(args.step_tokens), "--device", device, "--dtype", args.dtype]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    if r.returncode != 0:
+        err = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
+        oom = r.returncode in (-9, 137) or "MemoryError" in err or "out of memory" in err.lower()
+        return {"mode": mode, "T": T, "seconds": "OOM" if oom else "error", "peak_mib": "OOM" if oom else "error",
+                "note": err[:200]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for mode in sorted({r["mode"] for r in rows}):
+        pts = [r for r in rows if r["mode"] == mode and isinstance(r["seconds"], float)]
+        if not pts:
+            continue
+        axes[0].plot([r["T"] for r in pts], [r["seconds"] for r in pts], marker="o", label=mode)
+        axes[1].plot([r["T"] for r in pts], [r["peak_mib"] for r in pts], marker="o", label=mode)
+        for r in rows:
+            if r["mode"] == mode and r["seconds"] == "OOM":
+                axes[0].axvline(r["T"], ls=":", color="gray")
+    axes[0].set_ylabel("seconds per call (step: per --step-tokens tokens)")
+    axes[1].set_ylabel("peak memory (MiB)")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = getattr(torch, dtype_name)
+    if args.worker:
+        mode, T = args.worker.split(":")
+        print(json.dumps(measure(mode, int(T), args, device, dtype)))
+        return
+    lengths = [int(x) for x in args.lengths.split(",")] + ([int(x) for x in MAX_LENGTHS.split(",")] if args.max else [])
+    modes = args.modes.split(",")
+    os.makedirs(args.out, exist_ok=True)
+    print(f"device {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}), {dtype_name}, "
+          f"config {args.config}, batch {args.batch_size}")
+    rows = []
+    print(f"{'mode':>9} {'T':>9} {'seconds':>10} {'peak MiB':>10}  note")
+    for T in lengths:
+        for mode in modes:
+            row = run_point(mode, T, args, device, dtype)
+            rows.append(row)
+            sec = f"{row['seconds']:.4f}" if isinstance(row["seconds"], float) else row["seconds"]
+            mem = f"{row['peak_mib']:.0f}" if isinstance(row["peak_mib"], float) else row["peak_mib"]
+            note = f"{row['ms_per_token']:.2f} ms/token over {row['step_tokens']}" if "ms_per_token" in row else ""
+            note += row.get("note", "")
+            print(f"{mode:>9} {T:>9} {sec:>10} {mem:>10}  {note}", flush=True)
+    keys = ["mode", "T", "seconds", "peak_mib", "rss_before_mib", "step_tokens", "ms_per_token", "note"]
+    with open(os.path.join(args.out, "stress.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    with open(os.path.join(args.out, "stress.json"), "w") as f:
+        json.dump({"device": device, "dtype": dtype_name, "config": args.config, "rows": rows}, f, indent=1)
+    plot(rows, os.path.join(args.out, "stress.png"))
+    print(f"wrote {args.out}/stress.csv, stress.json, stress.png")
+
+
+if __name__ == "__main__":
+    main()
