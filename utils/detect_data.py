@@ -58,8 +58,8 @@ class DetectionSamples:
     """Map-style data set of encoded samples (what utils/chat collators take)."""
 
     def __init__(self, items, tokenizer, image_processor, image_token_id, num_image_tokens, max_len,
-                 max_caption_len, eos_id):
-        self.items, self.tok, self.proc = items, tokenizer, image_processor
+                 max_caption_len, eos_id, template=None):
+        self.items, self.tok, self.proc, self.template = items, tokenizer, image_processor, template
         self.image_token_id, self.num_image_tokens, self.max_len = image_token_id, num_image_tokens, max_len
         self.max_caption_len, self.eos_id = max_caption_len, eos_id
 
@@ -69,7 +69,7 @@ class DetectionSamples:
     def __getitem__(self, i):
         item = self.items[i]
         s = encode_conversation(to_conversation(item), self.tok, self.image_token_id, self.num_image_tokens,
-                                self.max_len)
+                                self.max_len, template=self.template)
         s["pixel_values"] = torch.stack([self.proc(img) for img in item["images"]])
         boxes, frame = normalise_boxes(item["boxes"], item["width"], item["height"])
         s["det_boxes"] = boxes
