@@ -384,7 +384,8 @@ def save_grid(records, path, processor):
     for ax, r in zip(axes.flat, records):
         if r["image"] is not None:
             ax.imshow(denormalize(r["image"], processor.mean, processor.std))
-        ax.set_title(f"Q: {r['question'][:40]}\nA: {r['answer']}  P: {r['pred']}", fontsize=8,
+        pred = "".join(c if c.isprintable() else "?" for c in r["pred"])[:30]  # an untrained model says anything
+        ax.set_title(f"Q: {r['question'][:40]}\nA: {r['answer']}  P: {pred}", fontsize=8,
                      color="green" if r["ok"] else "red")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -612,10 +613,15 @@ def main(argv=None):
     final_eval(step)
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """main() with user errors turned into one line: `error: ...`."""
     try:
-        main()
+        main(argv)
     except (DataError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
-    except ValueError as e:  # checkpoint of another model/config, HF folder problems
+    except ValueError as e:  # checkpoint of another model/config, HF folder problems, over-long text (--strict)
         raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    cli()
