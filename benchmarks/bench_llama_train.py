@@ -2,8 +2,10 @@
 
     # the benchmark (one H100/H200): tinyllama-1.1b, batch 8 x 2048 tokens, bf16, fused AdamW
     python benchmarks/bench_llama_train.py --out bench_llama_train.json
-    # without torch.compile (what plain PyTorch gives), and the full-logits loss, for the ablation
-    python benchmarks/bench_llama_train.py --compile none --loss full --out bench_eager.json
+    # the headline plus ablations in one run: whole-trunk compile, and no compile at all
+    python benchmarks/bench_llama_train.py --compile blocks,model,none --out bench_llama_train.json
+    # ours with the full-logits loss (as transformers computes it)
+    python benchmarks/bench_llama_train.py --loss full --out bench_full_loss.json
     # CPU smoke test of the whole path on a tiny config (seconds)
     python benchmarks/bench_llama_train.py --smoke --out /tmp/bench_smoke.json
 
@@ -47,8 +49,9 @@ def parse_args(argv=None):
     ap.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps per model")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator warm-up)")
-    ap.add_argument("--compile", choices=["none", "blocks", "model"], default="blocks",
-                    help="torch.compile for OUR model: each decoder block, the whole trunk, or nothing")
+    ap.add_argument("--compile", default="blocks",
+                    help="torch.compile for OUR model: blocks (each decoder block), model (the whole trunk) or none; "
+                         "a comma list (e.g. blocks,model,none) measures each in turn, the first is the headline")
     ap.add_argument("--compile-mode", default="default",
                     help="torch.compile mode, e.g. default, max-autotune-no-cudagraphs")
     ap.add_argument("--loss", choices=["fused", "full"], default="fused",
@@ -66,12 +69,16 @@ def parse_args(argv=None):
                          "no compile unless --compile is given explicitly")
     ap.add_argument("--out", default="bench_llama_train.json", help="JSON file for the results")
     args = ap.parse_args(argv)
+    args.compile = args.compile.split(",")
+    bad = [m for m in args.compile if m not in ("none", "blocks", "model")]
+    if bad:
+        ap.error(f"--compile: unknown mode(s) {bad}; choose from none, blocks, model")
     if args.smoke:
         args.config, args.batch, args.seq, args.steps, args.warmup = "tiny", 2, 64, 3, 1
         if args.device == "auto":
             args.device = "cpu"
         if not any(a == "--compile" or a.startswith("--compile=") for a in (argv or sys.argv[1:])):
-            args.compile = "none"
+            args.compile = ["none"]
     return args
 
 
@@ -152,10 +159,39 @@ def measure(name, model, loss_fn, ids, args, timer, eager_loss_fn=None):
     res = dict(name=name, tokens_per_s=tokens / dt, step_ms=1000 * dt / args.steps, warmup_s=warmup_s,
                peak_mem_gb=timer.peak_bytes() / 1e9, fused_adamw=fused, first_loss=losses[0], last_loss=losses[-1],
                compile_error=compile_error)
-    print(f"{name:>14s}: {res['tokens_per_s']:>10,.0f} tokens/s  {res['step_ms']:8.1f} ms/step  "
+    print(f"{name:>20s}: {res['tokens_per_s']:>10,.0f} tokens/s  {res['step_ms']:8.1f} ms/step  "
           f"peak {res['peak_mem_gb']:6.2f} GB  loss {losses[0]:.4f} -> {losses[-1]:.4f}  "
           f"(warm-up {warmup_s:.0f} s)", flush=True)
     del opt
+    return res
+
+
+def run_ours(cfg, init_state, compile_mode, ids, args, timer, name):
+    with torch.device(ids.device):
+        ours = Llama(cfg)
+    ours = ours.to(torch.bfloat16)
+    ours.load_state_dict(init_state)
+    ours.train()
+    if args.loss == "fused":
+        loss_fn = lambda x: ours.loss(x, x, chunk_size=args.chunk)  # noqa: E731
+    else:
+        loss_fn = lambda x: ours(x, labels=x)[1]  # noqa: E731
+    eager_loss_fn = None
+    if compile_mode != "none":
+        def eager_loss_fn(x):  # undo the compilation, then the same loss
+            for layer in ours.layers:
+                layer._compiled_call_impl = None
+            ours.__dict__.pop("hidden", None)
+            return loss_fn(x)
+    # headroom, should dynamo treat each block instance as its own graph (22 > the default limit of 8)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if compile_mode == "blocks":
+        for layer in ours.layers:  # one graph, reused by every block (same code, parameters as inputs)
+            layer.compile(mode=args.compile_mode)
+    elif compile_mode == "model":
+        ours.hidden = torch.compile(ours.hidden, mode=args.compile_mode)
+    res = measure(name, ours, loss_fn, ids, args, timer, eager_loss_fn=eager_loss_fn)
+    res["compile"] = compile_mode
     return res
 
 
@@ -211,32 +247,11 @@ def main(argv=None):
         results["transformers"]["allocated_before_gb"] = left / 1e9
         del hf, hf_forward
 
-    left = timer.reset_memory()
-    with torch.device(device):
-        ours = Llama(cfg)
-    ours = ours.to(dtype)
-    ours.load_state_dict(init_state)
-    ours.train()
-    if args.loss == "fused":
-        loss_fn = lambda x: ours.loss(x, x, chunk_size=args.chunk)  # noqa: E731
-    else:
-        loss_fn = lambda x: ours(x, labels=x)[1]  # noqa: E731
-    eager_loss_fn = None
-    if args.compile != "none":
-        def eager_loss_fn(x):  # undo the compilation, then the same loss
-            for layer in ours.layers:
-                layer._compiled_call_impl = None
-            ours.__dict__.pop("hidden", None)
-            return loss_fn(x)
-    # headroom, should dynamo treat each block instance as its own graph (22 > the default limit of 8)
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    if args.compile == "blocks":
-        for layer in ours.layers:  # one graph, reused by every block (same code, parameters as inputs)
-            layer.compile(mode=args.compile_mode)
-    elif args.compile == "model":
-        ours.hidden = torch.compile(ours.hidden, mode=args.compile_mode)
-    results["ours"] = measure("ours", ours, loss_fn, ids, args, timer, eager_loss_fn=eager_loss_fn)
-    results["ours"]["allocated_before_gb"] = left / 1e9
+    for i, mode in enumerate(args.compile):
+        name = "ours" if i == 0 else f"ours[compile={mode}]"  # the first mode is the headline figure
+        left = timer.reset_memory()
+        results[name] = run_ours(cfg, init_state, mode, ids, args, timer, name)
+        results[name]["allocated_before_gb"] = left / 1e9
 
     summary = dict(args=vars(args), env=env, n_params=n_params, flops_per_token=flops_per_token, results=results)
     for r in results.values():
