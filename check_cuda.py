@@ -87,7 +87,8 @@ def gather(check_compile=True):
             import torch.distributed as dist
             info["nccl"] = dist.is_available() and dist.is_nccl_available()
             if info["nccl"]:
-                info["nccl_version"] = ".".join(map(str, torch.cuda.nccl.version()))
+                v = torch.cuda.nccl.version()  # a tuple in recent torch, an int in old ones
+                info["nccl_version"] = ".".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
         except Exception as e:  # noqa: BLE001
             info["nccl"] = False
             info["nccl_error"] = first_line(e)
