@@ -434,8 +434,8 @@ class Session:
             torch.cuda.synchronize()
         t1 = time.perf_counter()
         if on_text is not None:
-            on_text(rows[0].text(final=True))
-        return dict(texts=[r.text(final=True) for r in rows], token_ids=[r.ids for r in rows],
+            on_text(rows[0].text())
+        return dict(texts=[r.text() for r in rows], token_ids=[r.ids for r in rows],
                     new_tokens=sum(len(r.ids) for r in rows), steps=max(r.steps for r in rows),
                     prefill_and_first_chunk_s=t_first - t0, total_s=t1 - t0)
 
@@ -476,7 +476,7 @@ class Row:
         text = self._text[:len(self._text) - hold] if hold else self._text
         return text.rstrip("\ufffd")
 
-    def text(self, final=False):
+    def text(self):
         return self._text
 
 
