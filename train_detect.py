@@ -101,11 +101,11 @@ def get_args(argv=None):
     o.add_argument("--stop-after", type=int, default=0,
                    help="leave after this many steps of this invocation, writing last.pt (the schedule still follows "
                         "--epochs/--max-steps; for preemptible jobs and the resume test)")
-    o.add_argument("--batch-size", type=int, default=32)
+    o.add_argument("--batch-size", type=int, default=32, help="samples (conversations) per optimizer step")
     for g, lr in (("vision", 5e-4), ("projector", 5e-4), ("llm", 5e-4), ("detection", 5e-4), ("adapter", 1e-3)):
         o.add_argument(f"--lr-{g}", type=float, default=lr, help=f"learning rate of the {g} group (0 freezes it)")
-    o.add_argument("--weight-decay", type=float, default=1e-4)
-    o.add_argument("--warmup-steps", type=int, default=100)
+    o.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay of matrices (not norms, biases, embeddings)")
+    o.add_argument("--warmup-steps", type=int, default=100, help="linear lr warm-up, then cosine decay")
     o.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay floor as a fraction of each lr")
     o.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0: off)")
     o.add_argument("--detection-freeze-epochs", type=int, default=0,
@@ -118,16 +118,16 @@ def get_args(argv=None):
     r = p.add_argument_group("run")
     r.add_argument("--out", default="checkpoints/detect", help="output folder")
     r.add_argument("--resume", help="resume exactly from a checkpoint of this script")
-    r.add_argument("--device", default="auto")
+    r.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast dtype (auto: bf16 on a GPU that has it, fp32 on CPU)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--log-every", type=int, default=10)
+    r.add_argument("--seed", type=int, default=0, help="seeds the model init, the data order and the shapes data")
+    r.add_argument("--log-every", type=int, default=10, help="write a metrics row every N steps")
     r.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end of each epoch)")
     r.add_argument("--save-every", type=int, default=200, help="write last.pt every N steps (and at the end)")
     r.add_argument("--eval-topk", type=int, default=10, help="detections per image passed to COCO eval")
     r.add_argument("--num-sample-images", type=int, default=8, help="validation images drawn into predictions.png")
-    r.add_argument("--num-workers", type=int, default=0)
+    r.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (drawing + preprocessing images)")
     r.add_argument("--smoke", action="store_true", help="a tiny run to check the set-up (few samples, few steps)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -248,9 +248,9 @@ def compute_losses(model, criterion, batch, autocast, lm_weight, det_on=True):
 def predict(model, batch, autocast, topk):
     """-> per sample: dict(scores (k,), boxes (k, 4) normalised cxcywh, captions [str]) of the top-k queries."""
     with autocast:
-        _, _, head_out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                               batch["position_ids"], batch["det_image_index"], batch["memory_index"],
-                               batch["memory_mask"])
+        logits, _, head_out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                                    batch["position_ids"], batch["det_image_index"], batch["memory_index"],
+                                    batch["memory_mask"])
     out = head_out[-1]
     scores = out["logits"].float().sigmoid()
     k = min(topk, scores.shape[1])
@@ -264,7 +264,7 @@ def predict(model, batch, autocast, topk):
         preds.append({"scores": torch.gather(scores[i], 0, top[i]).cpu(),
                       "boxes": torch.gather(out["boxes"][i].float(), 0, top[i][:, None].expand(-1, 4)).cpu(),
                       "tokens": tokens[i]})
-    return preds
+    return preds, logits
 
 
 def decode_caption(tokenizer, ids, eos_id):
@@ -286,10 +286,18 @@ def evaluate(model, loader, tokenizer, categories, autocast, device, topk, eos_i
     cat_id = {c: i + 1 for i, c in enumerate(categories)}
     images, gts, dets, drawn = [], [], [], []
     n_matched = n_correct = n_gt = 0
+    lm_sum, lm_count = {"lm": 0.0, "teacher_lm": 0.0, "student_lm": 0.0}, {"lm": 0, "teacher_lm": 0, "student_lm": 0}
     for batch in loader:
         frames, gt_caps = batch["meta"]["det_frame"], batch["meta"]["det_caption_text"]
         image_ids = batch["meta"]["image_id"]
-        preds = predict(model, to_device(batch, device), autocast, topk)
+        dev_batch = to_device(batch, device)
+        preds, logits = predict(model, dev_batch, autocast, topk)
+        lm, lm_parts = lm_losses(logits, dev_batch["labels"], dev_batch["student_mask"])
+        nt, ns = lm_parts["n_teacher_tokens"], lm_parts["n_student_tokens"]
+        for key, value, n in (("lm", lm, nt + ns), ("teacher_lm", lm_parts["teacher_lm"], nt),
+                              ("student_lm", lm_parts["student_lm"], ns)):
+            lm_sum[key] += float(value) * n  # token-weighted over the whole validation set
+            lm_count[key] += n
         for i, pr in enumerate(preds):
             img_id = len(images) + 1
             side, ox, oy = frames[i]
@@ -344,7 +352,7 @@ def evaluate(model, loader, tokenizer, categories, autocast, device, topk, eos_i
     ma, ma50 = coco_map(False)
     return {"map": m, "map50": m50, "map_agnostic": ma, "map50_agnostic": ma50,
             "caption_acc": n_correct / max(1, n_matched), "matched_recall": n_matched / max(1, n_gt),
-            "n_val_images": len(images)}, drawn
+            **{k: lm_sum[k] / max(1, lm_count[k]) for k in lm_sum}, "n_val_images": len(images)}, drawn
 
 
 def draw_predictions(drawn, png_path, scale=4):
@@ -628,7 +636,7 @@ def main(argv=None):
     checkpoint(os.path.join(args.out, "last.pt"))
     plot_metrics(metrics.path, os.path.join(args.out, "metrics.png"),
                  groups=[["loss", "lm", "det"], ["teacher_lm", "student_lm"], list(LOSS_KEYS),
-                         [f"gnorm_{g}" for g in GROUP_PATTERNS], ["val_map", "val_map50", "val_caption_acc"]])
+                         [f"gnorm_{g}" for g in GROUP_PATTERNS], ["val_map", "val_map50", "val_caption_acc"], ["val_lm", "val_teacher_lm", "val_student_lm"]])
     print(f"done: {step} steps in {train_seconds:.0f}s; mAP {res['map']:.3f}, mAP@.5 {res['map50']:.3f}, "
           f"caption accuracy {res['caption_acc']:.3f} -> {args.out}")
     return res

@@ -136,8 +136,41 @@ def test_coco_bad_input_counted_or_strict(tmp_path):
                                   "--strict", "--tokenizer-cache", str(tmp_path / "tok")])
 
 
-def test_tiny_run_on_coco(tmp_path):
+def test_tiny_run_on_coco_with_detection_freeze(tmp_path):
     path, img_dir = write_coco(tmp_path)
-    _, res = run(tmp_path, "coco", "--train-json", path, "--train-images", img_dir, "--batch-size", "3",
-                 "--max-steps", "2", "--vocab-size", "300")
+    out, res = run(tmp_path, "coco", "--train-json", path, "--train-images", img_dir, "--batch-size", "3",
+                   "--max-steps", "2", "--vocab-size", "300", "--detection-freeze-epochs", "1")
     assert res["n_val_images"] == 3 and 0 <= res["map"] <= 1
+    # one step an epoch: step 1 (epoch 0) has the head frozen, step 2 (epoch 1) trains it
+    first, second = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if "loss" in r]
+    assert first["lr_detection"] == first["lr_adapter"] == 0 and "gnorm_detection" not in first
+    assert first["lr_llm"] > 0 and first["gnorm_vision"] > 0
+    assert second["lr_detection"] > 0 and second["gnorm_detection"] > 0 and second["gnorm_adapter"] > 0
+
+
+def test_init_from_vqa_checkpoint_with_frozen_vqa_groups(tmp_path):
+    from models.llama import LlamaConfig
+    from models.llava import LlavaConfig, LlavaModel
+    from models.vit import vision_config
+    from utils.chat import ChatTemplate
+    from utils.checkpoint import save_atomic
+    from utils.image_processing import ImageProcessor
+    from utils.tokenizer import SentencePieceTokenizer
+    tok = SentencePieceTokenizer.train(train_detect.shapes_texts(), 300, str(tmp_path / "tok"))
+    n = tok.vocab_size
+    cfg = LlavaConfig(vision=vision_config("tiny", image_size=32),
+                      text=LlamaConfig(vocab_size=n + 1, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                                       max_seq_len=512), image_token_id=n)
+    vqa = LlavaModel(cfg)
+    path = str(tmp_path / "vqa.pt")
+    save_atomic({"kind": "vqa", "model_config": cfg.to_dict(), "model": vqa.state_dict(), "tokenizer": tok.to_dict(),
+                 "special_tokens": {"image": n, "pad": tok.pad_id}, "template": ChatTemplate().to_dict(),
+                 "image_processor": ImageProcessor(32, pad_to_square=True).to_dict()}, path)
+    frozen = ["--lr-vision", "0", "--lr-projector", "0", "--lr-llm", "0"]
+    out, _ = run(tmp_path, "from_vqa", "--init-vqa", path, "--max-steps", "1", *frozen)
+    ck = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert ck["model_config"]["llava"] == cfg.to_dict()
+    for k, v in vqa.state_dict().items():  # loaded, and frozen by lr 0
+        assert torch.equal(ck["model"]["llava." + k], v), k
+    with pytest.raises(SystemExit, match="holds a 'detect' model, expected vqa"):
+        run(tmp_path, "wrong", "--init-vqa", os.path.join(out, "last.pt"), "--max-steps", "1")
