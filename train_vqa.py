@@ -27,14 +27,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.llama import LLAMA_CONFIGS, LlamaConfig, llama_config
+from models.llama import LLAMA_CONFIGS, LlamaConfig, fused_linear_cross_entropy, llama_config
 from models.llava import LlavaConfig, LlavaModel
 from models.vit import VISION_CONFIGS, VisionConfig, vision_config
-from utils.chat import ChatTemplate, PackCollator, PadCollator, encode_conversation, role_of
+from utils.chat import IGNORE, ChatTemplate, PackCollator, PadCollator, encode_conversation, role_of
 from utils.checkpoint import check_same_config, load_checkpoint, rng_state, save_atomic, set_rng_state
 from utils.image_processing import ImageProcessor, denormalize
 from utils.metrics import MetricsLog, plot_metrics
-from utils.runtime import maybe_compile, pick_device, seed_everything, setup_precision
+from utils.runtime import compile_works, pick_device, seed_everything, setup_precision
 from utils.tokenizer import SentencePieceTokenizer, tokenizer_from_dict
 from utils.vqa_data import DataError, QUESTION_TYPES, VQADataset, load_conversations, prepare_easy_vqa, question_type
 
@@ -283,6 +283,40 @@ def shuffled_turns(conv, key):
     return [t for p in pairs for t in p]
 
 
+def answer_loss(model, input_ids, pixel_values, labels, attention_mask=None, position_ids=None, chunk_size=4096):
+    """The loss of model(..., labels=labels), computed on the learned positions only.
+
+    Most positions of a VQA sequence (image tokens, prompt) carry no label, so the LM head and the
+    cross-entropy run only on the rows whose next token is learned, chunk by chunk
+    (models.llama.fused_linear_cross_entropy): never the (B, T, vocab) logits.
+    """
+    lm = model.language_model
+    h = lm.hidden(inputs_embeds=model.embed(input_ids, pixel_values), attention_mask=attention_mask,
+                  position_ids=position_ids)                      # (B, T, dim)
+    targets = labels[:, 1:].masked_fill(model.image_mask(input_ids)[:, 1:], IGNORE)  # position t predicts t + 1
+    keep = targets != IGNORE
+    return fused_linear_cross_entropy(h[:, :-1][keep], lm.lm_head.weight, targets[keep], chunk_size=chunk_size)
+
+
+def compile_blocks(model):
+    """torch.compile each ViT and decoder block (one graph reused by all blocks of a tower)."""
+    ok, why = compile_works(next(model.parameters()).device.type)
+    if not ok:
+        print(f"warning: torch.compile unavailable ({why}); running eagerly")
+        return False
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for block in [*model.vision_tower.blocks, *model.language_model.layers]:
+        block.compile(dynamic=None)
+    return True
+
+
+def uncompile_blocks(model):
+    for block in [*model.vision_tower.blocks, *model.language_model.layers]:
+        block._compiled_call_impl = None
+    torch._dynamo.reset()
+    return False
+
+
 def make_loader(dataset, indices, collate, batch_size, num_workers):
     return DataLoader(dataset, batch_size=batch_size, sampler=indices, collate_fn=collate,
                       num_workers=num_workers, pin_memory=torch.cuda.is_available())
@@ -505,7 +539,7 @@ def main(argv=None):
     val_idx = subset(len(val_entries), args.val_samples, args.seed) if val_entries else None
     val_set = VQADataset(val_entries, image_folder, processor, eval_encode, args.strict) if val_entries else None
     collate = PackCollator(pad_id, max_len) if args.pack else PadCollator(pad_id, 8 if fused else 1)
-    train_model = maybe_compile(model, enabled=args.compile, dynamic=True)
+    compiled = compile_blocks(model) if args.compile else False
 
     def save(path):
         save_atomic(dict(kind="vqa", model_config=cfg.to_dict(), model=model.state_dict(), tokenizer=tok.to_dict(),
@@ -564,9 +598,17 @@ def main(argv=None):
             # right padding needs no mask (pads come after every real token and are never learned), so the
             # fast causal kernel runs; packed rows need the segment mask
             attn = x["attention_mask"] if args.pack else None
-            with autocast:
-                _, loss = train_model(x["input_ids"], x["pixel_values"], attention_mask=attn,
-                                      position_ids=x["position_ids"], labels=x["labels"])
+            try:
+                with autocast:
+                    loss = answer_loss(model, x["input_ids"], x["pixel_values"], x["labels"], attn, x["position_ids"])
+            except Exception as err:  # noqa: BLE001 - a compiler failure falls back to eager, once
+                if not compiled:
+                    raise
+                compiled = uncompile_blocks(model)
+                tqdm.write(f"warning: torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                           "running eagerly")
+                with autocast:
+                    loss = answer_loss(model, x["input_ids"], x["pixel_values"], x["labels"], attn, x["position_ids"])
             (loss / args.grad_accum).backward()
             losses.append(loss.detach())
             seen += batch["n_samples"]

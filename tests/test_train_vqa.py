@@ -157,3 +157,22 @@ def test_cached_greedy_decoding_equals_recomputing_the_prefix():
                 ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
         assert got[k] == out
     assert model.language_model.cache_len == 0  # the cache is released after generation
+
+
+def test_answer_loss_equals_the_full_logits_loss():
+    torch.manual_seed(0)
+    cfg = LlavaConfig(vision=vision_config("tiny"), text=llama_config("tiny", vocab_size=64), image_token_id=60)
+    model = LlavaModel(cfg).double()
+    n = model.num_image_tokens
+    ids = torch.randint(0, 59, (3, n + 12))
+    ids[:, 1:n + 1] = 60
+    labels = ids.clone()
+    labels[:, :n + 4] = -100
+    labels[2, -3:] = -100  # padding-like tail
+    pixels = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    expected = model(ids, pixels, labels=labels)[1]
+    got = train_vqa.answer_loss(model, ids, pixels, labels)
+    torch.testing.assert_close(got.float(), expected, rtol=1e-6, atol=1e-6)
+    g1 = torch.autograd.grad(expected, model.projector.linear_1.weight)[0]
+    g2 = torch.autograd.grad(train_vqa.answer_loss(model, ids, pixels, labels), model.projector.linear_1.weight)[0]
+    torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-7)

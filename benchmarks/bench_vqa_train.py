@@ -1,0 +1,264 @@
+"""Training throughput and peak memory of our LLaVA (models/llava.py) vs transformers' LlavaForConditionalGeneration,
+side by side in one run: the seed configuration of train_vqa.py.
+
+    # the issue's benchmark (one H100/H200): CLIP-ViT-L/14-336 + TinyLlama-1.1B, full fine-tuning, bf16,
+    # batch 8, 576 image + 128 text tokens, random weights
+    python benchmarks/bench_vqa_train.py --out bench_vqa_train.json
+    # ablations: no torch.compile; full-logits loss as transformers computes it
+    python benchmarks/bench_vqa_train.py --compile none --loss full --out bench_vqa_eager.json
+    # CPU smoke test of the whole path on tiny configs (seconds)
+    python benchmarks/bench_vqa_train.py --smoke --out /tmp/bench_vqa_smoke.json
+
+Precision recipe, identical for both: every weight, gradient and AdamW state in bf16 (model.to(torch.bfloat16),
+torch.optim.AdamW(fused=True) on the bf16 parameters), no autocast, no fp32 master weights; the whole model
+trains (ViT, projector, decoder). Both start from the SAME weights (transformers' random init, mapped into
+ours through models/hf_weights.py) and train on the same random batch, so their first-step losses must agree.
+
+Batch: 8 samples of [<s>, 576 image placeholders, 127 text tokens] = 704 tokens and one 336x336 image each;
+labels are the text tokens (image positions and <s> are -100), as in LLaVA's fine-tuning.
+What differs is only the model code:
+  transformers: LlavaForConditionalGeneration(attn_implementation="sdpa"), model(input_ids, pixel_values,
+                labels=...).loss: all 24 ViT layers run (hidden states kept), logits for all 704 positions.
+  ours:         LlavaModel: the ViT stops at its feature layer (-2: 23 blocks), the loss is train_vqa.answer_loss
+                (head + cross-entropy only on the 127 learned positions per sample, chunked: no logits tensor),
+                and torch.compile of each ViT and decoder block (--compile blocks, the default).
+Measured: samples/s over --steps timed optimizer steps after --warmup untimed ones (compilation happens there),
+torch.cuda.synchronize at the window's ends; peak memory = torch.cuda.max_memory_allocated during the model's
+training (reset after the model is built), the other model freed first.
+"""
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from models.hf_weights import hf_to_ours, llava_config_to_hf  # noqa: E402
+from models.llama import llama_config  # noqa: E402
+from models.llava import LlavaConfig, LlavaModel  # noqa: E402
+from models.vit import vision_config  # noqa: E402
+from train_vqa import answer_loss  # noqa: E402
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vision", default="clip-vit-l-336", help="vision config (models/vit.py VISION_CONFIGS)")
+    ap.add_argument("--llm", default="tinyllama-1.1b", help="decoder config (models/llama.py LLAMA_CONFIGS)")
+    ap.add_argument("--vocab", type=int, default=32064, help="decoder vocabulary (llava-1.5: 32000 + <image> + "
+                    "padding to 32064)")
+    ap.add_argument("--batch", type=int, default=8, help="samples per step, one image each")
+    ap.add_argument("--text-tokens", type=int, default=128, help="text tokens per sample (incl. <s>)")
+    ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps per model")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator warm-up)")
+    ap.add_argument("--compile", choices=["none", "blocks"], default="blocks",
+                    help="torch.compile for OUR model: each ViT and decoder block, or nothing")
+    ap.add_argument("--loss", choices=["answer", "full"], default="answer",
+                    help="OUR loss: head + CE on the learned positions only (chunked), or full logits as transformers")
+    ap.add_argument("--compile-hf", action="store_true", help="also torch.compile the transformers model")
+    ap.add_argument("--skip-hf", action="store_true", help="measure only our model")
+    ap.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks (both models)")
+    ap.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (same for both)")
+    ap.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
+    ap.add_argument("--seed", type=int, default=0, help="seed for the weights and the batch")
+    ap.add_argument("--smoke", action="store_true", help="tiny configs, batch 2, 2+1 steps, CPU unless --device; "
+                    "no compile unless --compile is given")
+    ap.add_argument("--out", default="bench_vqa_train.json", help="JSON file for the results")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.vision, args.llm, args.vocab, args.batch, args.text_tokens = "tiny", "tiny", 512, 2, 16
+        args.steps, args.warmup = 2, 1
+        if args.device == "auto":
+            args.device = "cpu"
+        if not any(a == "--compile" or a.startswith("--compile=") for a in (argv if argv is not None else sys.argv[1:])):
+            args.compile = "none"
+    return args
+
+
+class Timer:
+    def __init__(self, device):
+        self.cuda = device.startswith("cuda")
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def reset_memory(self):
+        torch._dynamo.reset()  # compiled graphs hold references to their model's parameters
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated()
+        return 0
+
+    def peak_bytes(self):
+        if self.cuda:
+            return torch.cuda.max_memory_allocated()
+        from utils.runtime import peak_rss_bytes
+        return peak_rss_bytes()
+
+
+def make_batch(cfg, n_image, args, device):
+    g = torch.Generator().manual_seed(args.seed + 1)
+    B, T = args.batch, 1 + n_image + args.text_tokens - 1
+    ids = torch.randint(3, 32000 if cfg.text.vocab_size > 32000 else cfg.text.vocab_size - 2, (B, T), generator=g)
+    ids[:, 0] = 1
+    ids[:, 1:1 + n_image] = cfg.image_token_id
+    labels = ids.clone()
+    labels[:, :1 + n_image] = -100
+    size = cfg.vision.image_size
+    pixels = torch.randn(B, 3, size, size, generator=g)
+    return ids.to(device), labels.to(device), pixels.to(device=device, dtype=torch.bfloat16)
+
+
+def measure(name, model, loss_fn, args, timer, eager_loss_fn=None):
+    if timer.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        opt, fused = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=True), True
+    except (RuntimeError, TypeError):
+        opt, fused = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0), False
+    losses, compile_error, current = [], None, {"fn": loss_fn}
+
+    def step():
+        loss = current["fn"]()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+
+    t_start = time.perf_counter()
+    if eager_loss_fn is not None:
+        try:
+            step()
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a compiler failure must not lose the run
+            compile_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            print(f"warning: torch.compile failed for {name} ({compile_error}); measuring eagerly", flush=True)
+            opt.zero_grad(set_to_none=True)
+            current["fn"] = eager_loss_fn
+    for _ in range(args.warmup):
+        step()
+    timer.sync()
+    warmup_s = time.perf_counter() - t_start
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    timer.sync()
+    dt = time.perf_counter() - t0
+    losses = [float(x) for x in losses]
+    res = dict(name=name, samples_per_s=args.batch * args.steps / dt, step_ms=1000 * dt / args.steps,
+               warmup_s=warmup_s, peak_mem_gb=timer.peak_bytes() / 1e9, fused_adamw=fused,
+               first_loss=losses[0], last_loss=losses[-1], compile_error=compile_error)
+    print(f"{name:>14s}: {res['samples_per_s']:8.1f} samples/s  {res['step_ms']:8.1f} ms/step  "
+          f"peak {res['peak_mem_gb']:6.2f} GB  loss {losses[0]:.4f} -> {losses[-1]:.4f}  (warm-up {warmup_s:.0f} s)",
+          flush=True)
+    del opt
+    return res
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from utils.runtime import pick_device
+    device = pick_device(args.device)
+    timer = Timer(device)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = torch.bfloat16
+    text = llama_config(args.llm, vocab_size=args.vocab)
+    image_token_id = 32000 if args.vocab > 32000 else args.vocab - 1
+    cfg = LlavaConfig(vision=vision_config(args.vision), text=text, image_token_id=image_token_id, feature_layer=-2)
+    text.max_seq_len = max(text.max_seq_len, cfg.vision.num_patches + args.text_tokens)
+
+    import transformers
+    env = dict(device=torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+               torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version())
+    hf_cfg = transformers.LlavaConfig(**{k: v for k, v in llava_config_to_hf(cfg).items() if k != "architectures"})
+    hf_cfg._attn_implementation = "sdpa"
+    hf_cfg.text_config._attn_implementation = "sdpa"
+    hf_cfg.vision_config._attn_implementation = "sdpa"
+    torch.manual_seed(args.seed)
+    hf = transformers.LlavaForConditionalGeneration(hf_cfg)  # fp32 random init on the CPU, the weights of both
+    hf_state = {k: v.to(dtype) for k, v in hf.state_dict().items()}
+    with torch.device("meta"):
+        ours_meta = LlavaModel(cfg)
+    our_state = hf_to_ours(ours_meta, "llava", hf_state, source="transformers' LlavaForConditionalGeneration")
+    del ours_meta
+    n_params = sum(p.numel() for p in hf.parameters())
+    n_image = cfg.vision.num_patches
+    ids, labels, pixels = make_batch(cfg, n_image, args, device)
+    print(f"{args.vision} + {args.llm}: {n_params / 1e6:.1f}M params; batch {args.batch} x ({n_image} image + "
+          f"{args.text_tokens} text tokens), bf16 weights + fused AdamW, full fine-tuning, on {env['device']}",
+          flush=True)
+    results = {}
+
+    if not args.skip_hf:
+        hf = hf.to(device=device, dtype=dtype).train()
+        if args.grad_checkpointing:
+            hf.gradient_checkpointing_enable()
+        timer.reset_memory()
+        hf_fwd = torch.compile(hf) if args.compile_hf else hf
+        results["transformers"] = measure(
+            "transformers", hf, lambda: hf_fwd(input_ids=ids, pixel_values=pixels, labels=labels, use_cache=False).loss,
+            args, timer, eager_loss_fn=(lambda: hf(input_ids=ids, pixel_values=pixels, labels=labels,
+                                                   use_cache=False).loss) if args.compile_hf else None)
+        del hf_fwd
+    del hf
+    left = timer.reset_memory()
+
+    with torch.device(device):
+        ours = LlavaModel(cfg).to(dtype)
+    ours.load_state_dict(our_state)
+    del our_state, hf_state
+    ours.train()
+    if args.grad_checkpointing:
+        ours.language_model.gradient_checkpointing = ours.vision_tower.gradient_checkpointing = True
+    blocks = [*ours.vision_tower.blocks, *ours.language_model.layers]
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if args.compile == "blocks":
+        for b in blocks:
+            b.compile()
+    if args.loss == "answer":
+        loss_fn = lambda: answer_loss(ours, ids, pixels, labels)  # noqa: E731
+    else:
+        loss_fn = lambda: ours(ids, pixels, labels=labels)[1]  # noqa: E731
+
+    def eager_loss_fn():
+        for b in blocks:
+            b._compiled_call_impl = None
+        torch._dynamo.reset()
+        return loss_fn()
+    timer.reset_memory() if not timer.cuda else torch.cuda.reset_peak_memory_stats()
+    results["ours"] = measure("ours", ours, loss_fn, args, timer,
+                              eager_loss_fn=eager_loss_fn if args.compile != "none" else None)
+    results["ours"]["allocated_before_gb"] = left / 1e9
+
+    summary = dict(args=vars(args), env=env, n_params=n_params, results=results)
+    if "transformers" in results:
+        h, o = results["transformers"], results["ours"]
+        summary["speedup"] = o["samples_per_s"] / h["samples_per_s"]
+        summary["memory_ratio"] = o["peak_mem_gb"] / h["peak_mem_gb"]
+        summary["first_loss_diff"] = abs(o["first_loss"] - h["first_loss"])
+        summary["goal_met"] = summary["speedup"] >= 1.3 and summary["memory_ratio"] <= 1.0
+        print(f"speed-up ours / transformers: {summary['speedup']:.3f}x   peak memory ratio: "
+              f"{summary['memory_ratio']:.3f}   first-step loss difference: {summary['first_loss_diff']:.2e}   "
+              f"goal (>=1.3x, memory <=1x) {'met' if summary['goal_met'] else 'NOT met'}")
+        if not timer.cuda:
+            print("note: on CPU peak memory is the process's cumulative peak RSS; the ratio means nothing there")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
