@@ -333,10 +333,17 @@ BUILDERS = {
 }
 
 
+def _family_of(model):
+    for cls, family in ((LlavaModel, "llava"), (VisionTransformer, "clip"), (Llama, "llama")):
+        if isinstance(model, cls):
+            return family
+    raise TypeError(f"no Hugging Face mapping for {type(model).__name__}")
+
+
 def load_into(model, folder, family=None):
     """Load HF weights from `folder` into an existing module (e.g. TinyLlama into LlavaModel.language_model)."""
     if family is None:
-        family = {Llama: "llama", VisionTransformer: "clip", LlavaModel: "llava"}[type(model)]
+        family = _family_of(model)
     state = hf_to_ours(model, family, read_state_dict(folder), source=folder)
     model.load_state_dict(state, strict=False)  # strict=False only for the tied head, checked above
     return model
@@ -369,14 +376,8 @@ def load_pretrained(folder, dtype=torch.float32, device="cpu", family=None):
 def export_pretrained(model, folder):
     """Write `model` as an HF folder (config.json + model.safetensors) that transformers loads."""
     from safetensors.torch import save_file
-    if isinstance(model, LlavaModel):
-        family, config = "llava", llava_config_to_hf(model.config)
-    elif isinstance(model, VisionTransformer):
-        family, config = "clip", vision_config_to_hf(model.config)
-    elif isinstance(model, Llama):
-        family, config = "llama", llama_config_to_hf(model.config)
-    else:
-        raise TypeError(f"cannot export {type(model).__name__}")
+    family = _family_of(model)
+    config = {"llava": llava_config_to_hf, "clip": vision_config_to_hf, "llama": llama_config_to_hf}[family](model.config)
     state = {k: v.cpu() for k, v in ours_to_hf(model, family).items()}
     dtypes = {v.dtype for v in state.values()}
     config["torch_dtype"] = str(dtypes.pop() if len(dtypes) == 1 else torch.float32).replace("torch.", "")
