@@ -6,7 +6,8 @@
 
 Checks (exit code 1 if one fails):
   1. flat memory: the peak after T = tokens/4 and after 4T tokens agree within 5%
-     (GPU: torch.cuda.max_memory_allocated; CPU: peak RSS of this process, ru_maxrss);
+     (GPU: torch.cuda.max_memory_allocated; CPU: the largest current RSS sampled after every call while
+     streaming; the process's ru_maxrss is printed too);
   2. the streamed logits of the first --check-tokens tokens equal the parallel form's (fp32, rel err <= 1e-4).
 Also prints the KV cache the Llama baseline of the same size would need for the same stream, from its
 shapes (2 x layers x batch x kv_heads x tokens x head_dim x bytes), beside Coeus's fixed state.
@@ -44,8 +45,33 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def memory_now(device):
-    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_rss_bytes()
+class PeakMeter:
+    """GPU: torch.cuda.max_memory_allocated since reset. CPU: the largest current RSS sampled after every
+    call while streaming (ru_maxrss alone would also hold the start-up peak and could hide growth)."""
+
+    def __init__(self, device):
+        self.cuda = device.startswith("cuda")
+        self.peak = 0
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.update()
+
+    def update(self):
+        if not self.cuda:
+            self.peak = max(self.peak, current_rss_bytes())
+
+    def value(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        self.update()
+        return self.peak
+
+
+def current_rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def human(n):
@@ -78,6 +104,9 @@ def main(argv=None):
     B, N = args.batch_size, args.tokens
     if N < 4 or N % 4:
         raise SystemExit(f"error: --tokens {N} must be a positive multiple of 4 (memory is compared at N/4 and N)")
+    if args.mode == "prefill" and N < 8 * args.segment:
+        raise SystemExit(f"error: --mode prefill needs --tokens >= 8 x --segment ({8 * args.segment}), so that the "
+                         f"peak at T = tokens/4 already includes full segments; got --tokens {N}")
     gen = torch.Generator(device="cpu").manual_seed(1)
     P = min(args.check_tokens, N)
     prefix = torch.randint(0, cfg.vocab_size, (B, P), generator=gen).to(device)
@@ -104,10 +133,8 @@ def main(argv=None):
     else:
         model.prefill(tokens(0, min(seg, N)), warm, last_only=True)
     del warm
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    mem_start = memory_now(device)
+    meter = PeakMeter(device)
+    mem_start = meter.value()
     marks = {N // 4: None, N: None}
     while pos < N:
         n = min(seg, N - pos, (N // 4 - pos) if pos < N // 4 else N - pos)  # land exactly on N/4
@@ -124,10 +151,9 @@ def main(argv=None):
             if want_all:
                 streamed_prefix.append(logits[:, :P - pos])
         pos += n
+        meter.update()
         if pos in marks:
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            marks[pos] = memory_now(device)
+            marks[pos] = meter.value()
             print(f"{pos:>10,} tokens: peak memory {human(marks[pos])} ({time.time() - t0:.1f}s)", flush=True)
     elapsed = time.time() - t0
 
@@ -153,6 +179,8 @@ def main(argv=None):
           f"ratio {m4 / m1:.4f} -> {'flat' if flat else 'NOT flat'} (<= 1.05)")
     print(f"logits vs parallel form on the first {P} tokens: rel err {err:.2e} (tolerance {tol:g}) -> "
           f"{'ok' if checks['logits_match_parallel'] else 'MISMATCH'}")
+    if not device.startswith("cuda"):
+        print(f"process peak RSS (ru_maxrss, includes start-up): {human(peak_rss_bytes())}")
     print(f"Coeus state (fixed, any length): {human(coeus_state)}")
     print(f"Llama baseline of the same size, KV cache for {N:,} tokens: {human(kv_llama)} "
           f"(2 x {cfg.n_layers} layers x {B} x {cfg.n_heads} kv heads x {N:,} x {cfg.head_dim} x {elt} B)")

@@ -3,9 +3,10 @@
 Recurrence, per batch row and head (Dk x Dv state S, log-decay g_t <= 0):
     S_t = exp(g_t) * S_{t-1} + k_t v_t^T        o_t = q_t^T S_t
 Chunked parallel form (Mamba-2's SSD / fla's chunk_gla with a scalar gate), chunk of C tokens:
-  * intra-chunk: o_i += sum_{j<=i} (q_i . k_j) exp(segsum(g)[i, j]) v_j           -- batched (C x C) matmuls
-    where segsum(g)[i, j] = g_{j+1} + ... + g_i is built by a masked cumsum (no difference of two long
-    cumsums, which loses precision when the log-decays are large);
+  * intra-chunk: o_i += sum_{j<=i} (q_i . k_j) exp(seg[i, j]) v_j                 -- batched (C x C) matmuls
+    where seg[i, j] = g_{j+1} + ... + g_i: by default the difference of the cumsum WITHIN the chunk (never
+    of one long cumsum over T, which loses all precision), or, with exact_segsum=True, a masked cumsum
+    (ssd_minimal's segsum) in which every entry sums only its own terms;
   * each chunk's own state contribution U_n = sum_j exp(segsum(g)[C-1, j]) k_j v_j^T  -- one batched matmul;
   * the states entering every chunk come from a scan over chunks of S_n = exp(G_n) S_{n-1} + U_n (G_n the
     chunk's total log-decay). The scan is itself chunked: groups of 64 chunks are done as one (64 x 64)
@@ -61,11 +62,15 @@ def scan_states(u, a, group=SCAN_GROUP):
     return s.flatten(-3, -2)[..., :N, :]
 
 
-def chunk_gla(q, k, v, g, chunk_size=64, initial_state=None, scale=None, output_final_state=True):
+def chunk_gla(q, k, v, g, chunk_size=64, initial_state=None, scale=None, output_final_state=True,
+              exact_segsum=False):
     """Gated linear attention, chunked parallel form.
 
     q, k (B, H, T, Dk); v (B, H, T, Dv); g (B, H, T) log-decays <= 0 (per head, per token).
     initial_state (B, H, Dk, Dv) or None. scale multiplies q (default Dk ** -0.5).
+    exact_segsum: build the intra-chunk decays with segsum() instead of differences of the within-chunk
+    cumsum (exact to the last bit for log-decays of very different sizes; the default is faster and its
+    error is an absolute ~1e-7 * |cumsum within the chunk| in the exponent).
     Returns o (B, H, T, Dv) in v's dtype and the final state (B, H, Dk, Dv) fp32 (or None).
     """
     B, H, T, Dk = q.shape
@@ -85,8 +90,12 @@ def chunk_gla(q, k, v, g, chunk_size=64, initial_state=None, scale=None, output_
         q, k, v = (t.unflatten(2, (N, C)) for t in (q, k, v))  # (B, H, N, C, D)
         g = g.unflatten(2, (N, C))                               # (B, H, N, C)
 
-        seg = segsum(g)                                          # (B, H, N, C, C)
-        decay_in = g.cumsum(-1)                                  # log-decay from the chunk start to i (incl.)
+        decay_in = g.cumsum(-1)                                  # (B, H, N, C) log-decay chunk start -> i (incl.)
+        causal = torch.ones(C, C, dtype=torch.bool, device=g.device).tril()
+        if exact_segsum:  # every entry summed from its own terms: (C, C) cumsum per chunk, slower
+            seg = segsum(g)
+        else:             # difference of the within-chunk cumsum: elementwise, fuses into the scores
+            seg = torch.where(causal, decay_in[..., :, None] - decay_in[..., None, :], float("-inf"))
         decay_out = seg[..., -1, :]                              # log-decay from j (excl.) to the chunk end
         chunk_decay = decay_in[..., -1]                          # (B, H, N)
 

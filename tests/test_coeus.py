@@ -59,12 +59,13 @@ def test_chunk_gla_matches_naive(T):
         assert rel_err(S, S_ref) <= 1e-4, T
 
 
-def test_chunk_gla_default_chunk_and_recursive_scan():
+@pytest.mark.parametrize("exact", [False, True])
+def test_chunk_gla_default_chunk_and_recursive_scan(exact):
     # chunk 64 (the default) and, with chunk 4, 250 chunks so the state scan recurses
     q, k, v, g = rand_qkvg(1, 2, 1000, 8, seed=3)
     o_ref, S_ref = naive_gla(q, k, v, g)
     for C in (64, 4):
-        o, S = chunk_gla(q, k, v, g, chunk_size=C)
+        o, S = chunk_gla(q, k, v, g, chunk_size=C, exact_segsum=exact)
         assert rel_err(o, o_ref) <= 1e-4 and rel_err(S, S_ref) <= 1e-4, C
 
 
@@ -93,8 +94,9 @@ def test_chunk_gla_gradients_match_naive(T):
         assert rel_err(a, b) < 1e-9, name
 
 
+@pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_extreme_decays_stay_finite(dtype):
+def test_extreme_decays_stay_finite(dtype, exact):
     T = 200
     q, k, v, g = rand_qkvg(1, 2, T, 16, seed=5)
     g = torch.where(torch.rand(1, 2, T, generator=torch.Generator().manual_seed(0)) < 0.5,
@@ -102,7 +104,7 @@ def test_extreme_decays_stay_finite(dtype):
     g[:, 0, :100] = -30.0                                                    # a stretch of forgetting
     q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
     g = g.requires_grad_()
-    o, S = chunk_gla(q, k, v, g, chunk_size=64)
+    o, S = chunk_gla(q, k, v, g, chunk_size=64, exact_segsum=exact)
     (o.float().sum() + S.sum()).backward()
     for t in (o, S, q.grad, k.grad, v.grad, g.grad):
         assert torch.isfinite(t.float()).all()

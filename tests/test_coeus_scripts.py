@@ -21,7 +21,7 @@ def one_thread():
 @pytest.mark.parametrize("mode", ["step", "prefill"])
 def test_infinite_context_tiny(tmp_path, mode, capsys):
     test_infinite_context.main(["--config", "tiny", "--tokens", "256", "--check-tokens", "100", "--mode", mode,
-                                "--segment", "40", "--out", str(tmp_path)])
+                                "--segment", "32", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "infinite_context.json").read_text())
     assert all(res["checks"].values()) and res["logit_rel_err"] <= 1e-4
     out = capsys.readouterr().out
