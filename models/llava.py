@@ -12,6 +12,12 @@ are static (the sequence length does not change inside the model), which keeps p
 simple. Prompts written with a single `<image>` are turned into N with `expand_image_tokens`.
 The placeholder id need not be inside the decoder's vocabulary: it is never looked up in the embedding.
 Labels at image positions are forced to -100 inside `forward`.
+
+Generation with the KV cache goes through the decoder directly: prefill with
+`model.language_model(inputs_embeds=model.embed(ids, pixel_values), input_pos=torch.arange(T))` after
+`model.language_model.setup_cache(B, max_len)`, then feed the new token ids one step at a time.
+Training without full logits: `model.language_model.loss(inputs_embeds=model.embed(ids, px), labels=labels)`
+(mask image positions in labels first, as `forward` does).
 """
 from dataclasses import dataclass, field, asdict
 
