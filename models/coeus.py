@@ -203,6 +203,7 @@ class Coeus(nn.Module):
             with torch.no_grad():
                 layer.mixer.gate_proj.bias.copy_(target - torch.log(-torch.expm1(target)))  # inverse logsigmoid
                 layer.mixer.gate_proj.weight.mul_(0.1)
+        self.compile_step = False  # step()'s default: set True to torch.compile the decode step
         self._compiled_step = None
 
     @staticmethod
@@ -258,11 +259,13 @@ class Coeus(nn.Module):
         return self.lm_head(self.norm(x)), self._stack(caches)
 
     @torch.no_grad()
-    def step(self, token_ids, state, compile=False):
+    def step(self, token_ids, state, compile=None):
         """One token per row: token_ids (B,) -> logits (B, V) fp32, new state.
 
-        compile=True uses torch.compile (static shapes, no host sync in the step) with an eager fallback
-        if the toolchain is missing."""
+        compile=True (default: self.compile_step) uses torch.compile (static shapes, no host sync in the
+        step) with an eager fallback if the toolchain is missing."""
+        if compile is None:
+            compile = self.compile_step
         if not compile:
             logits, state = self._step(token_ids, state)
             return logits.float(), state

@@ -215,3 +215,22 @@ def test_loss_ignores_minus_100_and_bf16_forward_is_finite():
 def test_nano_size():
     n = Coeus(coeus_config("nano")).num_params()
     assert 10e6 < n < 12e6
+
+
+def test_compiled_step_falls_back_to_eager(monkeypatch):
+    model = tiny_model(4)
+    ids = torch.randint(0, 65, (2, 6), generator=torch.Generator().manual_seed(2))
+    want = model(ids)
+
+    def broken_compile(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("no working compiler here")
+        return run
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model.compile_step = True
+    state, out = model.init_state(2), []
+    with pytest.warns(UserWarning, match="compiled step failed"):
+        for t in range(6):
+            o, state = model.step(ids[:, t], state)
+            out.append(o)
+    assert rel_err(torch.stack(out, 1), want) <= 1e-4
