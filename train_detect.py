@@ -38,7 +38,7 @@ from models.matcher import HungarianMatcher
 from models.vit import vision_config
 from utils.chat import ChatTemplate, PackCollator, PadCollator
 from utils.checkpoint import check_same_config, load_checkpoint, rng_state, save_atomic, set_rng_state
-from utils.coco import CocoDetectionDataset
+from utils.coco import CocoDetectionDataset, DataError
 from utils.detect_data import DetectionCollator, DetectionSamples, denormalise_boxes
 from utils.image_processing import ImageProcessor
 from utils.metrics import MetricsLog, plot_metrics
@@ -218,6 +218,17 @@ def lm_losses(logits, labels, student_mask):
     mean = lambda m: (ce * m).sum() / m.sum().clamp(min=1)  # noqa: E731
     return mean(valid), {"teacher_lm": mean(teacher).detach(), "student_lm": mean(student).detach(),
                          "n_teacher_tokens": int(teacher.sum()), "n_student_tokens": int(student.sum())}
+
+
+def to_cpu(obj):
+    """A CPU copy of a (nested) state dict: the NaN guard's snapshot must not double GPU memory."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 def to_device(batch, device):
@@ -406,7 +417,13 @@ def build_items(args):
 
 
 def main(argv=None):
-    args = get_args(argv)
+    try:
+        return train(get_args(argv))
+    except DataError as e:  # an image went missing or is corrupt: checkpoints written so far are kept
+        raise SystemExit(f"error: {e}")
+
+
+def train(args):
     device = pick_device(args.device)
     autocast, dtype_name = setup_precision(device, args.dtype)
     seed_everything(args.seed)
@@ -560,8 +577,8 @@ def main(argv=None):
         for bi, batch in enumerate(loader(train_items, order[batch_in_epoch * args.batch_size:].tolist()),
                                    start=batch_in_epoch):
             if good_state is None or step % args.good_state_every == 0:
-                good_state = {"model": copy.deepcopy(model.state_dict()),
-                              "optimizer": copy.deepcopy(optimizer.state_dict()), "step": step}
+                good_state = {"model": to_cpu(model.state_dict()), "optimizer": to_cpu(optimizer.state_dict()),
+                              "step": step}
             batch = to_device(batch, device)
             f = lr_factor(step, total_steps, args.warmup_steps, args.min_lr_ratio) * lr_scale
             for g in optimizer.param_groups:

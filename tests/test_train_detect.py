@@ -174,3 +174,15 @@ def test_init_from_vqa_checkpoint_with_frozen_vqa_groups(tmp_path):
         assert torch.equal(ck["model"]["llava." + k], v), k
     with pytest.raises(SystemExit, match="holds a 'detect' model, expected vqa"):
         run(tmp_path, "wrong", "--init-vqa", os.path.join(out, "last.pt"), "--max-steps", "1")
+
+
+def test_missing_and_corrupt_images_end_in_one_message(tmp_path):
+    path, img_dir = write_coco(tmp_path)
+    os.remove(os.path.join(img_dir, "1.png"))
+    with pytest.raises(SystemExit, match=r"error: 1 image\(s\) of .*ann.json not found in .*: 1.png"):
+        run(tmp_path, "missing", "--train-json", path, "--train-images", img_dir)
+    with open(os.path.join(img_dir, "1.png"), "wb") as f:
+        f.write(b"not a png")
+    with pytest.raises(SystemExit, match=r"error: cannot read image .*1.png"):
+        run(tmp_path, "corrupt", "--train-json", path, "--train-images", img_dir, "--batch-size", "3",
+            "--max-steps", "1", "--vocab-size", "300")

@@ -9,7 +9,8 @@ An annotation's caption is its "caption" string if present, else its category's 
     is skipped and counted; with strict=True it is an error naming the annotation;
   * an annotation for an image id that is not in "images" is skipped and counted (error under strict);
   * an image without annotations is valid: all queries should predict "no object".
-Every error is a ValueError naming the file and the culprit.
+Every error is a ValueError naming the file and the culprit (DataError for an image that cannot be read
+while training runs, so a script can end with one message instead of a traceback).
 """
 import json
 import os
@@ -17,6 +18,10 @@ import os
 from PIL import Image
 
 from utils.shapes_data import QUESTION, describe
+
+
+class DataError(ValueError):
+    """An image file that is missing or unreadable."""
 
 
 def load_coco_detection(path, strict=False, tolerance=1.0):
@@ -96,6 +101,10 @@ class CocoDetectionDataset:
     def __init__(self, json_path, image_dir, strict=False):
         self.records, self.stats = load_coco_detection(json_path, strict=strict)
         self.image_dir = image_dir
+        missing = [r["file_name"] for r in self.records if not os.path.isfile(os.path.join(image_dir, r["file_name"]))]
+        if missing:
+            raise DataError(f"{len(missing)} image(s) of {json_path} not found in {image_dir}: "
+                            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
         self.categories = sorted({c for r in self.records for c in r["captions"]})
 
     def __len__(self):
@@ -108,9 +117,9 @@ class CocoDetectionDataset:
             with Image.open(path) as im:
                 img = im.convert("RGB")
         except FileNotFoundError:
-            raise ValueError(f"image not found: {path}") from None
+            raise DataError(f"image not found: {path}") from None
         except Exception as e:
-            raise ValueError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
+            raise DataError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
         # boxes are in the annotated size; rescale if the file on disk differs
         sx, sy = img.width / r["width"], img.height / r["height"]
         boxes = [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in r["boxes"]]
