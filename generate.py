@@ -159,18 +159,20 @@ class Decoder(nn.Module):
         return nxt
 
 
-def make_step(decoder, device, compile_mode="auto"):
+def make_step(decoder, device, compile_mode="auto", tune=False):
     """decode_one, compiled (CUDA: reduce-overhead = CUDA graphs; CPU: eager unless asked) with an eager
-    fallback when the compiler fails on its first call."""
+    fallback when the compiler fails on its first call. tune: gpt-fast's inductor settings (coordinate
+    descent tuning of the kernels: faster steps, much longer compilation)."""
     use = compile_mode == "on" or (compile_mode == "auto" and device.startswith("cuda"))
     if not use:
         return decoder.decode_one
     cuda = device.startswith("cuda")
     if cuda:
         import torch._inductor.config as ic
-        ic.coordinate_descent_tuning = True
         ic.triton.unique_kernel_names = True
         ic.fx_graph_cache = True
+        if tune:
+            ic.coordinate_descent_tuning = True
     compiled = torch.compile(decoder.decode_one, mode="reduce-overhead" if cuda else None, fullgraph=True)
     state = {"fn": compiled, "first": True}
 
@@ -398,9 +400,10 @@ class Session:
         self.capacity, self.batch = 0, None
 
     def _setup(self, batch, need):
+        # one size for every prompt that fits, so the compiled step is compiled once: the whole context for
+        # Llama (masked slots cost little next to the weights), multiples of 1024 for Coeus' token buffer
         context = self.loaded.lm.context
-        cap = max(self.capacity, -(-need // 64) * 64)
-        cap = min(cap, context) if context else cap
+        cap = context if context else max(self.capacity, -(-need // 1024) * 1024)
         if cap != self.capacity or batch != self.batch:
             self.decoder.setup(batch, cap, self.device)
             self.capacity, self.batch = cap, batch
@@ -523,7 +526,10 @@ def run_eval(args, loaded, device, ckpt_args=None):
         _fail(f"cannot tokenize the evaluation text {source}: {e}")
     lm = loaded.lm
     block = args.eval_block or min(lm.context or 256, 256)
-    ppl = perplexity(lambda x: lm.full_logits(x), ids, block, args.batch_size, device, args.eval_max_tokens)
+    try:
+        ppl = perplexity(lambda x: lm.full_logits(x), ids, block, args.batch_size, device, args.eval_max_tokens)
+    except ValueError as e:
+        _fail(f"{source}: {e} (lower --eval-block)")
     # degeneration: N prompts cut from the split, each followed by its human continuation
     P, M, N = args.eval_prompt_len, args.max_new_tokens, args.eval_samples
     span = P + M

@@ -64,7 +64,7 @@ def weight_bytes(model):
 def time_ours(lm, prompt, new_tokens, sampler, device, compile_mode, warmup, repeats):
     dec = Decoder(lm, sampler).to(device)
     dec.setup(prompt.shape[0], prompt.shape[1] + new_tokens, device)
-    step = make_step(dec, device, compile_mode)
+    step = make_step(dec, device, compile_mode, tune=True)
 
     def once():
         sync(device)
@@ -104,7 +104,10 @@ def time_hf(model, prompt, new_tokens, sampler, device, warmup, repeats):
                               if k not in ("architectures", "model_type")})
     dtype = model.embed_tokens.weight.dtype
     hf = LlamaForCausalLM(hf_cfg).to(device=device, dtype=dtype).eval()
-    hf.load_state_dict(ours_to_hf(model, "llama"), strict=False)
+    missing, unexpected = hf.load_state_dict(ours_to_hf(model, "llama"), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"weights did not transfer to LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
     ours_logits = model(prompt)[:, -1].float()
     hf_logits = hf(prompt).logits[:, -1].float()
     kw = dict(do_sample=True, temperature=sampler.temperature, top_k=sampler.top_k, top_p=sampler.top_p,

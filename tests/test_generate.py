@@ -257,16 +257,26 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
 
 
 def test_eval_reports_greedy_sampler_and_human(tmp_path, capsys):
-    ck = save(tmp_path, "coeus", tiny_coeus())
-    ev = tmp_path / "valid.txt"
-    ev.write_text(TEXT)
+    """--eval on the checkpoint's own data (its args["data"], 90/10 split via utils/text_data.py)."""
+    from dataclasses import asdict
+    data = tmp_path / "corpus.txt"
+    data.write_text(TEXT * 4)
+    model = tiny_coeus()
+    ck = tmp_path / "coeus.pt"
+    save_atomic(dict(kind="coeus", model_config=asdict(model.config), model=model.state_dict(),
+                     tokenizer=TOK.to_dict(), args={"data": str(data)}), ck)
     out = tmp_path / "report.json"
-    generate.main(["--ckpt", ck, "--eval", "--eval-file", str(ev), "--eval-samples", "4", "--max-new-tokens", "24",
-                   "--eval-prompt-len", "8", "--eval-out", str(out)])
+    with pytest.raises(SystemExit, match="fewer than one block of 256 .lower --eval-block"):
+        generate.main(["--ckpt", str(ck), "--eval"])
+    generate.main(["--ckpt", str(ck), "--eval", "--eval-samples", "4", "--max-new-tokens", "24",
+                   "--eval-prompt-len", "8", "--eval-block", "64", "--eval-out", str(out)])
     r = json.loads(out.read_text())
+    assert r["eval_text"].endswith("[val]") and r["perplexity"]["tokens"] > 0
     assert r["perplexity"]["ppl"] > 1 and {"greedy", "sampler", "human"} <= set(r)
     assert r["greedy"]["config"]["temperature"] == 0 and r["sampler"]["config"]["temperature"] == 0.8
     assert "seq_rep_4" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--eval-file not found"):
+        generate.main(["--ckpt", str(ck), "--eval", "--eval-file", str(tmp_path / "missing.txt")])
 
 
 def test_hf_folder_with_sentencepiece(tmp_path, capsys):
