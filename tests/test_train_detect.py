@@ -139,7 +139,8 @@ def test_coco_bad_input_counted_or_strict(tmp_path):
 def test_tiny_run_on_coco_with_detection_freeze(tmp_path):
     path, img_dir = write_coco(tmp_path)
     out, res = run(tmp_path, "coco", "--train-json", path, "--train-images", img_dir, "--batch-size", "3",
-                   "--max-steps", "2", "--vocab-size", "300", "--detection-freeze-epochs", "1")
+                   "--max-steps", "2", "--vocab-size", "300", "--detection-freeze-epochs", "1",
+                   "--pack", "--dtype", "bfloat16")  # also the packed collator and the autocast path
     assert res["n_val_images"] == 3 and 0 <= res["map"] <= 1
     # one step an epoch: step 1 (epoch 0) has the head frozen, step 2 (epoch 1) trains it
     first, second = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if "loss" in r]
