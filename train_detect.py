@@ -485,15 +485,16 @@ def train(args):
         pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     n_img = model.llava.num_image_tokens
     eos_id = model.head.config.eos_id
+    max_len = min(args.max_len, cfg.text.max_seq_len)  # a VQA checkpoint may have a shorter context
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
           f"(head {sum(p.numel() for p in model.head.parameters()) / 1e6:.2f}M), {n_img} image tokens, "
           f"device {device}, {dtype_name}")
 
     def loader(items, order=None):
         """order: the sample indices to visit (training: the epoch's permutation from its resume point)."""
-        ds = DetectionSamples(items, tokenizer, processor, cfg.image_token_id, n_img, args.max_len,
+        ds = DetectionSamples(items, tokenizer, processor, cfg.image_token_id, n_img, max_len,
                               model.head.config.max_caption_len, eos_id, template)
-        base = PackCollator(pad_id, args.max_len) if args.pack else PadCollator(pad_id)
+        base = PackCollator(pad_id, max_len) if args.pack else PadCollator(pad_id)
         return DataLoader(ds, batch_size=args.batch_size, sampler=order, num_workers=args.num_workers,
                           collate_fn=DetectionCollator(base, cfg.image_token_id, n_img), drop_last=order is not None)
 
