@@ -134,10 +134,10 @@ def time_hf(model, prompt, new_tokens, sampler, device, warmup, repeats):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tinyllama-1.1b", help="models/llama.py config name")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--device", default="auto")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (random ids)")
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per run")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="weights dtype")
+    p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda:N")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="compile our decode step (auto: CUDA graphs on CUDA, eager on CPU)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (compilation, graph capture)")
@@ -145,7 +145,7 @@ def main(argv=None):
     p.add_argument("--skip-hf", action="store_true", help="skip transformers' generate")
     p.add_argument("--coeus-config", default="nano", help="Coeus config for its decode figure ('' to skip)")
     p.add_argument("--bandwidth-tbs", type=float, default=None, help="memory bandwidth for the floor (TB/s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights, prompt and sampling")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--smoke", action="store_true", help="tiny configs on CPU, 1 repeat: checks the script runs")
     args = p.parse_args(argv)
