@@ -505,10 +505,8 @@ def train(args):
         raise SystemExit(f"error: no training steps ({len(train_items)} training samples, --batch-size {args.batch_size})")
 
     lrs = {g: getattr(args, f"lr_{g}") for g in GROUP_PATTERNS}
-    try:
-        groups, _ = param_groups(model, lrs, args.weight_decay)
-    except KeyError as e:
-        raise SystemExit(f"error: {e.args[0]}")
+    # a parameter in no group or in two is a KeyError naming it: a model edit that the patterns must follow
+    groups, _ = param_groups(model, lrs, args.weight_decay)
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler("cuda", enabled=dtype_name == "float16")
     criterion = SetCriterion(HungarianMatcher(args.cost_obj, args.cost_bbox, args.cost_giou),
