@@ -39,10 +39,10 @@ from utils.tokenizer import SentencePieceTokenizer, tokenizer_from_dict
 from utils.vqa_data import DataError, QUESTION_TYPES, VQADataset, load_conversations, prepare_easy_vqa, question_type
 
 # The default small model, sized for easy-VQA on a 2-core CPU: 64 px images, 8 px patches -> 64 image
-# tokens; 2-block ViT and 2-block decoder of width 128 (~0.9M parameters with a ~300-piece vocabulary).
+# tokens; 2-block ViT and 2-block decoder of width 128 (~0.9M parameters with a 512-piece vocabulary).
 EXTRA_VISION = {"easyvqa": dict(image_size=64, patch_size=8, dim=128, n_layers=2, n_heads=4, mlp_dim=256)}
 EXTRA_LLM = {"easyvqa": dict(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=384,
-                             max_seq_len=256)}
+                             max_seq_len=352)}  # the longest easy-VQA dialog (64 image + ~280 text tokens) fits
 IMAGE_TOKEN = "<image>"
 
 
@@ -54,8 +54,9 @@ def get_args(argv=None):
     g.add_argument("--image-folder", default=None, help="folder the JSON's image paths are relative to")
     g.add_argument("--val-data", default=None, help="validation JSON (picks best.pt); easyvqa: its val split")
     g.add_argument("--test-data", default=None, help="test JSON for the final evaluation; easyvqa: its test split")
-    g.add_argument("--easyvqa-single", action="store_true", help="easyvqa: train on one question per sample "
-                   "(default: one multi-turn conversation per image with all of its questions)")
+    g.add_argument("--easyvqa-dialogs", action="store_true", help="easyvqa: train on one multi-turn conversation "
+                   "per image with all of its questions (cheaper per question, but later turns can copy facts from "
+                   "earlier answers, which slowed the learning of shapes; default: one question per sample)")
     g.add_argument("--keep-turn-order", action="store_true", help="do not reshuffle the question/answer pairs of "
                    "one-image conversations each epoch (the default reshuffles them, deterministically)")
     g.add_argument("--data-dir", default="data", help="where easy-VQA and the trained tokenizer are cached")
@@ -80,9 +81,9 @@ def get_args(argv=None):
     g.add_argument("--stage", choices=("pretrain", "finetune"), default="finetune",
                    help="pretrain: projector only; finetune: projector + decoder")
     g.add_argument("--train-vision", action="store_true", help="also train the ViT")
-    g.add_argument("--epochs", type=float, default=4, help="passes over the training set")
+    g.add_argument("--epochs", type=float, default=3, help="passes over the training set")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    g.add_argument("--batch-size", type=int, default=16, help="samples per micro-batch")
+    g.add_argument("--batch-size", type=int, default=64, help="samples per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the decoder")
     g.add_argument("--projector-lr", type=float, default=None, help="projector learning rate (default --lr)")
@@ -133,7 +134,7 @@ def data_paths(args):
     """(train, val, test) JSON paths and the image folder."""
     if args.data == "easyvqa":
         root = prepare_easy_vqa(args.data_dir)
-        train = "train.json" if args.easyvqa_single else "train_dialogs.json"
+        train = "train_dialogs.json" if args.easyvqa_dialogs else "train.json"
         return (os.path.join(root, train), args.val_data or os.path.join(root, "val.json"),
                 args.test_data or os.path.join(root, "test.json"), args.image_folder or root)
     folder = args.image_folder or os.path.dirname(os.path.abspath(args.data))
