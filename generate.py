@@ -189,6 +189,7 @@ def make_step(decoder, device, compile_mode="auto", tune=False):
                           f"{str(e).splitlines()[0] if str(e) else ''}); decoding eagerly")
             state["fn"] = decoder.decode_one
             return decoder.decode_one(tok, pos)
+    step.is_compiled = lambda: state["fn"] is compiled
     return step
 
 

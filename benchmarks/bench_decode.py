@@ -92,8 +92,11 @@ def time_ours(lm, prompt, new_tokens, sampler, device, compile_mode, warmup, rep
     toks = runs[-1][2]
     # the loop above must be the same computation as generate.py's decode_tokens
     assert toks.shape == (prompt.shape[0], new_tokens)
+    from torch._dynamo.utils import counters
     return dict(tokens_per_s=new_tokens / total, decode_tokens_per_s=(new_tokens - 1) / decode,
-                total_s=total, prefill_s=total - decode, warmup_s=t_compile, runs_s=[r[0] for r in runs])
+                total_s=total, prefill_s=total - decode, warmup_s=t_compile, runs_s=[r[0] for r in runs],
+                compiled=bool(getattr(step, "is_compiled", lambda: False)()),
+                cudagraph_skips=int(counters["inductor"]["cudagraph_skips"]))  # > 0: a graph ran without CUDA graphs
 
 
 @torch.no_grad()
@@ -177,7 +180,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     res["ours"] = time_ours(LlamaLM(model), prompt, args.new_tokens, sampler, device, args.compile,
                             args.warmup, args.repeats)
-    print(f"ours (static KV cache, compile={args.compile}): {res['ours']['tokens_per_s']:.1f} tokens/s "
+    print(f"ours (static KV cache, compiled={res['ours']['compiled']}, cudagraph skips "
+          f"{res['ours']['cudagraph_skips']}): {res['ours']['tokens_per_s']:.1f} tokens/s "
           f"({res['ours']['decode_tokens_per_s']:.1f} decode-only)", flush=True)
     model.clear_cache()
     if not args.skip_hf:
