@@ -181,7 +181,8 @@ def build_config(args, n_vocab, image_id):
         tcfg = named_config(args.llm, EXTRA_LLM, LLAMA_CONFIGS, llama_config, LlamaConfig, "LLM")
     if args.max_len:
         tcfg.max_seq_len = args.max_len
-    tcfg.vocab_size = max(tcfg.vocab_size, n_vocab) if args.init_llm else n_vocab
+    if not args.init_llm:  # a pretrained decoder keeps its vocabulary here; build_model grows it after loading
+        tcfg.vocab_size = n_vocab
     feature_layer = args.feature_layer if args.feature_layer is not None else (-1 if args.vision in EXTRA_VISION and
                                                                                 not args.init_vision else -2)
     return LlavaConfig(vision=vcfg, text=tcfg, image_token_id=image_id, feature_layer=feature_layer)
@@ -194,9 +195,8 @@ def build_model(cfg, args, n_vocab, pretrained=True):
         load_into(model.vision_tower, args.init_vision, "clip")
     if pretrained and args.init_llm:
         from models.hf_weights import load_into
-        cfg.text.vocab_size = model.language_model.embed_tokens.weight.shape[0]
         load_into(model.language_model, args.init_llm, "llama")
-        model.language_model.resize_token_embeddings(max(n_vocab, cfg.text.vocab_size))
+        model.language_model.resize_token_embeddings(max(n_vocab, cfg.text.vocab_size))  # updates cfg.text too
     return model
 
 

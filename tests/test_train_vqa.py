@@ -176,3 +176,32 @@ def test_answer_loss_equals_the_full_logits_loss():
     g1 = torch.autograd.grad(expected, model.projector.linear_1.weight)[0]
     g2 = torch.autograd.grad(train_vqa.answer_loss(model, ids, pixels, labels), model.projector.linear_1.weight)[0]
     torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-7)
+
+
+def test_init_from_hf_folders_grows_the_embedding(data, tmp_path):
+    import shutil
+    from models.hf_weights import export_pretrained
+    from models.llama import Llama
+    from models.vit import VisionTransformer
+    from utils.tokenizer import SentencePieceTokenizer
+
+    torch.manual_seed(1)
+    llm_dir, vit_dir = str(tmp_path / "llm"), str(tmp_path / "vit")
+    words = "what color is the shape red blue green circle rectangle yes no there a USER: ASSISTANT:".split()
+    tok = SentencePieceTokenizer.train([" ".join(words[i:] + words[:i]) for i in range(len(words))] * 3, 300,
+                                       str(tmp_path / "spm"))  # no <image> piece: it must get a new id
+    llm = Llama(llama_config("tiny", vocab_size=tok.vocab_size))
+    export_pretrained(llm, llm_dir)
+    shutil.copy(next((tmp_path / "spm").glob("*.model")), os.path.join(llm_dir, "tokenizer.model"))
+    vit = VisionTransformer(vision_config("tiny"))
+    export_pretrained(vit, vit_dir)
+    out = str(tmp_path / "out")
+    train_vqa.main(args_for(data, out, "--init-llm", llm_dir, "--init-vision", vit_dir, "--max-steps", "1",
+                            "--stage", "pretrain", "--eval-every", "0"))
+    ckpt = load_checkpoint(os.path.join(out, "last.pt"))
+    cfg = LlavaConfig.from_dict(ckpt["model_config"])
+    assert cfg.image_token_id == tok.vocab_size and cfg.text.vocab_size == tok.vocab_size + 1
+    emb = ckpt["model"]["language_model.embed_tokens.weight"]
+    assert torch.equal(emb[:tok.vocab_size], llm.embed_tokens.weight)  # pretrained rows kept, frozen in pretrain
+    assert torch.equal(ckpt["model"]["vision_tower.blocks.0.mlp.fc1.weight"], vit.blocks[0].mlp.fc1.weight)
+    assert ckpt["tokenizer"]["model_proto"] == tok.model_proto
