@@ -479,9 +479,8 @@ def main(argv=None):
     if ckpt is None:
         cfg = build_config(args, n_vocab, image_id)
         processor = ImageProcessor(cfg.vision.image_size, pad_to_square=args.pad_to_square)
-    elif args.resume:
-        check_same_config(ckpt["model_config"], build_config(args, n_vocab, image_id).to_dict(), path) \
-            if not (args.init_llm or args.init_vision) else None
+    elif args.resume and not (args.init_llm or args.init_vision):  # the flags must describe the same model
+        check_same_config(ckpt["model_config"], build_config(args, n_vocab, image_id).to_dict(), path)
     model = build_model(cfg, args, n_vocab, pretrained=ckpt is None)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
