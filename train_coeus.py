@@ -272,7 +272,9 @@ def main(argv=None):
             bar.set_postfix(loss=f"{loss_f:.4f}", lr=f"{lr:.2e}")
     else:
         step = args.max_iters
+        model.eval()
         losses = evaluate(fwd, data, args, autocast, device) if args.max_iters > start else None
+        model.train()
         if losses:
             if losses["val"] < best_val:
                 best_val = losses["val"]
