@@ -12,215 +12,29 @@ Checkpoint kinds: "llama" and "coeus" (train_coeus.py), "vqa" (train_vqa.py), "d
 its LLaVA side), and Hugging Face folders (LlamaForCausalLM / LlavaForConditionalGeneration) read through
 models/hf_weights.py.
 
-How it is fast (gpt-fast's recipe): the prompt runs once (prefill) into a static KV cache (Llama) or the
-recurrent state (Coeus); then each token is one call of `Decoder.decode_one`, whose shapes never change,
-so on CUDA it is compiled with mode="reduce-overhead" (a CUDA graph). Penalties and filters work on
-preallocated buffers and sampling is an exponential race on the device (utils/sampling.py), so the token
-loop never waits for the host; the host looks at the tokens once every --sync-every tokens to stream text
-and check EOS / stop strings.
+How it is fast (gpt-fast's recipe, in utils/decoding.py): the prompt runs once (prefill) into a static KV
+cache (Llama) or the recurrent state (Coeus); then each token is one call of a fixed-shape decode step,
+compiled on CUDA with mode="reduce-overhead" (a CUDA graph). Penalties and filters work on preallocated
+buffers and sampling happens on the device (utils/sampling.py), so the token loop never waits for the host;
+the host reads the tokens once every --sync-every tokens to stream text and check EOS / stop strings.
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from utils.checkpoint import load_checkpoint
+from utils.decoding import CoeusLM, Decoder, LlamaLM, decode_tokens, make_step
 from utils.lm_metrics import degeneration_metrics, perplexity, words
 from utils.runtime import pick_device, seed_everything
-from utils.sampling import ContextState, SamplerConfig, choose
+from utils.sampling import SamplerConfig
 
 KINDS = ("llama", "coeus", "vqa", "detect")
-
-
-# --- model adapters: one interface over a KV-cache decoder and a recurrent one ------------------------------
-
-class LlamaLM(nn.Module):
-    """models.llama.Llama behind the decoder interface, with its static KV cache."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.context = model.config.max_seq_len
-        self.vocab_size = model.config.vocab_size
-        self._shape = None
-
-    def setup(self, batch, capacity):
-        if self._shape != (batch, capacity):
-            self.model.setup_cache(batch, capacity)
-            self._shape = (batch, capacity)
-
-    def prefill(self, input_ids, inputs_embeds=None):
-        """(B, T) prompt -> logits of its last position (B, V); fills cache slots 0..T-1."""
-        T = input_ids.shape[1]
-        pos = torch.arange(T, device=input_ids.device)
-        if inputs_embeds is not None:
-            return self.model(inputs_embeds=inputs_embeds, input_pos=pos)[:, -1]
-        return self.model(input_ids, input_pos=pos)[:, -1]
-
-    def step(self, tok, pos):
-        """tok (B,) at absolute position pos (1,) -> logits (B, V)."""
-        return self.model(tok[:, None], input_pos=pos)[:, -1]
-
-    def full_logits(self, input_ids):
-        return self.model(input_ids)
-
-
-class CoeusLM(nn.Module):
-    """models.coeus.Coeus behind the decoder interface. Its recurrent state lives in buffers of this module,
-    updated in place, so the compiled step (a CUDA graph) always reads and writes the same addresses."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.context = None  # no limit: the state is O(1) in the length
-        self.vocab_size = model.config.vocab_size
-        self._keys, self._batch = (), None
-
-    def setup(self, batch, capacity):
-        if self._batch != batch:
-            state = self.model.init_state(batch)
-            self._keys = tuple(state)
-            for k, v in state.items():
-                self.register_buffer("state_" + k, v, persistent=False)
-            self._batch = batch
-
-    def _state(self):
-        return {k: getattr(self, "state_" + k) for k in self._keys}
-
-    def _store(self, new):
-        for k in self._keys:
-            old = getattr(self, "state_" + k)
-            if new[k] is not old:
-                old.copy_(new[k])
-
-    def prefill(self, input_ids, inputs_embeds=None):
-        fresh = self.model.init_state(input_ids.shape[0])
-        logits, state = self.model.prefill(input_ids, fresh, last_only=True)
-        self._store(state)
-        return logits
-
-    def step(self, tok, pos):
-        logits, state = self.model.step(tok, self._state())
-        self._store(state)
-        return logits
-
-    def full_logits(self, input_ids):
-        return self.model(input_ids)
-
-
-class Decoder(nn.Module):
-    """Prefill once, then one token per `decode_one` call. Everything decode_one touches has a fixed shape
-    (KV cache or state, ContextState buffers), so it can become one CUDA graph."""
-
-    def __init__(self, lm, sampler: SamplerConfig, n_tokens=None):
-        super().__init__()
-        self.lm, self.sampler = lm, sampler
-        V = lm.vocab_size
-        self.ctx = ContextState(sampler, V)
-        # rows of a padded embedding that the tokenizer cannot decode are never sampled
-        banned = torch.zeros(V, dtype=torch.bool)
-        if n_tokens is not None and n_tokens < V:
-            banned[n_tokens:] = True
-        self.register_buffer("banned", banned, persistent=False)
-
-    def setup(self, batch, capacity, device):
-        self.lm.setup(batch, capacity)
-        self.ctx.setup(batch, capacity, device)
-        self.banned = self.banned.to(device)
-
-    def _next(self, logits, cur_len):
-        logits = logits.float().masked_fill(self.banned, -float("inf"))
-        logits = self.ctx.process(logits, cur_len)
-        return choose(logits, self.sampler)
-
-    def prefill(self, prompt_ids, inputs_embeds=None):
-        """prompt (B, T) -> first new token (B,), written at position T."""
-        T = prompt_ids.shape[1]
-        self.ctx.reset(prompt_ids)
-        logits = self.lm.prefill(prompt_ids, inputs_embeds)
-        pos = torch.tensor([T], device=prompt_ids.device)
-        tok = self._next(logits, pos)
-        self.ctx.append(tok, pos)
-        return tok
-
-    def decode_one(self, tok, pos):
-        """tok (B,) sits at position pos (1,): run it, return the token for position pos + 1."""
-        logits = self.lm.step(tok, pos)
-        cur = pos + 1
-        nxt = self._next(logits, cur)
-        self.ctx.append(nxt, cur)
-        return nxt
-
-
-def make_step(decoder, device, compile_mode="auto", tune=False):
-    """decode_one, compiled (CUDA: reduce-overhead = CUDA graphs; CPU: eager unless asked) with an eager
-    fallback when the compiler fails on its first call. tune: gpt-fast's inductor settings (coordinate
-    descent tuning of the kernels: faster steps, much longer compilation)."""
-    use = compile_mode == "on" or (compile_mode == "auto" and device.startswith("cuda"))
-    if not use:
-        return decoder.decode_one
-    cuda = device.startswith("cuda")
-    if cuda:
-        import torch._inductor.config as ic
-        ic.triton.unique_kernel_names = True
-        ic.fx_graph_cache = True
-        if tune:
-            ic.coordinate_descent_tuning = True
-    compiled = torch.compile(decoder.decode_one, mode="reduce-overhead" if cuda else None, fullgraph=True)
-    state = {"fn": compiled, "first": True}
-
-    def step(tok, pos):
-        if cuda and state["fn"] is compiled:
-            torch.compiler.cudagraph_mark_step_begin()
-        if not state["first"]:
-            return state["fn"](tok, pos).clone()  # a CUDA graph overwrites its output on the next replay
-        state["first"] = False
-        try:
-            return state["fn"](tok, pos).clone()
-        except Exception as e:  # pragma: no cover - depends on the machine's compiler
-            warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}); decoding eagerly")
-            state["fn"] = decoder.decode_one
-            return decoder.decode_one(tok, pos)
-    step.is_compiled = lambda: state["fn"] is compiled
-    return step
-
-
-@torch.no_grad()
-def decode_tokens(decoder, step, prompt_ids, max_new_tokens, sync_every=16, inputs_embeds=None):
-    """Generator of new-token chunks: yields (B, n) LongTensors (on device) every sync_every tokens and at
-    the end; the caller may stop early. sync_every=0 yields once, at the end (no sync inside the loop)."""
-    B, T = prompt_ids.shape
-    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=prompt_ids.device)
-    tok = decoder.prefill(prompt_ids, inputs_embeds)
-    out[:, 0] = tok
-    pos = torch.tensor([T], device=prompt_ids.device)
-    start = 0
-    for i in range(1, max_new_tokens):
-        tok = step(tok, pos)
-        out[:, i] = tok
-        pos += 1
-        if sync_every and (i + 1) % sync_every == 0:
-            yield out[:, start:i + 1]
-            start = i + 1
-    if start < max_new_tokens:
-        yield out[:, start:]
-
-
-def full_recompute_greedy(lm, prompt_ids, max_new_tokens):
-    """Slow reference: rerun the whole sequence for every token, argmax (what the decoder must equal)."""
-    ids = prompt_ids
-    for _ in range(max_new_tokens):
-        nxt = lm.full_logits(ids)[:, -1].float().argmax(-1)
-        ids = torch.cat([ids, nxt[:, None]], 1)
-    return ids[:, prompt_ids.shape[1]:]
 
 
 # --- loading -------------------------------------------------------------------------------------------
@@ -391,8 +205,8 @@ def fit_context(ids, max_new_tokens, context, truncate_left, has_image=False):
 # --- running one prompt --------------------------------------------------------------------------------
 
 class Session:
-    """A loaded model with its decoder and compiled step, reused across prompts (the cache and buffers are
-    reallocated only when a prompt needs more room, so the compiled step is reused too)."""
+    """A loaded model with its decoder and compiled step, reused across prompts (interactive mode): cache and
+    buffers keep one size while prompts fit, so the step is compiled once."""
 
     def __init__(self, loaded, sampler, device, compile_mode="auto"):
         self.loaded, self.device, self.sampler = loaded, device, sampler
@@ -412,8 +226,9 @@ class Session:
     @torch.no_grad()
     def generate(self, ids, num_samples=1, max_new_tokens=200, pixels=None, stop=(), sync_every=16,
                  on_text=None, ignore_eos=False):
-        """ids: one prompt (list of ints). Returns dict(texts, token_ids, new_tokens, prefill_s, decode_s).
-        on_text(str) receives sample 0's text as it grows (streaming)."""
+        """ids: one prompt (list of ints), decoded num_samples times as one batch. Returns dict(texts,
+        token_ids (per sample, up to EOS), new_tokens (kept, all samples), steps, prefill_and_first_chunk_s,
+        total_s). on_text(str) receives sample 0's text as it grows (streaming)."""
         tok, dev = self.loaded.tokenizer, self.device
         prompt = torch.tensor([ids], dtype=torch.long, device=dev).expand(num_samples, -1).contiguous()
         self._setup(num_samples, len(ids) + max_new_tokens)
@@ -697,9 +512,9 @@ def main(argv=None):
         sys.stdout.flush()
         if not args.quiet:
             tps = res["new_tokens"] / res["total_s"] if res["total_s"] > 0 else float("nan")
+            first_ms = res["prefill_and_first_chunk_s"] * 1e3
             print(f"[{len(ids)} prompt tokens, {res['new_tokens']} new in {res['total_s']:.2f} s: {tps:.1f} tokens/s "
-                  f"over {args.num_samples} sample(s); first chunk after {res['prefill_and_first_chunk_s'] * 1e3:.0f} ms]",
-                  file=sys.stderr)
+                  f"over {args.num_samples} sample(s); first chunk after {first_ms:.0f} ms]", file=sys.stderr)
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps({"prompt": text, "samples": res["texts"], "sampler": sampler.to_dict(),

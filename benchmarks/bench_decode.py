@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from generate import CoeusLM, Decoder, LlamaLM, decode_tokens, make_step  # noqa: E402
+from utils.decoding import CoeusLM, Decoder, LlamaLM, make_step  # noqa: E402
 from models.llama import Llama, llama_config  # noqa: E402
 from utils.sampling import SamplerConfig  # noqa: E402
 

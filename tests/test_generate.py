@@ -8,6 +8,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, NoRepea
                                                     RepetitionPenaltyLogitsProcessor)
 
 import generate
+from utils.decoding import CoeusLM, Decoder, LlamaLM, decode_tokens, full_recompute_greedy
 from models.coeus import Coeus, coeus_config
 from models.llama import Llama, llama_config
 from models.llava import LlavaConfig, LlavaModel
@@ -41,12 +42,12 @@ def save(tmp_path, kind, model, tok=TOK, name=None, model_config=None):
 
 
 def greedy_by_decoder(lm, prompts, n, sampler=None):
-    dec = generate.Decoder(lm, sampler or SamplerConfig(temperature=0))
+    dec = Decoder(lm, sampler or SamplerConfig(temperature=0))
     dec.setup(prompts.shape[0], prompts.shape[1] + n, "cpu")
-    return torch.cat(list(generate.decode_tokens(dec, dec.decode_one, prompts, n, sync_every=5)), 1)
+    return torch.cat(list(decode_tokens(dec, dec.decode_one, prompts, n, sync_every=5)), 1)
 
 
-@pytest.mark.parametrize("make, wrap", [(tiny_llama, generate.LlamaLM), (tiny_coeus, generate.CoeusLM)])
+@pytest.mark.parametrize("make, wrap", [(tiny_llama, LlamaLM), (tiny_coeus, CoeusLM)])
 def test_cached_greedy_equals_full_recompute(make, wrap):
     """KV cache / recurrent state decoding gives the tokens of rerunning the whole sequence each step."""
     lm = wrap(make())
@@ -54,12 +55,12 @@ def test_cached_greedy_equals_full_recompute(make, wrap):
     n = 26  # past Coeus' tiny window (8) and chunk (16): ring buffer and state carry are exercised
     with torch.no_grad():
         ours = greedy_by_decoder(lm, prompts, n)
-        ref = generate.full_recompute_greedy(lm, prompts, n)
+        ref = full_recompute_greedy(lm, prompts, n)
     assert torch.equal(ours, ref)
 
 
 def test_greedy_with_penalties_equals_hf_processors_on_full_recompute():
-    lm = generate.LlamaLM(tiny_llama())
+    lm = LlamaLM(tiny_llama())
     prompts = torch.randint(0, TOK.vocab_size, (3, 9), generator=torch.Generator().manual_seed(2))
     cfg = SamplerConfig(temperature=0, repetition_penalty=1.5, no_repeat_ngram_size=3)
     procs = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.5), NoRepeatNGramLogitsProcessor(3)])
@@ -74,29 +75,29 @@ def test_greedy_with_penalties_equals_hf_processors_on_full_recompute():
 
 def test_decode_step_traces_as_one_graph():
     """fullgraph=True: no graph break in decode_one (what CUDA graphs need); same tokens as eager."""
-    lm = generate.LlamaLM(tiny_llama())
+    lm = LlamaLM(tiny_llama())
     cfg = SamplerConfig(temperature=0, repetition_penalty=1.2, repetition_window=4, no_repeat_ngram_size=2,
                         frequency_penalty=0.1)
     prompts = torch.randint(0, TOK.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
-    dec = generate.Decoder(lm, cfg)
+    dec = Decoder(lm, cfg)
     dec.setup(2, 32, "cpu")
     torch._dynamo.reset()
     step = torch.compile(dec.decode_one, backend="eager", fullgraph=True)
     with torch.no_grad():
-        traced = torch.cat(list(generate.decode_tokens(dec, step, prompts, 12, sync_every=0)), 1)
+        traced = torch.cat(list(decode_tokens(dec, step, prompts, 12, sync_every=0)), 1)
     assert torch.equal(traced, greedy_by_decoder(lm, prompts, 12, cfg))
 
 
 def test_sampling_is_seeded_and_samples_differ(tmp_path):
-    lm = generate.LlamaLM(tiny_llama())
-    dec = generate.Decoder(lm, SamplerConfig(temperature=1.5, top_k=0, top_p=1.0))
+    lm = LlamaLM(tiny_llama())
+    dec = Decoder(lm, SamplerConfig(temperature=1.5, top_k=0, top_p=1.0))
     prompts = torch.zeros(4, 3, dtype=torch.long)
     dec.setup(4, 40, "cpu")
     runs = []
     for _ in range(2):
         torch.manual_seed(7)
         with torch.no_grad():
-            runs.append(torch.cat(list(generate.decode_tokens(dec, dec.decode_one, prompts, 30)), 1))
+            runs.append(torch.cat(list(decode_tokens(dec, dec.decode_one, prompts, 30)), 1))
     assert torch.equal(runs[0], runs[1])
     assert len({tuple(r) for r in runs[0].tolist()}) > 1, "the batch rows should be different samples"
 
@@ -118,7 +119,7 @@ def test_cli_coeus_greedy_matches_reference(tmp_path, capsys):
     res = generate.main(["--ckpt", ck, "--prompt", "Speak", "--max-new-tokens", "25", "--greedy", "--quiet"])
     ids = torch.tensor([TOK.encode("Speak")])
     with torch.no_grad():
-        ref = generate.full_recompute_greedy(generate.CoeusLM(model), ids, 25)
+        ref = full_recompute_greedy(CoeusLM(model), ids, 25)
     assert res[0]["token_ids"][0] == ref[0].tolist()
 
 
@@ -292,7 +293,7 @@ def test_hf_folder_with_sentencepiece(tmp_path, capsys):
                          "--quiet", "--ignore-eos"])
     ids = torch.tensor([[tok.bos_id] + tok.encode("Speak")])
     with torch.no_grad():
-        ref = generate.full_recompute_greedy(generate.LlamaLM(model), ids, 8)
+        ref = full_recompute_greedy(LlamaLM(model), ids, 8)
     assert res[0]["token_ids"][0] == ref[0].tolist()
 
 
