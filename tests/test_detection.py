@@ -163,3 +163,20 @@ def test_both_losses_reach_the_vision_tower():
     det.backward()
     for n, p in model.head.named_parameters():
         assert p.grad is not None, n
+
+
+def test_reference_points_and_spatial_prior():
+    head = DetectionHead(hidden=16, num_queries=4, n_heads=4, vocab_size=10)
+    ref = head.ref_logits.sigmoid()
+    assert torch.allclose(ref, torch.tensor([[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]]))
+    keep = torch.ones(2, 1, 1, 4 + 3, dtype=torch.bool)
+    keep[1, ..., -1] = False
+    bias = head.attention_bias(ref, keep, 4, torch.float32)  # 2x2 vision grid (centres = the refs), 3 text tokens
+    assert bias.shape == (2, 1, 4, 7)
+    # Gaussian in the distance: 0 on the query's own patch, -d^2 / (2 sigma^2) elsewhere (sigma = 0.25)
+    d2 = torch.tensor([[0, 0.25, 0.25, 0.5], [0.25, 0, 0.5, 0.25], [0.25, 0.5, 0, 0.25], [0.5, 0.25, 0.25, 0]])
+    assert torch.allclose(bias[0, 0, :, :4], -d2 / (2 * 0.25 ** 2), atol=1e-5)
+    assert (bias[:, :, :, 4:6] == 0).all() and (bias[1, :, :, 6] < -1e8).all() and (bias[0, :, :, 6] == 0).all()
+    # untrained, every box sits on its query's reference point
+    outs = head(torch.randn(1, 16, 16), torch.randn(1, 3, 16), torch.ones(1, 3, dtype=torch.bool))
+    assert torch.allclose(outs[-1]["boxes"][0, :, :2], ref, atol=1e-6)
