@@ -154,7 +154,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.smoke:
         args.config, args.prompt_len, args.new_tokens, args.dtype = "tiny", 16, 12, "float32"
-        args.warmup, args.repeats, args.coeus_config = 1, 1, "tiny"
+        args.warmup, args.repeats = 1, 1
+        args.coeus_config = "tiny" if args.coeus_config else ""
         args.device = "cpu" if args.device == "auto" else args.device
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
         "cpu" if args.device == "auto" else args.device)

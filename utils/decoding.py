@@ -31,7 +31,7 @@ class LlamaLM(nn.Module):
         self._shape = None
 
     def setup(self, batch, capacity):
-        if self._shape != (batch, capacity):
+        if self._shape != (batch, capacity) or self.model.cache_len == 0:  # (cleared from outside)
             self.model.setup_cache(batch, capacity)
             self._shape = (batch, capacity)
 
