@@ -163,7 +163,10 @@ def encode_prompt(loaded, text, image=None):
     if loaded.llava is None:
         if image is not None:
             _fail("--image needs a VQA (or detection) checkpoint")
-        ids = tok.encode(text)
+        try:
+            ids = tok.encode(text)
+        except ValueError as e:
+            _fail(f"cannot encode the prompt: {e}")
         if tok.bos_id is not None:
             ids = [tok.bos_id] + ids
         if not ids:
@@ -184,8 +187,11 @@ def encode_prompt(loaded, text, image=None):
             text = IMAGE_TAG + "\n" + text
     elif IMAGE_TAG in text:
         _fail(f"the prompt holds {IMAGE_TAG} but no --image was given")
-    enc = encode_conversation([{"from": "human", "value": text}], tok, ex["image_token_id"],
-                              loaded.llava.num_image_tokens, max_len=10 ** 9, template=ex["template"])
+    try:
+        enc = encode_conversation([{"from": "human", "value": text}], tok, ex["image_token_id"],
+                                  loaded.llava.num_image_tokens, max_len=10 ** 9, template=ex["template"])
+    except ValueError as e:
+        _fail(f"cannot encode the prompt: {e}")
     return enc["input_ids"], pixels
 
 
@@ -530,7 +536,10 @@ def main(argv=None):
             if not line:
                 break
             if line.strip():
-                run(line.rstrip("\n"))
+                try:
+                    run(line.rstrip("\n"))
+                except SystemExit as e:  # a bad prompt ends that prompt, not the session
+                    print(e, file=sys.stderr)
         return results
     if args.prompt_file:
         if not os.path.isfile(args.prompt_file):

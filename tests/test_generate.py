@@ -149,9 +149,10 @@ def test_cli_stop_string(tmp_path, capsys):
 
 def test_interactive_reads_stdin(tmp_path, monkeypatch, capsys):
     ck = save(tmp_path, "llama", tiny_llama())
-    monkeypatch.setattr("sys.stdin", io.StringIO("All:\n\nSpeak\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("All:\n\nSpeak €\nSpeak\n"))
     res = generate.main(["--ckpt", ck, "--interactive", "--max-new-tokens", "5", "--quiet"])
     assert len(res) == 2
+    assert "cannot encode the prompt" in capsys.readouterr().err
 
 
 def test_prompt_file(tmp_path, capsys):
@@ -171,6 +172,12 @@ def test_prompt_longer_than_context(tmp_path, capsys):
         generate.main(["--ckpt", ck, "--prompt", long, "--max-new-tokens", "10"])
     res = generate.main(["--ckpt", ck, "--prompt", long, "--max-new-tokens", "10", "--truncate-left", "--quiet"])
     assert res[0]["new_tokens"] == 10
+
+
+def test_prompt_outside_the_vocabulary(tmp_path):
+    ck = save(tmp_path, "llama", tiny_llama())
+    with pytest.raises(SystemExit, match="cannot encode the prompt: character '€'"):
+        generate.main(["--ckpt", ck, "--prompt", "Speak €"])
 
 
 def test_unknown_kind(tmp_path):
