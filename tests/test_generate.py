@@ -315,3 +315,21 @@ def test_bench_decode_smoke(tmp_path):
     assert json.loads(out.read_text())["ours"]["tokens_per_s"] > 0
     assert r["hf_generate"]["first_logits_max_abs_diff_vs_ours"] < 1e-4
     assert r["coeus"]["tokens_per_s"] > 0
+
+
+def test_greedy_with_penalties_equals_transformers_generate():
+    """Same weights in transformers' LlamaForCausalLM: its generate() picks the same tokens as ours."""
+    from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
+    from models.hf_weights import llama_config_to_hf, ours_to_hf
+    model = tiny_llama()
+    hf_cfg = HFLlamaConfig(**{k: v for k, v in llama_config_to_hf(model.config).items()
+                              if k not in ("architectures", "model_type")})
+    hf = LlamaForCausalLM(hf_cfg).eval()
+    hf.load_state_dict(ours_to_hf(model, "llama"), strict=False)
+    prompts = torch.randint(0, TOK.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
+    cfg = SamplerConfig(temperature=0, repetition_penalty=1.3, no_repeat_ngram_size=2)
+    with torch.no_grad():
+        ours = greedy_by_decoder(LlamaLM(model), prompts, 20, cfg)
+        theirs = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=20,
+                             min_new_tokens=20, repetition_penalty=1.3, no_repeat_ngram_size=2, pad_token_id=0)
+    assert torch.equal(ours, theirs[:, 7:])
