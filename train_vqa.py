@@ -81,7 +81,7 @@ def get_args(argv=None):
     g.add_argument("--stage", choices=("pretrain", "finetune"), default="finetune",
                    help="pretrain: projector only; finetune: projector + decoder")
     g.add_argument("--train-vision", action="store_true", help="also train the ViT")
-    g.add_argument("--epochs", type=float, default=3, help="passes over the training set")
+    g.add_argument("--epochs", type=float, default=6, help="passes over the training set")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     g.add_argument("--batch-size", type=int, default=64, help="samples per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -93,7 +93,7 @@ def get_args(argv=None):
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0 = off)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward pass")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager)")
+    g.add_argument("--compile", action="store_true", help="torch.compile each ViT and decoder block (falls back to eager on failure)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--dtype", default="auto", help="auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16")
     g.add_argument("--threads", type=int, default=1, help="CPU threads (0 = torch's default). 1 by default: the small "
