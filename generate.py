@@ -151,7 +151,7 @@ def _finish(kind, model, tok, llava, extras, device, dtype, source):
     extras["n_tokens"] = n
     target = llava if llava is not None else model
     target.to(device=device, dtype=dtype).eval()
-    lm = CoeusLM(model) if is_coeus else LlamaLM(model)
+    lm = CoeusLM(model) if is_coeus else LlamaLM(model, fuse=True)  # generate never trains or saves
     return Loaded(kind, lm, tok, llava, extras)
 
 

@@ -111,23 +111,42 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.qkv_proj = None  # set by fuse_projections() for inference
         self.kv_cache = None
+
+    def fuse_projections(self):
+        """One (q|k|v) matmul instead of three: fewer, larger kernels per decode step. Inference only."""
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach()
+        self.qkv_proj = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        self.qkv_proj.weight.data.copy_(w)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, cos, sin, mask=None, input_pos=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, H, D).transpose(1, 2)    # (B, H, T, D)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, max_len, D)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        gqa = self.n_heads != self.n_kv_heads
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)
+        elif H != Hkv:
+            # grouped layout: the G query heads that share a KV head become G*T query rows of that head,
+            # so K/V are read once instead of being repeated per query head (HF's repeat_kv order: h = j*G + g)
+            G = H // Hkv
+            qg = q.reshape(B, Hkv, G * T, D)                          # (B, Hkv, G*T, D), row g*T + t
+            mg = mask.repeat(1, 1, G, 1)                              # (B|1, 1, G*T, L)
+            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg).view(B, H, T, D)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, H * D)
         return self.o_proj(y)
 
 
@@ -139,9 +158,21 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.gate_up_proj = None  # set by fuse_projections() for inference
+
+    def fuse_projections(self):
+        """One (gate|up) matmul instead of two. Inference only."""
+        w = torch.cat([self.gate_proj.weight, self.up_proj.weight]).detach()
+        self.gate_up_proj = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        self.gate_up_proj.weight.data.copy_(w)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -221,6 +252,17 @@ class Llama(nn.Module):
         for layer in self.layers:
             layer.self_attn.kv_cache = None
         self.cache_len = 0
+
+    def fuse_projections(self):
+        """Concatenate q/k/v and gate/up weights for decoding (7 -> 4 matmuls per layer, same outputs).
+
+        Inference only: the parameter names change, so neither train nor save a fused model.
+        """
+        for layer in self.layers:
+            if layer.self_attn.qkv_proj is None:
+                layer.self_attn.fuse_projections()
+                layer.mlp.fuse_projections()
+        return self
 
     # --- forward --------------------------------------------------------------------------------
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,

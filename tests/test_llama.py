@@ -154,3 +154,23 @@ def test_model_loss_equals_forward_loss_and_grads():
     g_got = torch.autograd.grad(got, list(ours.parameters()))
     assert (got - ref).abs() <= 1e-6
     assert max((a - b).abs().max() for a, b in zip(g_ref, g_got)) <= 1e-6
+
+
+def test_fused_projections_and_grouped_decode_attention_match():
+    """fuse_projections() (inference) and the grouped-query cache path give the unfused model's logits."""
+    from models.llama import Llama, LlamaConfig
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, dim=64, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=96, max_seq_len=64)
+    ref = Llama(cfg).eval()
+    fused = Llama(cfg).eval()
+    fused.load_state_dict(ref.state_dict())
+    fused.fuse_projections()
+    ids = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        full = ref(ids)
+        assert (fused(ids) - full).abs().max() < 1e-5
+        fused.setup_cache(2, 40)
+        steps = [fused(ids[:, :5], input_pos=torch.arange(5))]
+        for t in range(5, 24):
+            steps.append(fused(ids[:, t:t + 1], input_pos=torch.tensor([t])))
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-5

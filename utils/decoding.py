@@ -21,11 +21,14 @@ from utils.sampling import ContextState, SamplerConfig, choose
 # --- model adapters: one interface over a KV-cache decoder and a recurrent one ------------------------------
 
 class LlamaLM(nn.Module):
-    """models.llama.Llama behind the decoder interface, with its static KV cache."""
+    """models.llama.Llama behind the decoder interface, with its static KV cache.
 
-    def __init__(self, model):
+    fuse=True concatenates the q/k/v and gate/up weights of the model in place (Llama.fuse_projections):
+    fewer kernels per token, same outputs; only for a model that is no longer trained or saved."""
+
+    def __init__(self, model, fuse=False):
         super().__init__()
-        self.model = model
+        self.model = model.fuse_projections() if fuse else model
         self.context = model.config.max_seq_len
         self.vocab_size = model.config.vocab_size
         self._shape = None
