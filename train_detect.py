@@ -126,6 +126,7 @@ def get_args(argv=None):
     r.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end of each epoch)")
     r.add_argument("--save-every", type=int, default=200, help="write last.pt every N steps (and at the end)")
     r.add_argument("--eval-topk", type=int, default=10, help="detections per image passed to COCO eval")
+    r.add_argument("--draw-threshold", type=float, default=0.3, help="predictions.png shows boxes scoring at least this")
     r.add_argument("--num-sample-images", type=int, default=8, help="validation images drawn into predictions.png")
     r.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (drawing + preprocessing images)")
     r.add_argument("--smoke", action="store_true", help="a tiny run to check the set-up (few samples, few steps)")
@@ -285,13 +286,27 @@ def decode_caption(tokenizer, ids, eos_id):
     return tokenizer.decode(ids).strip()
 
 
-def evaluate(model, loader, tokenizer, categories, autocast, device, topk, eos_id, score_threshold=0.5,
-             n_draw=0):
+def match_by_score(gt_boxes, det_boxes, det_scores, iou_threshold=0.5):
+    """COCO-style greedy matching: detections in descending score each take the free target of highest
+    IoU >= threshold. Boxes xyxy. Returns [(target index, detection index)]."""
+    if len(gt_boxes) == 0 or len(det_boxes) == 0:
+        return []
+    iou, _ = box_iou(gt_boxes, det_boxes)  # (G, D)
+    free, pairs = torch.ones(len(gt_boxes), dtype=torch.bool), []
+    for d in det_scores.argsort(descending=True).tolist():
+        cand = iou[:, d].masked_fill(~free, -1.0)
+        g = int(cand.argmax())
+        if cand[g] >= iou_threshold:
+            free[g] = False
+            pairs.append((g, d))
+    return pairs
+
+
+def evaluate(model, loader, tokenizer, categories, autocast, device, topk, eos_id, draw_threshold=0.3, n_draw=0):
     """COCO mAP@[.5:.95] / mAP@.5 (class-aware: the category is the decoded caption; and class-agnostic),
-    caption accuracy over matched boxes (IoU >= 0.5, score >= threshold, Hungarian on IoU)."""
+    caption accuracy over the targets matched to a detection (COCO-style: by score, IoU >= 0.5)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
-    from scipy.optimize import linear_sum_assignment
 
     model.eval()
     cat_id = {c: i + 1 for i, c in enumerate(categories)}
@@ -325,18 +340,13 @@ def evaluate(model, loader, tokenizer, categories, autocast, device, topk, eos_i
                              "category_id": cat_id.get(c, 0)})
             # caption accuracy on matched boxes
             n_gt += len(gt_caps[i])
-            keep = pr["scores"] >= score_threshold
-            if keep.any() and len(gt_caps[i]):
-                iou, _ = box_iou(box_cxcywh_to_xyxy(batch["targets"][i]["boxes"]), box_cxcywh_to_xyxy(pr["boxes"][keep]))
-                gi, di = linear_sum_assignment((-iou).numpy())
-                kept_caps = [c for c, k in zip(captions, keep.tolist()) if k]
-                for g, d in zip(gi, di):
-                    if iou[g, d] >= 0.5:
-                        n_matched += 1
-                        n_correct += kept_caps[d] == gt_caps[i][g]
+            for g, d in match_by_score(box_cxcywh_to_xyxy(batch["targets"][i]["boxes"]),
+                                       box_cxcywh_to_xyxy(pr["boxes"]), pr["scores"]):
+                n_matched += 1
+                n_correct += captions[d] == gt_caps[i][g]
             if len(drawn) < n_draw:
                 drawn.append((batch["pixel_values"][int(batch["det_image_index"][i])], pr, captions,
-                              batch["targets"][i]["boxes"], score_threshold))
+                              batch["targets"][i]["boxes"], draw_threshold))
     model.train()
 
     def coco_map(class_aware):
@@ -545,7 +555,7 @@ def train(args):
         nonlocal best
         t0 = time.time()
         res, drawn = evaluate(model, val_loader, tokenizer, categories, autocast, device, args.eval_topk, eos_id,
-                              n_draw=args.num_sample_images)
+                              args.draw_threshold, n_draw=args.num_sample_images)
         res["eval_seconds"] = time.time() - t0
         metrics.log(step=step, **{f"val_{k}": v for k, v in res.items()})
         draw_predictions(drawn, os.path.join(args.out, "predictions.png"))

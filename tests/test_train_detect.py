@@ -187,3 +187,13 @@ def test_missing_and_corrupt_images_end_in_one_message(tmp_path):
     with pytest.raises(SystemExit, match=r"error: cannot read image .*1.png"):
         run(tmp_path, "corrupt", "--train-json", path, "--train-images", img_dir, "--batch-size", "3",
             "--max-steps", "1", "--vocab-size", "300")
+
+
+def test_match_by_score_is_greedy_by_score():
+    gt = torch.tensor([[0, 0, 10, 10], [20, 20, 30, 30.]])
+    det = torch.tensor([[0, 0, 10, 9], [0, 0, 10, 10], [21, 21, 30, 30], [50, 50, 60, 60.]])
+    # the higher-scoring of two overlapping detections takes the target, even with a lower IoU
+    pairs = train_detect.match_by_score(gt, det, torch.tensor([0.9, 0.8, 0.7, 0.95]))
+    assert sorted(pairs) == [(0, 0), (1, 2)]
+    assert train_detect.match_by_score(gt, det[3:], torch.tensor([0.9])) == []
+    assert train_detect.match_by_score(gt[:0], det, torch.rand(4)) == []
