@@ -15,7 +15,10 @@ Design choices (what the issue asks to document):
   * Input scale: queries are multiplied by head_dim ** -0.5 before both branches (SDPA's scale for the
     local one, chunk_gla's `scale` for the global one). Keys and values enter the global state unscaled.
   * Output norm: the global branch's per-head output goes through an RMSNorm over head_dim (learnable gain,
-    shared across heads), which keeps it O(1) however much the un-normalised state has accumulated.
+    shared across heads), which keeps it O(1) however much the un-normalised state has accumulated. The
+    gain starts at 0, so training starts from the local branch alone and mixes the global one in as it
+    learns. In a CPU check (4 layers x 128, 200 steps) a unit initial gain gave val 2.165, a zero gain 2.053,
+    and the local branch alone 2.042.
   * Fusion: additive, per head: y = RMSNorm(o_global) + o_local, then one output projection. The two
     branches share the q/k/v projections (the local one adds RoPE to q and k; the global one needs no
     positions, its decays order the tokens). The RMSNorm gain is the per-channel mixing weight.
@@ -203,6 +206,9 @@ class Coeus(nn.Module):
             with torch.no_grad():
                 layer.mixer.gate_proj.bias.copy_(target - torch.log(-torch.expm1(target)))  # inverse logsigmoid
                 layer.mixer.gate_proj.weight.mul_(0.1)
+            # the global branch starts switched off (ReZero-style) and is mixed in as it learns: with a unit
+            # gain its normalised output drowned the local branch at init and slowed early training
+            nn.init.zeros_(layer.mixer.global_norm.weight)
         self.compile_step = False  # step()'s default: set True to torch.compile the decode step
         self._compiled_step = None
 
