@@ -80,8 +80,10 @@ def get_args(argv=None):
     g = p.add_argument_group("training")
     g.add_argument("--stage", choices=("pretrain", "finetune"), default="finetune",
                    help="pretrain: projector only; finetune: projector + decoder")
-    g.add_argument("--train-vision", action="store_true", help="also train the ViT")
-    g.add_argument("--epochs", type=float, default=6, help="passes over the training set")
+    g.add_argument("--train-vision", action="store_true", help="also train the ViT (default: only when it starts "
+                   "from random weights, i.e. without --init-vision, in the finetune stage)")
+    g.add_argument("--freeze-vision", action="store_true", help="never train the ViT")
+    g.add_argument("--epochs", type=float, default=4, help="passes over the training set")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     g.add_argument("--batch-size", type=int, default=64, help="samples per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -200,12 +202,20 @@ def build_model(cfg, args, n_vocab, pretrained=True):
     return model
 
 
+def train_vision(args):
+    """A random ViT must learn (frozen random features give colours but never shapes); a pretrained one
+    stays frozen unless --train-vision, as in LLaVA."""
+    if args.freeze_vision:
+        return False
+    return args.train_vision or (args.stage == "finetune" and not args.init_vision)
+
+
 def set_trainable(model, args):
     """pretrain: projector; finetune: projector + decoder; --train-vision adds the ViT. Returns param groups."""
     train_llm = args.stage == "finetune"
     parts = [("projector", model.projector, args.projector_lr or args.lr, True),
              ("llm", model.language_model, args.lr, train_llm),
-             ("vision", model.vision_tower, args.vision_lr or args.lr, args.train_vision)]
+             ("vision", model.vision_tower, args.vision_lr or args.lr, train_vision(args))]
     groups = []
     for name, module, lr, on in parts:
         params = list(module.parameters())
@@ -566,7 +576,7 @@ def main(argv=None):
 
     model.train()
     print(f"training {total_steps} steps ({steps_per_epoch} per epoch, batch {args.batch_size} x {args.grad_accum}), "
-          f"stage {args.stage}{' + vision' if args.train_vision else ''}; {len(train_set)} train samples")
+          f"stage {args.stage}{' + vision' if train_vision(args) else ' (vision frozen)'}; {len(train_set)} train samples")
     bar = tqdm(total=total_steps, initial=step, disable=args.no_progress, dynamic_ncols=True)
     t0, seen, micro, losses = time.time(), 0, 0, []
     epoch_skipped = epoch_truncated = 0

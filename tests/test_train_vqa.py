@@ -205,3 +205,10 @@ def test_init_from_hf_folders_grows_the_embedding(data, tmp_path):
     assert torch.equal(emb[:tok.vocab_size], llm.embed_tokens.weight)  # pretrained rows kept, frozen in pretrain
     assert torch.equal(ckpt["model"]["vision_tower.blocks.0.mlp.fc1.weight"], vit.blocks[0].mlp.fc1.weight)
     assert ckpt["tokenizer"]["model_proto"] == tok.model_proto
+
+
+def test_a_random_vit_trains_and_a_pretrained_one_stays_frozen_by_default():
+    def rule(*argv):
+        return train_vqa.train_vision(train_vqa.get_args(list(argv)))
+    assert rule() and not rule("--init-vision", "x") and rule("--init-vision", "x", "--train-vision")
+    assert not rule("--stage", "pretrain") and not rule("--freeze-vision")
