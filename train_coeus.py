@@ -165,7 +165,10 @@ def main(argv=None):
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: --resume: {e}")
     try:
-        tok = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt else build_tokenizer(args.tokenizer, corpus)
+        if ckpt:
+            tok = tokenizer_from_dict(ckpt["tokenizer"])
+        else:
+            tok = build_tokenizer(args.tokenizer, corpus, vocab_size=args.vocab_size)
         data = encode_splits(corpus, tok)
     except (DataError, RuntimeError, ValueError) as e:
         raise SystemExit(f"error: {e}")

