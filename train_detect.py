@@ -102,7 +102,8 @@ def get_args(argv=None):
                    help="leave after this many steps of this invocation, writing last.pt (the schedule still follows "
                         "--epochs/--max-steps; for preemptible jobs and the resume test)")
     o.add_argument("--batch-size", type=int, default=32, help="samples (conversations) per optimizer step")
-    for g, lr in (("vision", 5e-4), ("projector", 5e-4), ("llm", 5e-4), ("detection", 5e-4), ("adapter", 1e-3)):
+    # 1e-3 vs 5e-4 on the shapes data (batch 16, 600 steps, CPU): mAP@.5 0.060 vs 0.029 at step 300
+    for g, lr in (("vision", 1e-3), ("projector", 1e-3), ("llm", 1e-3), ("detection", 1e-3), ("adapter", 2e-3)):
         o.add_argument(f"--lr-{g}", type=float, default=lr, help=f"learning rate of the {g} group (0 freezes it)")
     o.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay of matrices (not norms, biases, embeddings)")
     o.add_argument("--warmup-steps", type=int, default=100, help="linear lr warm-up, then cosine decay")
