@@ -7,7 +7,7 @@ are teacher turns, the last turn's image is the student's and carries the detect
 COCO-format detection file. The LM loss is reported as a whole and split into teacher_lm and student_lm.
 
     python train_detect.py                                    # CPU, shapes data, small model (defaults)
-    python train_detect.py --device cuda --batch-size 64      # one GPU
+    python train_detect.py --device cuda --epochs 40 --num-workers 8   # one GPU, the quality-bar run
     python train_detect.py --init-vqa checkpoints/vqa/best.pt # start from a train_vqa.py checkpoint
     python train_detect.py --train-json a.json --train-images imgs/ --val-json b.json --val-images imgs/
     python train_detect.py --resume checkpoints/detect/last.pt
