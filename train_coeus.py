@@ -73,6 +73,9 @@ def parse_args(argv=None):
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--no-compile", action="store_true", help="do not torch.compile the model")
+    g.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead"],
+                   help="torch.compile mode of the blocks; reduce-overhead adds CUDA graphs (small models are "
+                   "kernel-launch bound on a GPU)")
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p.parse_args(argv)
@@ -118,7 +121,8 @@ def compile_blocks(model, data, args, autocast, device):
     t = time.time()
     rng = rng_state()
     for layer in model.layers:
-        layer.forward = torch.compile(layer.forward)  # instance attribute shadows the class's forward
+        # an instance attribute shadows the class's forward
+        layer.forward = torch.compile(layer.forward, mode=args.compile_mode)
     try:
         x, _ = get_batch(data["train"], args.block_size, args.batch_size, torch.Generator().manual_seed(0), device)
         with autocast:
@@ -242,6 +246,7 @@ def main(argv=None):
                      "batch_gen": batch_gen.get_state(), "best_val": best_val, "args": vars(args)}, path)
 
     def train_step(x, y):
+        torch.compiler.cudagraph_mark_step_begin()  # --compile-mode reduce-overhead: a new iteration (else no-op)
         with autocast:
             logits = model(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
