@@ -52,8 +52,9 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--max-iters", type=int, default=5000)
     g.add_argument("--max-time", type=float, default=None, help="stop after this many seconds (final eval included)")
-    g.add_argument("--lr-by-time", action="store_true", help="cosine schedule over --max-time seconds instead of "
-                   "--max-iters steps (the run then anneals whatever the speed; not bit-reproducible)")
+    g.add_argument("--lr-by-time", action="store_true", help="cosine schedule over the --max-time seconds left "
+                   "after compilation instead of --max-iters steps (the run then anneals whatever the speed; not "
+                   "bit-reproducible)")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--min-lr", type=float, default=1e-4)
     g.add_argument("--warmup-iters", type=int, default=100)
@@ -95,11 +96,13 @@ def build_model(args, vocab_size):
     return Llama(lcfg), lcfg
 
 
-def lr_at(step, elapsed, args):
+def lr_at(step, elapsed, args, t_start=0.0):
+    """Warmup, then cosine to --min-lr over the steps, or with --lr-by-time over the seconds from t_start
+    (the end of compilation) to --max-time."""
     if step < args.warmup_iters:
         return args.lr * (step + 1) / (args.warmup_iters + 1)
     if args.lr_by_time and args.max_time:
-        progress = min(1.0, elapsed / args.max_time)
+        progress = min(1.0, max(0.0, elapsed - t_start) / max(1e-9, args.max_time - t_start))
     else:
         progress = min(1.0, (step - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters))
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
@@ -257,6 +260,7 @@ def main(argv=None):
         return loss, norm
 
     elapsed = 0.0
+    t_start = time.time() - t0  # compilation done: the time-based schedule spans the seconds left
     bar = tqdm(range(start, args.max_iters), initial=start, total=args.max_iters, disable=args.no_progress,
                dynamic_ncols=True)
     step = start
@@ -287,7 +291,7 @@ def main(argv=None):
                 tqdm.write(f"stopping at step {step} ({'--max-time' if out_of_time else '--stop-at'}); "
                            f"continue with --resume {os.path.join(args.out, 'last.pt')}")
                 break
-        lr = lr_at(step, elapsed, args)
+        lr = lr_at(step, elapsed, args, t_start)
         for gr in opt.param_groups:
             gr["lr"] = lr
         x, y = get_batch(data["train"], args.block_size, args.batch_size, batch_gen, device)

