@@ -332,23 +332,10 @@ class DetectionModel(nn.Module):
         hidden states each detection sample reads (padded, mask False on padding).
         Returns logits (R, T, V), hidden (R, T, Dt), head outputs (or None without detection samples)."""
         feats = self.vision_features(pixel_values)
-        inputs_embeds = embed_with_features(self.llava, input_ids, feats)
+        inputs_embeds = self.llava.embed(input_ids, vision_features=feats)
         logits, hidden = self.llava.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                                    position_ids=position_ids, return_hidden=True)
         if det_image_index is None:
             return logits, hidden, None
         text = hidden.flatten(0, 1)[memory_index]  # (S, L, Dt)
         return logits, hidden, self.head(feats[det_image_index], text, memory_mask)
-
-
-def embed_with_features(llava, input_ids, feats):
-    """LlavaModel.embed with the vision features already computed (so the tower runs once for both heads).
-    feats (B_img, N, Dv) before the projector."""
-    is_image = llava.image_mask(input_ids)
-    n = int(is_image.sum())
-    if n != feats.shape[0] * feats.shape[1]:
-        raise ValueError(f"input_ids hold {n} image placeholder tokens but {feats.shape[0]} image(s) x "
-                         f"{feats.shape[1]} tokens are given")
-    embeds = llava.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))  # (R, T, Dt)
-    img = llava.projector(feats.to(llava.projector.linear_1.weight.dtype))
-    return embeds.masked_scatter(is_image[..., None], img.to(embeds.dtype))

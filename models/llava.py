@@ -90,11 +90,16 @@ class LlavaModel(nn.Module):
     def image_mask(self, input_ids):
         return input_ids == self.config.image_token_id
 
-    def embed(self, input_ids, pixel_values=None):
-        """input_ids (B, T) with N placeholders per image -> inputs_embeds (B, T, text_dim)."""
+    def embed(self, input_ids, pixel_values=None, vision_features=None):
+        """input_ids (B, T) with N placeholders per image -> inputs_embeds (B, T, text_dim).
+
+        vision_features (B_img, N, vision_dim): the tower's selected features, when the caller already ran
+        the tower (the detection head reads them too) -- then pixel_values is not needed.
+        """
         is_image = self.image_mask(input_ids)
         n_placeholders = int(is_image.sum())
-        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        images = vision_features if vision_features is not None else pixel_values
+        n_images = 0 if images is None else images.shape[0]
         expected = n_images * self.num_image_tokens
         if n_placeholders != expected:
             raise ValueError(
@@ -105,7 +110,10 @@ class LlavaModel(nn.Module):
         embeds = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))  # (B, T, dim)
         if n_images == 0:
             return embeds
-        feats = self.image_features(pixel_values)  # (B_img, N, dim)
+        if vision_features is not None:
+            feats = self.projector(vision_features.to(self.projector.linear_1.weight.dtype))  # (B_img, N, dim)
+        else:
+            feats = self.image_features(pixel_values)  # (B_img, N, dim)
         return embeds.masked_scatter(is_image[..., None], feats.to(embeds.dtype))
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, labels=None,

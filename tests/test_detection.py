@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from models.detection import DetectionConfig, DetectionHead, DetectionModel, embed_with_features, sine_positions_2d
+from models.detection import DetectionConfig, DetectionHead, DetectionModel, sine_positions_2d
 from models.detection_loss import SetCriterion
 from models.llama import LlamaConfig
 from models.llava import LlavaConfig
@@ -134,11 +134,11 @@ def test_box_normalisation_round_trip_non_square():
     assert torch.allclose(xywh, torch.tensor([[10.0, 5, 20, 20], [0, 0, 40, 20]]))
 
 
-def test_embed_with_features_matches_llava_embed():
+def test_embed_from_vision_features_matches_embed_from_pixels():
     tok, model, items, ds = samples(n=2, turns=2)
     b = DetectionCollator(PadCollator(0), tok.vocab_size, model.llava.num_image_tokens)([ds[0], ds[1]])
     ref = model.llava.embed(b["input_ids"], b["pixel_values"])
-    got = embed_with_features(model.llava, b["input_ids"], model.vision_features(b["pixel_values"]))
+    got = model.llava.embed(b["input_ids"], vision_features=model.vision_features(b["pixel_values"]))
     assert torch.allclose(ref, got, atol=1e-6)
 
 
