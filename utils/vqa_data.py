@@ -15,27 +15,21 @@
 None (the collators drop and count it; the training script reports the count each epoch); with
 strict=True it raises with the path. A sample is never given a blank image instead.
 """
-import hashlib
 import io
 import json
 import os
-import subprocess
-import sys
 import zipfile
 
 from PIL import Image, UnidentifiedImageError
 
 from utils.chat import IMAGE_TAG, ROLE_ALIASES
+from utils.pypi_fetch import DataError, pip_download, sha256_of  # noqa: F401 (re-exported)
 
 EASY_VQA_WHEEL = "easy_vqa-1.0-py3-none-any.whl"
 EASY_VQA_SHA256 = "fcb51b309b78c7b00f97b64cdbcbcf5c105f94da1b39c0796cee5a787c4f650f"
 EASY_VQA_COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
 QUESTION_TYPES = ("yes/no", "color", "shape", "other")
-
-
-class DataError(ValueError):
-    """Bad user data; the message is the one line to print."""
 
 
 def question_type(answer):
@@ -152,29 +146,9 @@ class VQADataset:
 
 # --- (b) easy-VQA ----------------------------------------------------------------------------------
 
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_easy_vqa_wheel(data_dir):
     """data/easy_vqa-1.0-py3-none-any.whl, downloaded with pip if absent; sha256-checked."""
-    path = os.path.join(data_dir, EASY_VQA_WHEEL)
-    if not os.path.isfile(path):
-        os.makedirs(data_dir, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "easy-vqa==1.0", "-d", data_dir]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0 or not os.path.isfile(path):
-            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or [""]
-            raise DataError(f"could not download easy-vqa ({' '.join(cmd)}): {tail[0]}; "
-                            f"put {EASY_VQA_WHEEL} into {data_dir}/ by hand")
-    digest = sha256_of(path)
-    if digest != EASY_VQA_SHA256:
-        raise DataError(f"{path}: sha256 {digest} does not match the expected {EASY_VQA_SHA256}; delete it and retry")
-    return path
+    return pip_download("easy-vqa==1.0", EASY_VQA_WHEEL, data_dir, EASY_VQA_SHA256)
 
 
 def easy_vqa_entries(questions, split, image_prefix):
