@@ -28,7 +28,6 @@ Model FLOPs utilisation uses 6 * N_non-embedding + 6 * n_layers * dim * T (causa
 """
 import argparse
 import contextlib
-import gc
 import json
 import os
 import platform
@@ -38,6 +37,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.bench_common import Timer  # noqa: E402
 from models.hf_weights import llama_config_to_hf, ours_to_hf  # noqa: E402
 from models.llama import Llama, llama_config  # noqa: E402
 
@@ -80,30 +80,6 @@ def parse_args(argv=None):
         if not any(a == "--compile" or a.startswith("--compile=") for a in (argv or sys.argv[1:])):
             args.compile = ["none"]
     return args
-
-
-class Timer:
-    def __init__(self, device):
-        self.cuda = device.startswith("cuda")
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def reset_memory(self):
-        """Free what the previous model left; returns bytes still allocated (should be ~0)."""
-        torch._dynamo.reset()  # compiled graphs hold references to their model's parameters
-        gc.collect()
-        if self.cuda:
-            torch.cuda.empty_cache()
-            return torch.cuda.memory_allocated()
-        return 0
-
-    def peak_bytes(self):
-        if self.cuda:
-            return torch.cuda.max_memory_allocated()
-        from utils.runtime import peak_rss_bytes
-        return peak_rss_bytes()  # CPU: process peak RSS, cumulative over the run (not comparable between models)
 
 
 def make_optimizer(params, lr):

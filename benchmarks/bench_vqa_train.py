@@ -27,7 +27,6 @@ torch.cuda.synchronize at the window's ends; peak memory = torch.cuda.max_memory
 training (reset after the model is built), the other model freed first.
 """
 import argparse
-import gc
 import json
 import os
 import platform
@@ -37,6 +36,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.bench_common import Timer  # noqa: E402
 from models.hf_weights import hf_to_ours, llava_config_to_hf  # noqa: E402
 from models.llama import llama_config  # noqa: E402
 from models.llava import LlavaConfig, LlavaModel  # noqa: E402
@@ -76,30 +76,6 @@ def parse_args(argv=None):
         if not any(a == "--compile" or a.startswith("--compile=") for a in (argv if argv is not None else sys.argv[1:])):
             args.compile = "none"
     return args
-
-
-class Timer:
-    def __init__(self, device):
-        self.cuda = device.startswith("cuda")
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def reset_memory(self):
-        torch._dynamo.reset()  # compiled graphs hold references to their model's parameters
-        gc.collect()
-        if self.cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            return torch.cuda.memory_allocated()
-        return 0
-
-    def peak_bytes(self):
-        if self.cuda:
-            return torch.cuda.max_memory_allocated()
-        from utils.runtime import peak_rss_bytes
-        return peak_rss_bytes()
 
 
 def make_batch(cfg, n_image, args, device):
