@@ -14,13 +14,7 @@ from tests.coeus_reference import dense_sliding_window, naive_gla, naive_scan, r
 LENGTHS = [1, 7, 63, 64, 65, 200, 1000]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # these are many small ops: on a shared 2-core box, one thread is several times faster than two
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def rand_qkvg(B, H, T, D, seed=0, dtype=torch.float32, gmin=-3.0):

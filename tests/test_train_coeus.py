@@ -15,12 +15,7 @@ from utils.checkpoint import load_checkpoint
 from utils.metrics import read_jsonl
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def corpus_file(tmp_path, n_words=3000, name="corpus.txt"):
