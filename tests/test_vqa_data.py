@@ -12,7 +12,7 @@ from PIL import Image
 
 from utils import vqa_data
 from utils.chat import PadCollator
-from utils.image_processing import CLIP_MEAN, ImageProcessor, expand_to_square, to_rgb
+from utils.image_processing import CLIP_MEAN, FlipShift, ImageProcessor, expand_to_square, to_rgb
 from utils.vqa_data import DataError, VQADataset, load_conversations, prepare_easy_vqa, question_type
 
 
@@ -150,6 +150,51 @@ def test_images_open_lazily(tmp_path):
     ds = VQADataset(entries, folder, ImageProcessor(16), encode_stub)
     os.remove(os.path.join(folder, "good.png"))  # gone after construction: only __getitem__ notices
     assert ds[0] is None
+
+
+
+def flip_shift_reference(x, flip, dy, dx):
+    """Pixel by pixel: out[c, i, j] = (mirrored x)[c, clamp(i - dy), clamp(j - dx)]."""
+    c, h, w = x.shape
+    src = x.flip(-1) if flip else x
+    out = torch.empty_like(x)
+    for i in range(h):
+        for j in range(w):
+            out[:, i, j] = src[:, min(max(i - dy, 0), h - 1), min(max(j - dx, 0), w - 1)]
+    return out
+
+
+def test_flip_shift_moves_content_and_repeats_the_border():
+    x = torch.randn(3, 7, 9)
+    assert torch.equal(FlipShift(p_flip=1.0)(x, 0), x.flip(-1))
+    assert torch.equal(FlipShift(p_flip=0.0)(x, 0), x)
+    aug, seen = FlipShift(p_flip=0.5, max_shift=2), set()
+    for key in range(40):
+        y = aug(x, key)
+        assert torch.equal(y, aug(x, key))  # deterministic in the key
+        # recover the drawn (flip, dy, dx) by matching the reference; exactly one must match
+        hits = [(f, dy, dx) for f in (False, True) for dy in range(-2, 3) for dx in range(-2, 3)
+                if torch.equal(y, flip_shift_reference(x, f, dy, dx))]
+        assert len(hits) == 1
+        seen.add(hits[0])
+    assert len(seen) > 10 and {f for f, _, _ in seen} == {False, True}
+
+
+def test_dataset_augments_only_when_asked_and_differently_per_epoch(tmp_path):
+    folder = str(tmp_path / "img")
+    os.makedirs(folder)
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+        os.path.join(folder, "a.png"))
+    entries = load_conversations(write(tmp_path, [entry(0, image="a.png")]), folder)
+    plain = VQADataset(entries, folder, ImageProcessor(16), encode_stub)[0]["pixel_values"]
+    ds = VQADataset(entries, folder, ImageProcessor(16), encode_stub, augment=FlipShift(0.5, 3))
+    by_epoch = []
+    for epoch in range(8):
+        ds.epoch = epoch
+        by_epoch.append(ds[0]["pixel_values"])
+        assert torch.equal(by_epoch[-1], ds[0]["pixel_values"])
+    assert any(not torch.equal(a, plain) for a in by_epoch)
+    assert len({tuple(a.flatten().tolist()) for a in by_epoch}) > 1
 
 
 # --- easy-VQA conversion (synthetic wheel with the real layout) -----------------------------------------

@@ -9,6 +9,8 @@ Every image is turned into 3-channel RGB first: grayscale ("L", "I;16", "1"), pa
 images with an alpha channel ("RGBA", "LA", "P" with transparency) are composited onto a white
 background, so transparent pixels do not turn black as a bare .convert("RGB") would make them.
 """
+import zlib
+
 import numpy as np
 import torch
 from PIL import Image
@@ -100,3 +102,30 @@ def denormalize(x: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
     """(3, H, W) normalised tensor -> (H, W, 3) uint8 array, for sample grids."""
     x = x.detach().float().cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
     return (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+class FlipShift:
+    """Label-preserving training augmentation on a processed (3, H, W) tensor: a horizontal flip with
+    probability `p_flip` and a shift of up to `max_shift` pixels along each axis (the border pixels are
+    repeated into the gap, so a plain background stays plain).
+
+    Deterministic in `seed` and `key` (e.g. epoch and sample index), so a resumed run and DataLoader workers
+    draw the same augmentation as an uninterrupted run. Only for data whose answers survive a mirror
+    image and a small move: easy-VQA asks about colour and shape, never about left/right or position.
+    """
+
+    def __init__(self, p_flip=0.5, max_shift=0, seed=0):
+        self.p_flip, self.max_shift, self.seed = float(p_flip), int(max_shift), int(seed)
+
+    def __call__(self, x: torch.Tensor, key) -> torch.Tensor:
+        g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}-{key}".encode()))
+        flip, dy, dx = torch.rand((), generator=g).item() < self.p_flip, 0, 0
+        if self.max_shift:
+            dy, dx = torch.randint(-self.max_shift, self.max_shift + 1, (2,), generator=g).tolist()
+        if flip:
+            x = x.flip(-1)
+        if dy or dx:
+            s, (h, w) = self.max_shift, x.shape[-2:]
+            padded = torch.nn.functional.pad(x[None], (s, s, s, s), mode="replicate")[0]  # (3, H+2s, W+2s)
+            x = padded[:, s - dy:s - dy + h, s - dx:s - dx + w]  # content moves by (dy, dx)
+        return x.contiguous()

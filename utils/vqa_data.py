@@ -113,12 +113,14 @@ class VQADataset:
     """entries (from load_conversations) -> samples made by `encode(entry) -> dict`, plus pixel_values.
 
     __getitem__ returns encode(entry) with `pixel_values` (n_images, 3, H, W) (None without images),
-    `id` and `index` added; or None when an image cannot be read (strict=False).
+    `id` and `index` added; or None when an image cannot be read (strict=False). `augment(pixels, key)`
+    (training only, e.g. image_processing.FlipShift) is applied to each processed image with a key of
+    `epoch` (set by the training loop) and the sample index, so every epoch sees other variants.
     """
 
-    def __init__(self, entries, image_folder, processor, encode, strict=False):
+    def __init__(self, entries, image_folder, processor, encode, strict=False, augment=None):
         self.entries, self.folder, self.processor, self.encode = entries, image_folder, processor, encode
-        self.strict = strict
+        self.strict, self.augment, self.epoch = strict, augment, 0
         self.skipped = []  # paths skipped in this process (workers keep their own; the collators count too)
 
     def __len__(self):
@@ -131,7 +133,8 @@ class VQADataset:
         for name in e["images"]:
             path = os.path.join(self.folder, name)
             try:
-                pixels.append(self.processor(open_image(path)))
+                x = self.processor(open_image(path))
+                pixels.append(self.augment(x, f"{self.epoch}-{i}-{len(pixels)}") if self.augment else x)
             except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
                 if self.strict:
                     raise DataError(f"cannot read image {path} ({type(err).__name__}: {err})") from None
