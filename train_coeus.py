@@ -5,9 +5,12 @@
     python train_coeus.py --model llama --data ...                   # same loop, same data, same size
     python train_coeus.py --resume checkpoints/coeus/last.pt         # continues exactly where it stopped
     python train_coeus.py --data wikitext-2/ --tokenizer sentencepiece --vocab-size 4096
+    torchrun --standalone --nproc_per_node=2 train_coeus.py --dist ddp     # 2 GPUs, each --batch-size rows
+    torchrun --standalone --nproc_per_node=2 train_coeus.py --dist fsdp --resume checkpoints/coeus/last_sharded
 
 Writes into --out: last.pt (every eval, for --resume), best.pt (best val loss), metrics.jsonl,
-metrics.png and samples.txt. Checkpoints hold kind ("coeus" | "llama"), model_config, model, tokenizer,
+metrics.png and samples.txt (--dist fsdp also last_sharded/, a torch.distributed.checkpoint folder that
+--resume takes on the same number of GPUs; last.pt is always the full, plain single-GPU layout). Checkpoints hold kind ("coeus" | "llama"), model_config, model, tokenizer,
 optimizer, step, rng, batch generator state, best_val and args.
 The Llama baseline has no dropout (models/llama.py has none); --dropout applies to Coeus only.
 """
@@ -23,8 +26,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.coeus import COEUS_CONFIGS, Coeus, coeus_config
-from models.llama import Llama, LlamaConfig
+from models.coeus import COEUS_CONFIGS, Coeus, CoeusBlock, coeus_config
+from models.llama import Block as LlamaBlock, Llama, LlamaConfig
+from utils.distributed import (all_gather_object, all_reduce_mean, all_reduce_sum, cleanup_distributed,
+                               gather_full_state_dict, grad_norm_value, grad_sync, is_fsdp, load_full_state_dict,
+                               load_sharded, plain_model_on_rank0, save_sharded, setup_script, shard_slice,
+                               wrap_model)
 from utils.checkpoint import check_same_config, load_checkpoint, rng_state, save_atomic, set_rng_state
 from utils.metrics import MetricsLog, plot_metrics
 from utils.runtime import pick_device, seed_everything, setup_precision
@@ -49,7 +56,9 @@ def parse_args(argv=None):
     g.add_argument("--vocab-size", type=int, default=2048, help="sentencepiece vocabulary size")
     g = p.add_argument_group("optimisation (defaults: nanoGPT shakespeare_char)")
     g.add_argument("--block-size", type=int, default=256, help="training context length")
-    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--batch-size", type=int, default=64, help="rows per micro-batch per process (N processes "
+                   "train on N x this many rows per micro-step, exactly what one process with N x would)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--max-iters", type=int, default=5000)
     g.add_argument("--max-time", type=float, default=None, help="stop after this many seconds (final eval included)")
     g.add_argument("--lr-by-time", action="store_true", help="cosine schedule over the --max-time seconds left "
@@ -67,7 +76,8 @@ def parse_args(argv=None):
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--sample-tokens", type=int, default=200, help="tokens sampled at every eval (0 = none)")
     g.add_argument("--out", default="checkpoints/coeus", help="output folder")
-    g.add_argument("--resume", default=None, help="a last.pt written by this script")
+    g.add_argument("--resume", default=None, help="a last.pt written by this script, or (--dist fsdp) its "
+                   "last_sharded folder")
     g.add_argument("--stop-at", type=int, default=None, help="stop at this step after saving last.pt, as a "
                    "preemption would (the schedule still runs to --max-iters); continue with --resume")
     g = p.add_argument_group("runtime")
@@ -79,6 +89,11 @@ def parse_args(argv=None):
                    "kernel-launch bound on a GPU)")
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    g = p.add_argument_group("several GPUs (launch with torchrun --nproc_per_node=N)")
+    g.add_argument("--dist", default="none", choices=["none", "ddp", "fsdp"], help="none: one process; ddp: "
+                   "DistributedDataParallel; fsdp: FSDP2 fully_shard per block (bf16 mixed precision when --dtype "
+                   "is bf16) plus a sharded checkpoint folder")
+    g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     return p.parse_args(argv)
 
 
@@ -146,16 +161,22 @@ def compile_blocks(model, data, args, autocast, device):
 
 
 @torch.no_grad()
-def evaluate(model, data, args, autocast, device):
+def evaluate(model, data, args, autocast, device, world_size=1):
+    """Mean loss over --eval-iters batches per split; under torchrun each rank takes its slice of every
+    global batch (equal row counts, so the mean of the ranks' means is the global mean)."""
     out = {}
     for split in ("train", "val"):
         gen = torch.Generator().manual_seed(args.seed + 1)  # the same batches at every eval
         total = torch.zeros((), device=device)
         for _ in range(args.eval_iters):
-            x, y = get_batch(data[split], args.block_size, args.batch_size, gen, device)
+            x, y = get_batch(data[split], args.block_size, args.batch_size * world_size, gen, device)
+            if world_size > 1:
+                x, y = x[shard_slice(len(x))], y[shard_slice(len(y))]
             with autocast:
                 logits = model(x)
             total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # no host sync per batch
+        if world_size > 1:
+            total = all_reduce_mean(total)
         out[split] = total.item() / args.eval_iters
     return out
 
@@ -183,24 +204,42 @@ def sample(model, tok, prompt_ids, n_tokens, args, device, autocast):
     return tok.decode(prompt_ids + new)
 
 
+def load_resume(args, rank):
+    """--resume: a full checkpoint file, or (--dist fsdp) a sharded folder whose rank{r}.pt holds everything
+    but the weights and optimizer state. Returns (checkpoint dict, sharded?)."""
+    if os.path.isdir(args.resume):
+        if args.dist != "fsdp":
+            raise SystemExit(f"error: --resume {args.resume} is a sharded checkpoint folder: it needs --dist fsdp "
+                             f"on the same number of processes (or resume from the full last.pt)")
+        meta = os.path.join(args.resume, f"rank{rank}.pt")
+        if not os.path.isfile(meta):
+            raise SystemExit(f"error: --resume: {meta} missing (saved by fewer processes, or not a checkpoint of "
+                             f"this script)")
+        ckpt = torch.load(meta, weights_only=True)
+        if ckpt.get("kind") != args.model:
+            raise SystemExit(f"error: --resume: {args.resume} holds a {ckpt.get('kind')!r} model, not {args.model!r}")
+        return ckpt, True
+    try:
+        return load_checkpoint(args.resume, expect_kind=args.model), False
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: --resume: {e}")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    device = pick_device(args.device)
+    info = setup_script(args.dist, pick_device(args.device))  # one process unless torchrun + --dist
+    device, world = info.device, info.world_size
     autocast, dtype_name = setup_precision(device, args.dtype)
-    seed_everything(args.seed)
+    seed_everything(args.seed)  # the same on every rank: the same model init and batch draws
     os.makedirs(args.out, exist_ok=True)
+    write = tqdm.write if info.is_main else (lambda *a, **k: None)
 
     # --- data ---
     try:
         corpus = load_corpus(args.data, errors="replace" if args.replace_invalid else "strict")
     except DataError as e:
         raise SystemExit(f"error: {e}")
-    ckpt = None
-    if args.resume:
-        try:
-            ckpt = load_checkpoint(args.resume, expect_kind=args.model)
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"error: --resume: {e}")
+    ckpt, sharded = load_resume(args, info.rank) if args.resume else (None, False)
     try:
         if ckpt:
             tok = tokenizer_from_dict(ckpt["tokenizer"])
@@ -217,7 +256,8 @@ def main(argv=None):
     # --- model, optimiser, resume ---
     model, cfg = build_model(args, tok.vocab_size)
     model.to(device)
-    opt = make_optimizer(model, args, device)
+    if info.enabled:  # dropout masks differ between ranks (the init above was the same everywhere)
+        torch.manual_seed(args.seed + 1000 * info.rank)
     batch_gen = torch.Generator().manual_seed(args.seed)
     start, best_val = 0, float("inf")
     if ckpt:
@@ -225,98 +265,150 @@ def main(argv=None):
             check_same_config(ckpt["model_config"], dataclasses.asdict(cfg), args.resume)
         except ValueError as e:
             raise SystemExit(f"error: --resume: {e}")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        if not sharded:
+            model.load_state_dict(ckpt["model"])
         start, best_val = ckpt["step"], ckpt["best_val"]
-        set_rng_state(ckpt["rng"])
+        rngs = ckpt.get("rng_ranks")
+        set_rng_state(rngs[info.rank] if rngs and len(rngs) == world else ckpt["rng"])
         batch_gen.set_state(ckpt["batch_gen"])
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{args.model}: {n_params / 1e6:.2f}M parameters | data {corpus['source']}: {len(data['train']):,} train / "
-          f"{len(data['val']):,} val tokens | vocab {tok.vocab_size} ({tok.kind}) | {device} {dtype_name}")
+    write(f"{args.model}: {n_params / 1e6:.2f}M parameters | data {corpus['source']}: {len(data['train']):,} train / "
+          f"{len(data['val']):,} val tokens | vocab {tok.vocab_size} ({tok.kind}) | {device} {dtype_name}"
+          + (f" | {args.dist} x {world} processes" if info.enabled else ""))
 
     t0 = time.time()  # the time budget counts compilation too
     if not args.no_compile:
-        print(compile_blocks(model, data, args, autocast, device))
-    log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), resume_step=start - 1 if ckpt else None)
+        write(compile_blocks(model, data, args, autocast, device))
+    model = wrap_model(model, args.dist, block_types=(CoeusBlock, LlamaBlock),
+                       mixed_precision=torch.bfloat16 if args.dist == "fsdp" and dtype_name == "bfloat16" else None,
+                       activation_checkpointing=args.activation_checkpointing)
+    opt = make_optimizer(model, args, device)
+    if ckpt and sharded:
+        load_sharded(args.resume, model, opt)
+    elif ckpt and is_fsdp(model):
+        load_full_state_dict(model, ckpt["model"], opt, ckpt["optimizer"])
+    elif ckpt:
+        opt.load_state_dict(ckpt["optimizer"])
+    log = (MetricsLog(os.path.join(args.out, "metrics.jsonl"), resume_step=start - 1 if ckpt else None)
+           if info.is_main else None)
     try:
         prompt = tok.encode("\n") or data["val"][:1].tolist()
     except ValueError:  # a char vocabulary without newline
         prompt = data["val"][:1].tolist()
 
-    def save(path, step):
-        save_atomic({"kind": args.model, "model_config": dataclasses.asdict(cfg), "model": model.state_dict(),
-                     "tokenizer": tok.to_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state(),
-                     "batch_gen": batch_gen.get_state(), "best_val": best_val, "args": vars(args)}, path)
+    def log_row(**row):
+        if log is not None:
+            log.log(**row)
 
-    def train_step(x, y):
-        torch.compiler.cudagraph_mark_step_begin()  # --compile-mode reduce-overhead: a new iteration (else no-op)
-        with autocast:
-            logits = model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        loss.backward()
+    def state(step, rng):
+        return {"kind": args.model, "model_config": dataclasses.asdict(cfg), "tokenizer": tok.to_dict(),
+                "step": step, "rng": rng, "batch_gen": batch_gen.get_state(), "best_val": best_val,
+                "args": vars(args)}
+
+    def save(path, step, sharded_too=False):
+        """The full checkpoint (gathered on rank 0: collective); --dist fsdp also the sharded folder."""
+        model_sd, opt_sd = gather_full_state_dict(model, opt)
+        rngs = all_gather_object(rng_state()) if info.enabled else None
+        if info.is_main:
+            ckpt = {"kind": args.model, "model_config": dataclasses.asdict(cfg), "model": model_sd,
+                    "tokenizer": tok.to_dict(), "optimizer": opt_sd, "step": step, "rng": rng_state(),
+                    "batch_gen": batch_gen.get_state(), "best_val": best_val, "args": vars(args)}
+            if info.enabled:
+                ckpt["rng_ranks"] = rngs
+            save_atomic(ckpt, path)
+        if sharded_too and is_fsdp(model):
+            save_sharded(os.path.join(args.out, "last_sharded"), model, opt, extra=state(step, rng_state()))
+
+    def next_batch():
+        """This rank's slice of the global micro-batch (every rank draws the same one)."""
+        x, y = get_batch(data["train"], args.block_size, args.batch_size * world, batch_gen, device)
+        if info.enabled:
+            x, y = x[shard_slice(len(x))], y[shard_slice(len(y))]
+        return x, y
+
+    def train_step():
+        loss_sum = 0.0
+        for micro in range(args.grad_accum):
+            x, y = next_batch()
+            torch.compiler.cudagraph_mark_step_begin()  # --compile-mode reduce-overhead: a new iteration (else no-op)
+            # every rank has the same number of target tokens, so DDP / FSDP2's mean of the ranks' gradients
+            # is the gradient of the global mean loss
+            with grad_sync(model, sync=micro == args.grad_accum - 1):
+                with autocast:
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                (loss / args.grad_accum).backward()
+            loss_sum = loss_sum + loss.detach()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss, norm
+        return loss_sum / args.grad_accum, norm
+
+    def same_everywhere(x):
+        """Rank 0's number (wall clock) on every rank: the ranks must agree on when to stop and on the lr."""
+        return float(all_reduce_sum(x if info.is_main else 0.0)) if info.enabled else x
 
     elapsed = 0.0
-    t_start = time.time() - t0  # compilation done: the time-based schedule spans the seconds left
-    bar = tqdm(range(start, args.max_iters), initial=start, total=args.max_iters, disable=args.no_progress,
-               dynamic_ncols=True)
+    t_start = same_everywhere(time.time() - t0)  # compilation done: the time-based schedule spans the seconds left
+    bar = tqdm(range(start, args.max_iters), initial=start, total=args.max_iters,
+               disable=args.no_progress or not info.is_main, dynamic_ncols=True)
     step = start
     for step in bar:
-        elapsed = time.time() - t0
+        elapsed = same_everywhere(time.time() - t0) if args.max_time is not None else time.time() - t0
         out_of_time = args.max_time is not None and elapsed >= args.max_time
         stop = out_of_time or (args.stop_at is not None and step >= args.stop_at)
         # with a time budget the step-0 evaluation (loss ~ln(vocab)) is skipped: its seconds go to training
         if (step % args.eval_interval == 0 and not (step == 0 and args.max_time)) or stop:
             model.eval()
-            losses = evaluate(model, data, args, autocast, device)
+            losses = evaluate(model, data, args, autocast, device, world)
             model.train()
             improved = losses["val"] < best_val
             best_val = min(best_val, losses["val"])
-            log.log(step=step, train_eval_loss=losses["train"], val_loss=losses["val"], best_val=best_val,
+            log_row(step=step, train_eval_loss=losses["train"], val_loss=losses["val"], best_val=best_val,
                     elapsed_s=time.time() - t0)
-            tqdm.write(f"step {step}: train {losses['train']:.4f} val {losses['val']:.4f} "
-                       f"(best {best_val:.4f}) at {time.time() - t0:.1f}s")
+            write(f"step {step}: train {losses['train']:.4f} val {losses['val']:.4f} "
+                  f"(best {best_val:.4f}) at {time.time() - t0:.1f}s")
             if improved and step > 0:
                 save(os.path.join(args.out, "best.pt"), step)
-            save(os.path.join(args.out, "last.pt"), step)
+            save(os.path.join(args.out, "last.pt"), step, sharded_too=True)
             if args.sample_tokens and step > 0:
-                text = sample(model.eval(), tok, prompt, args.sample_tokens, args, device, autocast)
-                model.train()
-                with open(os.path.join(args.out, "samples.txt"), "a") as f:
-                    f.write(f"--- step {step} ---\n{text}\n")
+                plain = plain_model_on_rank0(model, lambda: build_model(args, tok.vocab_size)[0])
+                if plain is not None:
+                    text = sample(plain.eval(), tok, prompt, args.sample_tokens, args, device, autocast)
+                    plain.train()
+                    with open(os.path.join(args.out, "samples.txt"), "a") as f:
+                        f.write(f"--- step {step} ---\n{text}\n")
             if stop:
-                tqdm.write(f"stopping at step {step} ({'--max-time' if out_of_time else '--stop-at'}); "
-                           f"continue with --resume {os.path.join(args.out, 'last.pt')}")
+                write(f"stopping at step {step} ({'--max-time' if out_of_time else '--stop-at'}); "
+                      f"continue with --resume {os.path.join(args.out, 'last.pt')}")
                 break
         lr = lr_at(step, elapsed, args, t_start)
         for gr in opt.param_groups:
             gr["lr"] = lr
-        x, y = get_batch(data["train"], args.block_size, args.batch_size, batch_gen, device)
-        loss, norm = train_step(x, y)
+        loss, norm = train_step()
         if step % args.log_interval == 0:
-            loss_f = loss.item()
-            log.log(step=step, train_loss=loss_f, lr=lr, grad_norm=float(norm), elapsed_s=time.time() - t0)
+            loss_f = float(all_reduce_mean(loss)) if info.enabled else loss.item()
+            log_row(step=step, train_loss=loss_f, lr=lr, grad_norm=grad_norm_value(norm), elapsed_s=time.time() - t0)
             bar.set_postfix(loss=f"{loss_f:.4f}", lr=f"{lr:.2e}")
     else:
         step = args.max_iters
         model.eval()
-        losses = evaluate(model, data, args, autocast, device) if args.max_iters > start else None
+        losses = evaluate(model, data, args, autocast, device, world) if args.max_iters > start else None
         model.train()
         if losses:
             if losses["val"] < best_val:
                 best_val = losses["val"]
                 save(os.path.join(args.out, "best.pt"), step)
-            log.log(step=step, train_eval_loss=losses["train"], val_loss=losses["val"], best_val=best_val,
+            log_row(step=step, train_eval_loss=losses["train"], val_loss=losses["val"], best_val=best_val,
                     elapsed_s=time.time() - t0)
-            tqdm.write(f"step {step}: train {losses['train']:.4f} val {losses['val']:.4f} (best {best_val:.4f})")
-        save(os.path.join(args.out, "last.pt"), step)
+            write(f"step {step}: train {losses['train']:.4f} val {losses['val']:.4f} (best {best_val:.4f})")
+        save(os.path.join(args.out, "last.pt"), step, sharded_too=True)
     bar.close()
-    plot_metrics(log.path, os.path.join(args.out, "metrics.png"),
-                 groups=[["train_loss", "train_eval_loss", "val_loss"], ["lr"], ["grad_norm"]])
-    print(f"best val loss {best_val:.4f}; {time.time() - t0:.1f}s; checkpoints in {args.out}")
+    if info.is_main:
+        plot_metrics(log.path, os.path.join(args.out, "metrics.png"),
+                     groups=[["train_loss", "train_eval_loss", "val_loss"], ["lr"], ["grad_norm"]])
+    write(f"best val loss {best_val:.4f}; {time.time() - t0:.1f}s; checkpoints in {args.out}")
+    cleanup_distributed()
     return best_val
 
 

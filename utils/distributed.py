@@ -349,7 +349,12 @@ def gather_full_state_dict(model, optimizer=None):
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd = get_model_state_dict(model, options=opts)
     optim_sd = None
-    if optimizer is not None:
+    if optimizer is not None and not optimizer.state:
+        # before the first step: get_optimizer_state_dict would initialise the state with a zero-gradient
+        # step (AdamW's step count then starts at 1, a different bias correction); the empty state's plain
+        # layout is the same on every rank
+        optim_sd = optimizer.state_dict() if is_main_process() else {}
+    elif optimizer is not None:
         optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
         optim_sd = _optim_fqns_to_ids(optim_sd) if is_main_process() else {}
     return model_sd, optim_sd
@@ -386,6 +391,10 @@ def save_sharded(folder, model, optimizer=None, extra=None):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
+    if optimizer is not None and not optimizer.state:  # before the first step (see gather_full_state_dict)
+        optimizer = None
+        if is_main_process():
+            open(os.path.join(tmp, "no_optimizer_state"), "w").close()
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
     state = {"model": model_sd}
     if optimizer is not None:
@@ -410,6 +419,8 @@ def load_sharded(folder, model, optimizer=None):
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     if not os.path.isfile(os.path.join(folder, ".metadata")):
         raise FileNotFoundError(f"{folder} is not a sharded checkpoint (no .metadata: missing or half-written)")
+    if os.path.exists(os.path.join(folder, "no_optimizer_state")):
+        optimizer = None  # saved before the first step: the fresh optimizer is already right
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
     state = {"model": model_sd}
     if optimizer is not None:
@@ -419,3 +430,62 @@ def load_sharded(folder, model, optimizer=None):
                    optim_state_dict=state.get("optimizer", {}))
     path = os.path.join(folder, f"rank{get_rank()}.pt")
     return torch.load(path, weights_only=True) if os.path.isfile(path) else None
+
+
+# --- script glue -----------------------------------------------------------------------------------------
+def setup_script(dist_mode, device):
+    """The training scripts' start: --dist none keeps the plain single process (and refuses torchrun, whose
+    N copies would each train alone and overwrite each other's files); ddp / fsdp join the process group.
+    Returns DistInfo (device = this process's device)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if dist_mode == "none":
+        if launched:
+            raise SystemExit("error: started by torchrun with several processes but --dist none; "
+                             "pass --dist ddp or --dist fsdp")
+        return DistInfo(device=device)
+    return init_distributed(device)
+
+
+def is_fsdp(model):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def plain_model_on_rank0(model, make_plain):
+    """A plain module with the wrapped model's full weights, on rank 0 (None elsewhere), for evaluation
+    and sampling that call methods other than forward (KV-cache decoding, recurrent steps) which FSDP2's
+    hooks do not see. DDP / one process: the module itself. FSDP2: collective (every rank calls it); the
+    full weights are gathered and loaded into make_plain() on rank 0, on the model's device."""
+    if not is_fsdp(model):
+        return unwrap_model(model) if is_main_process() else None
+    model_sd, _ = gather_full_state_dict(model)
+    if not is_main_process():
+        return None
+    with torch.random.fork_rng(devices=[]):  # building the copy must not move the training RNG
+        plain = make_plain()
+    plain.load_state_dict(model_sd)
+    device = next(iter(model.parameters())).device
+    return plain.to(device).train(model.training)
+
+
+def broadcast_object(obj, src=0):
+    """rank src's picklable object, on every rank (identity in one process)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] in one process)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def grad_norm_value(norm):
+    """clip_grad_norm_'s result as a float (FSDP2 returns a DTensor)."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
