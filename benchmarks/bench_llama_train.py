@@ -27,17 +27,15 @@ so the fp32 construction before the bf16 cast does not count), the other model f
 Model FLOPs utilisation uses 6 * N_non-embedding + 6 * n_layers * dim * T (causal attention) per token.
 """
 import argparse
-import contextlib
 import json
 import os
 import platform
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_common import Timer  # noqa: E402
+from benchmarks.bench_common import Timer, time_training  # noqa: E402
 from models.hf_weights import llama_config_to_hf, ours_to_hf  # noqa: E402
 from models.llama import Llama, llama_config  # noqa: E402
 
@@ -82,63 +80,22 @@ def parse_args(argv=None):
     return args
 
 
-def make_optimizer(params, lr):
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.1, fused=True), True
-    except (RuntimeError, TypeError):  # a device without a fused kernel
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.1), False
-
-
 def measure(name, model, loss_fn, ids, args, timer, eager_loss_fn=None):
     """Warm up, then time args.steps optimizer steps; returns the result dict.
 
     eager_loss_fn: if the first (compiling) step fails, report why and go on with this uncompiled loss.
     """
-    if timer.cuda:  # the peak counts from here: weights (already there), then gradients, AdamW states, activations
-        torch.cuda.reset_peak_memory_stats()
-    opt, fused = make_optimizer(model.parameters(), args.lr)
-    losses = []
-    compile_error = None
-
-    current = {"loss_fn": loss_fn}
-
-    def step():
-        loss = current["loss_fn"](ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-
-    t_compile = time.perf_counter()
-    if eager_loss_fn is not None:
-        try:
-            step()
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a compiler failure must not lose the run
-            compile_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            print(f"warning: torch.compile failed for {name} ({compile_error}); measuring eagerly", flush=True)
-            torch._dynamo.reset()
-            opt.zero_grad(set_to_none=True)
-            current["loss_fn"] = eager_loss_fn
-    for _ in range(args.warmup):
-        step()
-    timer.sync()
-    warmup_s = time.perf_counter() - t_compile
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    timer.sync()
-    dt = time.perf_counter() - t0
+    eager = None if eager_loss_fn is None else (lambda: eager_loss_fn(ids))
+    t = time_training(name, model, lambda: loss_fn(ids), args.steps, args.warmup, args.lr, timer,
+                      weight_decay=0.1, eager_loss_fn=eager)
+    dt, losses = t["seconds"], t["losses"]
     tokens = args.batch * args.seq * args.steps
-    losses = [float(x) for x in losses]
-    res = dict(name=name, tokens_per_s=tokens / dt, step_ms=1000 * dt / args.steps, warmup_s=warmup_s,
-               peak_mem_gb=timer.peak_bytes() / 1e9, fused_adamw=fused, first_loss=losses[0], last_loss=losses[-1],
-               compile_error=compile_error)
+    res = dict(name=name, tokens_per_s=tokens / dt, step_ms=1000 * dt / args.steps, warmup_s=t["warmup_s"],
+               peak_mem_gb=timer.peak_bytes() / 1e9, fused_adamw=t["fused_adamw"], first_loss=losses[0],
+               last_loss=losses[-1], compile_error=t["compile_error"])
     print(f"{name:>20s}: {res['tokens_per_s']:>10,.0f} tokens/s  {res['step_ms']:8.1f} ms/step  "
           f"peak {res['peak_mem_gb']:6.2f} GB  loss {losses[0]:.4f} -> {losses[-1]:.4f}  "
-          f"(warm-up {warmup_s:.0f} s)", flush=True)
-    del opt
+          f"(warm-up {t['warmup_s']:.0f} s)", flush=True)
     return res
 
 

@@ -31,12 +31,11 @@ import json
 import os
 import platform
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_common import Timer  # noqa: E402
+from benchmarks.bench_common import Timer, time_training  # noqa: E402
 from models.hf_weights import hf_to_ours, llava_config_to_hf  # noqa: E402
 from models.llama import llama_config  # noqa: E402
 from models.llava import LlavaConfig, LlavaModel  # noqa: E402
@@ -92,49 +91,14 @@ def make_batch(cfg, n_image, args, device):
 
 
 def measure(name, model, loss_fn, args, timer, eager_loss_fn=None):
-    if timer.cuda:
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        opt, fused = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=True), True
-    except (RuntimeError, TypeError):
-        opt, fused = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0), False
-    losses, compile_error, current = [], None, {"fn": loss_fn}
-
-    def step():
-        loss = current["fn"]()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-
-    t_start = time.perf_counter()
-    if eager_loss_fn is not None:
-        try:
-            step()
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a compiler failure must not lose the run
-            compile_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            print(f"warning: torch.compile failed for {name} ({compile_error}); measuring eagerly", flush=True)
-            opt.zero_grad(set_to_none=True)
-            current["fn"] = eager_loss_fn
-    for _ in range(args.warmup):
-        step()
-    timer.sync()
-    warmup_s = time.perf_counter() - t_start
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    timer.sync()
-    dt = time.perf_counter() - t0
-    losses = [float(x) for x in losses]
+    t = time_training(name, model, loss_fn, args.steps, args.warmup, args.lr, timer, eager_loss_fn=eager_loss_fn)
+    dt, losses = t["seconds"], t["losses"]
     res = dict(name=name, samples_per_s=args.batch * args.steps / dt, step_ms=1000 * dt / args.steps,
-               warmup_s=warmup_s, peak_mem_gb=timer.peak_bytes() / 1e9, fused_adamw=fused,
-               first_loss=losses[0], last_loss=losses[-1], compile_error=compile_error)
+               warmup_s=t["warmup_s"], peak_mem_gb=timer.peak_bytes() / 1e9, fused_adamw=t["fused_adamw"],
+               first_loss=losses[0], last_loss=losses[-1], compile_error=t["compile_error"])
     print(f"{name:>14s}: {res['samples_per_s']:8.1f} samples/s  {res['step_ms']:8.1f} ms/step  "
-          f"peak {res['peak_mem_gb']:6.2f} GB  loss {losses[0]:.4f} -> {losses[-1]:.4f}  (warm-up {warmup_s:.0f} s)",
-          flush=True)
-    del opt
+          f"peak {res['peak_mem_gb']:6.2f} GB  loss {losses[0]:.4f} -> {losses[-1]:.4f}  "
+          f"(warm-up {t['warmup_s']:.0f} s)", flush=True)
     return res
 
 

@@ -9,7 +9,6 @@ attention_mask convention (B, T) integer tensor, 0 = padding, and any positive v
 a query sees a key only if both carry the same id (and the key is not in the future). A plain 0/1
 padding mask is the one-segment case; packed rows give each sample its own id.
 """
-import math
 from dataclasses import dataclass, asdict
 
 import torch

@@ -15,7 +15,6 @@ A different image size works by bicubic interpolation of the patch positions (HF
 The final `post_norm` only serves the pooled output (CLIP's pooler); LLaVA never uses it, but it is kept so
 CLIP/LLaVA checkpoints load without leftover keys.
 """
-import math
 from dataclasses import dataclass, asdict
 
 import torch

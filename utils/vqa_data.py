@@ -15,7 +15,6 @@
 None (the collators drop and count it; the training script reports the count each epoch); with
 strict=True it raises with the path. A sample is never given a blank image instead.
 """
-import io
 import json
 import os
 import zipfile
