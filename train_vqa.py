@@ -11,6 +11,9 @@ Your own data (LLaVA conversation JSON + image folder):
 Stop and continue exactly where it stopped; evaluate a checkpoint:
     python train_vqa.py --resume            # reads --out/last.pt
     python train_vqa.py --eval-only         # reads --out/best.pt, greedy answers on the test split
+Several GPUs (torchrun; --batch-size is per process; --dist fsdp also writes --out/last_sharded/):
+    torchrun --standalone --nproc_per_node=2 train_vqa.py --dist ddp
+    torchrun --standalone --nproc_per_node=2 train_vqa.py --dist fsdp --resume checkpoints/vqa/last_sharded
 
 Writes to --out: last.pt (every --save-every steps and each epoch), best.pt (best validation accuracy),
 metrics.jsonl + metrics.png (loss, lr, samples/s, accuracies), samples.png (test images with question,
@@ -22,6 +25,7 @@ import math
 import os
 import sys
 import time
+import types
 
 import torch
 from torch.utils.data import DataLoader
@@ -29,8 +33,12 @@ from tqdm import tqdm
 
 from models.llama import LLAMA_CONFIGS, LlamaConfig, fused_linear_cross_entropy, llama_config
 from models.llava import LlavaConfig, LlavaModel
-from models.vit import VISION_CONFIGS, VisionConfig, vision_config
+from models.llama import Block as LlamaBlock
+from models.vit import Block as VitBlock, VISION_CONFIGS, VisionConfig, vision_config
 from utils.chat import IGNORE, ChatTemplate, PackCollator, PadCollator, encode_conversation, role_of
+from utils.distributed import (all_reduce_mean, all_reduce_sum, broadcast_object, cleanup_distributed,
+                               gather_full_state_dict, grad_sync, is_fsdp, load_full_state_dict, load_sharded,
+                               plain_model_on_rank0, rank0_first, save_sharded, setup_script, unwrap_model, wrap_model)
 from utils.checkpoint import check_same_config, load_checkpoint, rng_state, save_atomic, set_rng_state
 from utils.image_processing import ImageProcessor, denormalize
 from utils.metrics import MetricsLog, plot_metrics
@@ -85,7 +93,7 @@ def get_args(argv=None):
     g.add_argument("--freeze-vision", action="store_true", help="never train the ViT")
     g.add_argument("--epochs", type=float, default=4, help="passes over the training set")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    g.add_argument("--batch-size", type=int, default=64, help="samples per micro-batch")
+    g.add_argument("--batch-size", type=int, default=64, help="samples per micro-batch (per process under torchrun)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the decoder")
     g.add_argument("--projector-lr", type=float, default=None, help="projector learning rate (default --lr)")
@@ -119,6 +127,12 @@ def get_args(argv=None):
     g.add_argument("--stop-after", type=int, default=None, help="save and stop after this step (the schedule "
                    "still follows --epochs/--max-steps; for tests and pre-emptible jobs)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    g = p.add_argument_group("several GPUs (launch with torchrun --nproc_per_node=N)")
+    g.add_argument("--dist", default="none", choices=["none", "ddp", "fsdp"], help="none: one process; ddp: "
+                   "DistributedDataParallel; fsdp: FSDP2 fully_shard per ViT / decoder block (bf16 mixed precision "
+                   "when the dtype is bf16) plus a sharded checkpoint folder --out/last_sharded")
+    g.add_argument("--activation-checkpointing", action="store_true", help="recompute each ViT / decoder block "
+                   "in backward (through the distributed wrapper; --grad-checkpointing is the models' own switch)")
     return p.parse_args(argv)
 
 
@@ -309,6 +323,11 @@ def answer_loss(model, input_ids, pixel_values, labels, attention_mask=None, pos
     return fused_linear_cross_entropy(h[:, :-1][keep], lm.lm_head.weight, targets[keep], chunk_size=chunk_size)
 
 
+def n_learned(model, input_ids, labels):
+    """The number of positions answer_loss averages over (its normaliser)."""
+    return int((labels[:, 1:].masked_fill(model.image_mask(input_ids)[:, 1:], IGNORE) != IGNORE).sum())
+
+
 def compile_blocks(model):
     """torch.compile each ViT and decoder block (one graph reused by all blocks of a tower)."""
     ok, why = compile_works(next(model.parameters()).device.type)
@@ -449,7 +468,12 @@ def subset(n_total, n, seed):
 
 def main(argv=None):
     args = get_args(argv)
-    device = pick_device(args.device)
+    info = setup_script(args.dist, pick_device(args.device))  # one process unless torchrun + --dist
+    device, world = info.device, info.world_size
+    say = print if info.is_main else (lambda *a, **k: None)
+    write = tqdm.write if info.is_main else (lambda *a, **k: None)
+    if info.enabled and args.eval_only:
+        raise SystemExit("error: --eval-only runs in one process (plain python, no torchrun)")
     if args.threads and device == "cpu":
         torch.set_num_threads(args.threads)
     autocast, dtype_name = setup_precision(device, args.dtype)
@@ -460,8 +484,14 @@ def main(argv=None):
     template = ChatTemplate(system=args.system)
 
     # checkpoint to read (resume / eval-only)
-    ckpt = None
-    if args.eval_only:
+    ckpt, sharded = None, False
+    if args.resume and os.path.isdir(args.resume):  # a sharded folder: everything but the weights in rank{r}.pt
+        path = args.resume
+        if args.dist != "fsdp" or not os.path.isfile(os.path.join(path, f"rank{info.rank}.pt")):
+            raise SystemExit(f"error: --resume {path} is a sharded checkpoint folder: it needs --dist fsdp on the "
+                             f"number of processes that wrote it (or resume from the full last.pt)")
+        ckpt, sharded = torch.load(os.path.join(path, f"rank{info.rank}.pt"), weights_only=True), True
+    elif args.eval_only:
         path = args.ckpt or (best_path if os.path.exists(best_path) else last_path)
         ckpt = load_checkpoint(path, expect_kind="vqa")
     elif args.resume:
@@ -469,7 +499,8 @@ def main(argv=None):
         ckpt = load_checkpoint(path, expect_kind="vqa")
 
     # data
-    train_json, val_json, test_json, image_folder = data_paths(args)
+    with rank0_first():  # easy-VQA is prepared once, not by every rank at the same time
+        train_json, val_json, test_json, image_folder = data_paths(args)
     train_entries = None if args.eval_only else load_conversations(train_json, image_folder)
     val_entries = load_conversations(val_json, image_folder) if val_json and not args.eval_only else None
     test_entries = load_conversations(test_json, image_folder) if test_json else None
@@ -484,7 +515,8 @@ def main(argv=None):
         template = ChatTemplate(**ckpt["template"])
     else:
         lcfg_vocab = (EXTRA_LLM.get(args.llm) or LLAMA_CONFIGS.get(args.llm) or {}).get("vocab_size", 512)
-        tok = build_tokenizer(args, train_entries, template, args.vocab_size or lcfg_vocab)
+        with rank0_first():  # trained once into the cache; the other ranks read it
+            tok = build_tokenizer(args, train_entries, template, args.vocab_size or lcfg_vocab)
     image_id, pad_id, n_vocab = special_ids(tok)
     if ckpt is None:
         cfg = build_config(args, n_vocab, image_id)
@@ -492,19 +524,19 @@ def main(argv=None):
     elif args.resume and not (args.init_llm or args.init_vision):  # the flags must describe the same model
         check_same_config(ckpt["model_config"], build_config(args, n_vocab, image_id).to_dict(), path)
     model = build_model(cfg, args, n_vocab, pretrained=ckpt is None)
-    if ckpt is not None:
+    if ckpt is not None and not sharded:
         model.load_state_dict(ckpt["model"])
     model.to(device)
     max_len = cfg.text.max_seq_len
     n_img = model.num_image_tokens
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters (vision {model.vision_tower.num_params() / 1e6:.2f}M, "
+    say(f"model: {model.num_params() / 1e6:.2f}M parameters (vision {model.vision_tower.num_params() / 1e6:.2f}M, "
           f"decoder {model.language_model.num_params() / 1e6:.2f}M); {n_img} image tokens; vocab {cfg.text.vocab_size}; "
           f"context {max_len}; {device} {dtype_name}")
 
     eval_encode = Encoder(tok, image_id, n_img, max_len - args.max_new_tokens, template, args.strict, prompt_only=True)
     test_set = VQADataset(test_entries, image_folder, processor, eval_encode, args.strict) if test_entries else None
 
-    def final_eval(step):
+    def final_eval(step, model=model):
         if test_set is None:
             return None
         idx = subset(len(test_set), args.test_samples, args.seed)
@@ -526,6 +558,18 @@ def main(argv=None):
         model.language_model.gradient_checkpointing = True
         model.vision_tower.gradient_checkpointing = True
     groups = set_trainable(model, args)
+    if info.enabled:
+        # training goes through answer_loss, not forward: made a method so DDP / FSDP2 hook it like forward
+        model.answer_loss = types.MethodType(answer_loss, model)
+        model = wrap_model(model, args.dist, block_types=(VitBlock, LlamaBlock), forward_methods=("answer_loss",),
+                           mixed_precision=torch.bfloat16 if args.dist == "fsdp" and dtype_name == "bfloat16" else None,
+                           activation_checkpointing=args.activation_checkpointing,
+                           # ViT blocks past the feature layer and its post-norm never get a gradient
+                           **(dict(find_unused_parameters=True) if args.dist == "ddp" else {}))
+        groups = set_trainable(unwrap_model(model), args)  # FSDP2 replaced the parameters by sharded ones
+    elif args.activation_checkpointing:
+        model = wrap_model(model, block_types=(VitBlock, LlamaBlock), activation_checkpointing=True)
+    raw = unwrap_model(model)
     fused = device.startswith("cuda")
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups],
                                   betas=(0.9, 0.95), fused=fused)
@@ -539,24 +583,45 @@ def main(argv=None):
     step, epoch, pos, best_acc = 0, 0, 0, -1.0
     perm = None
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if sharded:
+            load_sharded(path, model, optimizer)
+        elif is_fsdp(model):
+            load_full_state_dict(model, ckpt["model"], optimizer, ckpt["optimizer"])
+        else:
+            optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         step, epoch, pos, best_acc = ckpt["step"], ckpt["epoch"], ckpt["pos"], ckpt["best_acc"]
         perm = ckpt["perm"]
         set_rng_state(ckpt["rng"])
-        print(f"resumed from {path} at step {step} (epoch {epoch}, sample {pos})")
-    log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), resume_step=step if ckpt is not None else None)
+        say(f"resumed from {path} at step {step} (epoch {epoch}, sample {pos})")
+    log = (MetricsLog(os.path.join(args.out, "metrics.jsonl"), resume_step=step if ckpt is not None else None)
+           if info.is_main else None)
+
+    def log_row(**row):
+        if log is not None:
+            log.log(**row)
+
     val_idx = subset(len(val_entries), args.val_samples, args.seed) if val_entries else None
     val_set = VQADataset(val_entries, image_folder, processor, eval_encode, args.strict) if val_entries else None
     collate = PackCollator(pad_id, max_len) if args.pack else PadCollator(pad_id, 8 if fused else 1)
-    compiled = compile_blocks(model) if args.compile else False
+    compiled = compile_blocks(raw) if args.compile else False
 
     def save(path):
-        save_atomic(dict(kind="vqa", model_config=cfg.to_dict(), model=model.state_dict(), tokenizer=tok.to_dict(),
-                         special_tokens=dict(image=image_id, pad=pad_id), image_processor=processor.to_dict(),
-                         template=template.to_dict(), optimizer=optimizer.state_dict(),
-                         scheduler=scheduler.state_dict(), step=step, epoch=epoch, pos=pos, perm=perm,
-                         rng=rng_state(), best_acc=best_acc, args=vars(args)), path)
+        """Full checkpoint, gathered on rank 0 in the one-process layout (collective); --dist fsdp: the last
+        one also as the sharded folder --out/last_sharded."""
+        model_sd, optim_sd = gather_full_state_dict(model, optimizer)
+        meta = dict(kind="vqa", model_config=cfg.to_dict(), tokenizer=tok.to_dict(),
+                    special_tokens=dict(image=image_id, pad=pad_id), image_processor=processor.to_dict(),
+                    template=template.to_dict(), scheduler=scheduler.state_dict(), step=step, epoch=epoch, pos=pos,
+                    perm=perm, rng=rng_state(), best_acc=best_acc, args=vars(args))
+        if info.is_main:
+            save_atomic(dict(meta, model=model_sd, optimizer=optim_sd), path)
+        if is_fsdp(model) and path == last_path:
+            save_sharded(os.path.join(args.out, "last_sharded"), model, optimizer, extra=meta)
+
+    def plain_model():
+        """The trained weights in a plain model on rank 0 (None elsewhere; collective under FSDP2)."""
+        return plain_model_on_rank0(model, lambda: build_model(cfg, args, n_vocab, pretrained=False))
 
     validated_at = [None]
 
@@ -565,26 +630,30 @@ def main(argv=None):
         if val_set is None or validated_at[0] == step:
             return
         validated_at[0] = step
-        acc, _, _, _ = evaluate(model, val_set, val_idx, tok, pad_id, args, autocast, device, desc="val")
-        log.log(step=step, epoch=epoch, **{f"val_acc_{k}".replace("/", ""): v for k, v in acc.items()})
+        plain = plain_model()  # greedy decoding (KV cache) on rank 0; the other ranks wait for its result
+        acc = None
+        if plain is not None:
+            acc, _, _, _ = evaluate(plain, val_set, val_idx, tok, pad_id, args, autocast, device, desc="val")
+            log_row(step=step, epoch=epoch, **{f"val_acc_{k}".replace("/", ""): v for k, v in acc.items()})
+        acc = broadcast_object(acc)
         msg = f"step {step}: val exact match {acc['all'] * 100:.2f}%"
         if acc["all"] > best_acc:
             best_acc = acc["all"]
             save(best_path)
             msg += " (best, saved)"
-        tqdm.write(msg)
+        write(msg)
 
     model.train()
-    print(f"training {total_steps} steps ({steps_per_epoch} per epoch, batch {args.batch_size} x {args.grad_accum}), "
+    say(f"training {total_steps} steps ({steps_per_epoch} per epoch, batch {args.batch_size} x {args.grad_accum}), "
           f"stage {args.stage}{' + vision' if train_vision(args) else ' (vision frozen)'}; {len(train_set)} train samples")
-    bar = tqdm(total=total_steps, initial=step, disable=args.no_progress, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, disable=args.no_progress or not info.is_main, dynamic_ncols=True)
     t0, seen, micro, losses = time.time(), 0, 0, []
     epoch_skipped = epoch_truncated = 0
     stop = False
     while step < total_steps and not stop:
         if perm is None or pos >= len(perm):
             if perm is not None:  # an epoch just ended
-                tqdm.write(f"epoch {epoch + 1} done: {epoch_skipped} samples skipped (unreadable images), "
+                write(f"epoch {epoch + 1} done: {epoch_skipped} samples skipped (unreadable images), "
                            f"{epoch_truncated} truncated")
                 epoch += 1
                 epoch_skipped = epoch_truncated = 0
@@ -597,31 +666,51 @@ def main(argv=None):
             g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
             perm, pos = torch.randperm(len(train_set), generator=g), 0
         train_set.encode.epoch = epoch  # the turn order of this epoch (also right after a resume)
-        for batch in make_loader(train_set, perm[pos:].tolist(), collate, args.batch_size, num_workers):
-            pos += batch["n_samples"] + batch["n_skipped"]
-            epoch_skipped += batch["n_skipped"]
-            epoch_truncated += batch["n_truncated"]
-            if batch["n_samples"] == 0:
+        rest = perm[pos:].tolist()
+        if info.enabled:
+            # rank r takes every world-th sample of the rest (cut to a multiple of world: equal batch counts),
+            # so the ranks' k-th batches together are the k-th batch of world x --batch-size of one process
+            rest = rest[:len(rest) // world * world][info.rank::world]
+        for batch in make_loader(train_set, rest, collate, args.batch_size, num_workers):
+            counts = (batch["n_samples"] + batch["n_skipped"], batch["n_skipped"], batch["n_truncated"],
+                      batch["n_samples"], n_learned(raw, batch["input_ids"], batch["labels"]) if batch["n_samples"]
+                      else 0)
+            if info.enabled:  # one all-reduce: the global sample and token counts of this micro-step
+                counts = [int(c) for c in all_reduce_sum(torch.tensor(counts, dtype=torch.float64)).tolist()]
+                if batch["n_samples"] == 0 and counts[3] > 0:
+                    raise SystemExit(f"error: rank {info.rank} got a micro-batch of only unreadable images while "
+                                     "the other ranks did not; fix or drop those images (or train in one process)")
+            n_consumed, n_skipped, n_truncated, n_samples, n_tokens = counts
+            pos += n_consumed
+            epoch_skipped += n_skipped
+            epoch_truncated += n_truncated
+            if n_samples == 0:
                 continue
             x = {k: (batch[k].to(device, non_blocking=True) if batch[k] is not None else None)
                  for k in ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values")}
             # right padding needs no mask (pads come after every real token and are never learned), so the
             # fast causal kernel runs; packed rows need the segment mask
             attn = x["attention_mask"] if args.pack else None
-            try:
-                with autocast:
-                    loss = answer_loss(model, x["input_ids"], x["pixel_values"], x["labels"], attn, x["position_ids"])
-            except Exception as err:  # noqa: BLE001 - a compiler failure falls back to eager, once
-                if not compiled:
-                    raise
-                compiled = uncompile_blocks(model)
-                tqdm.write(f"warning: torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                           "running eagerly")
-                with autocast:
-                    loss = answer_loss(model, x["input_ids"], x["pixel_values"], x["labels"], attn, x["position_ids"])
-            (loss / args.grad_accum).backward()
+            inputs = (x["input_ids"], x["pixel_values"], x["labels"], attn, x["position_ids"])
+            with grad_sync(model, sync=(micro + 1) % args.grad_accum == 0):  # no gradient sync before the last
+                try:
+                    with autocast:
+                        loss = model.answer_loss(*inputs) if info.enabled else answer_loss(model, *inputs)
+                except Exception as err:  # noqa: BLE001 - a compiler failure falls back to eager, once
+                    if not compiled:
+                        raise
+                    compiled = uncompile_blocks(raw)
+                    write(f"warning: torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                          "running eagerly")
+                    with autocast:
+                        loss = model.answer_loss(*inputs) if info.enabled else answer_loss(model, *inputs)
+                if info.enabled:
+                    # token-weighted over all ranks: this rank's sum over the global token count; x world
+                    # because DDP / FSDP2 average the ranks' gradients
+                    loss = loss * (n_learned(raw, batch["input_ids"], batch["labels"]) * world / max(1, n_tokens))
+                (loss / args.grad_accum).backward()
             losses.append(loss.detach())
-            seen += batch["n_samples"]
+            seen += n_samples
             micro += 1
             if micro % args.grad_accum:
                 continue
@@ -634,9 +723,10 @@ def main(argv=None):
             bar.update(1)
             if step % args.log_every == 0 or step == total_steps:
                 dt = time.time() - t0
-                loss_v = torch.stack(losses).mean().item()
+                loss_v = torch.stack(losses).mean()
+                loss_v = float(all_reduce_mean(loss_v)) if info.enabled else loss_v.item()
                 lr = optimizer.param_groups[0]["lr"]
-                log.log(step=step, epoch=epoch, loss=loss_v, lr=lr, samples_per_s=seen / dt)
+                log_row(step=step, epoch=epoch, loss=loss_v, lr=lr, samples_per_s=seen / dt)
                 bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2e}", samples_s=f"{seen / dt:.0f}")
                 t0, seen, losses = time.time(), 0, []
             if args.eval_every and step % args.eval_every == 0:
@@ -648,21 +738,27 @@ def main(argv=None):
             if args.stop_after and step >= args.stop_after:
                 stop = True
                 break
+        else:  # the loader is done: under torchrun fewer than world samples may be left over, dropped
+            pos = len(perm)
     bar.close()
     if pos >= len(perm):
-        tqdm.write(f"epoch {epoch + 1} done: {epoch_skipped} samples skipped (unreadable images), "
+        write(f"epoch {epoch + 1} done: {epoch_skipped} samples skipped (unreadable images), "
                    f"{epoch_truncated} truncated")
     save(last_path)
     if stop:
-        print(f"stopped at step {step} (--stop-after); continue with --resume")
+        say(f"stopped at step {step} (--stop-after); continue with --resume")
+        cleanup_distributed()
         return
     validate()
-    if os.path.exists(best_path):
-        model.load_state_dict(load_checkpoint(best_path, expect_kind="vqa")["model"])
-    plot_metrics(log.path, os.path.join(args.out, "metrics.png"),
-                 groups=[["loss"], ["lr"], ["samples_per_s"], [r for r in ["val_acc_all", "val_acc_yesno",
-                                                                           "val_acc_color", "val_acc_shape"]]])
-    final_eval(step)
+    plain = plain_model()  # rank 0 (collective under FSDP2)
+    if plain is not None:
+        if os.path.exists(best_path):
+            plain.load_state_dict(load_checkpoint(best_path, expect_kind="vqa")["model"])
+        plot_metrics(log.path, os.path.join(args.out, "metrics.png"),
+                     groups=[["loss"], ["lr"], ["samples_per_s"], [r for r in ["val_acc_all", "val_acc_yesno",
+                                                                               "val_acc_color", "val_acc_shape"]]])
+        final_eval(step, plain)
+    cleanup_distributed()
 
 
 def cli(argv=None):

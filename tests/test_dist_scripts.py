@@ -88,3 +88,33 @@ def test_train_coeus_two_procs_equal_one_proc_doubled_batch(tmp_path, mode):
     assert a["model"].keys() == b["model"].keys()
     assert max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]) < 1e-4
     assert "--- step 2 ---" in (two / "samples.txt").read_text()  # sampled on rank 0 (FSDP: a gathered copy)
+
+
+# --- train_vqa ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_train_vqa_two_procs_equal_one_proc_doubled_batch(tmp_path, mode):
+    import json
+    import train_vqa
+    from test_train_vqa import make_dataset
+    root = str(tmp_path)
+    entries = make_dataset(root)
+    paths = {"root": root}
+    for name, part in (("train", entries[:24]), ("val", entries[24:30]), ("test", entries[30:])):
+        paths[name] = os.path.join(root, f"{name}.json")
+        with open(paths[name], "w") as f:
+            json.dump(part, f)
+
+    def args(out, batch, *extra):  # 3 steps of 2 micro-batches: one epoch of the 24 training questions
+        return ["--data", paths["train"], "--val-data", paths["val"], "--test-data", paths["test"],
+                "--image-folder", root, "--data-dir", os.path.join(root, "cache"), "--out", str(out),
+                "--vision", "tiny", "--llm", "tiny", "--batch-size", str(batch), "--grad-accum", "2",
+                "--max-steps", "3", "--warmup", "1", "--log-every", "1", "--eval-every", "2", "--val-samples", "0",
+                "--n-grid", "2", "--no-progress", "--lr", "3e-3", *extra]
+    train_vqa.main(args(tmp_path / "one", 4))
+    torchrun("train_vqa.py", args(tmp_path / "two", 2, "--dist", mode))
+    assert_same_losses(losses(tmp_path / "two", "loss"), losses(tmp_path / "one", "loss"))
+    assert losses(tmp_path / "two", "val_acc_all") == losses(tmp_path / "one", "val_acc_all")
+    for f in ("last.pt", "best.pt", "metrics.png", "samples.png", "eval.json"):
+        assert (tmp_path / "two" / f).is_file(), f
+    one, two = (json.load(open(tmp_path / d / "eval.json")) for d in ("one", "two"))
+    assert one["accuracy"] == two["accuracy"]

@@ -489,3 +489,16 @@ def all_gather_object(obj):
 def grad_norm_value(norm):
     """clip_grad_norm_'s result as a float (FSDP2 returns a DTensor)."""
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+@contextlib.contextmanager
+def rank0_first():
+    """Rank 0 runs the block first (downloads, tokenizer training into a shared cache), the others after it:
+    they then find the cached result instead of racing to write it."""
+    if is_distributed() and not is_main_process():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_distributed() and is_main_process():
+            barrier()
