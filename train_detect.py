@@ -11,6 +11,7 @@ COCO-format detection file. The LM loss is reported as a whole and split into te
     python train_detect.py --init-vqa checkpoints/vqa/best.pt # start from a train_vqa.py checkpoint
     python train_detect.py --train-json a.json --train-images imgs/ --val-json b.json --val-images imgs/
     python train_detect.py --resume checkpoints/detect/last.pt
+    torchrun --standalone --nproc_per_node=2 train_detect.py --dist ddp   # --batch-size per process
 
 Writes into --out: last.pt / best.pt (kind "detect"), metrics.jsonl + metrics.png, events.jsonl
 (NaN/Inf guard), predictions.png (boxes + captions on validation images), eval.json.
@@ -24,19 +25,26 @@ import math
 import os
 import re
 import time
+import types
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.box_ops import box_cxcywh_to_xyxy, box_iou
 from models.detection import DetectionConfig, DetectionModel
 from models.detection_loss import SetCriterion
-from models.llama import LlamaConfig, llama_config
+from models.detection import DecoderLayer
+from models.llama import Block as LlamaBlock, LlamaConfig, llama_config
 from models.llava import LlavaConfig
 from models.matcher import HungarianMatcher
-from models.vit import vision_config
+from models.vit import Block as VitBlock, vision_config
 from utils.chat import ChatTemplate, PackCollator, PadCollator
+from utils.distributed import (all_reduce_mean, all_reduce_sum, broadcast_object, cleanup_distributed,
+                               gather_full_state_dict, get_world_size, grad_norm_value, is_fsdp, load_full_state_dict,
+                               plain_model_on_rank0, rank0_first, setup_script, unwrap_model,
+                               wrap_model)
 from utils.checkpoint import check_same_config, load_checkpoint, rng_state, save_atomic, set_rng_state
 from utils.coco import CocoDetectionDataset, DataError
 from utils.detect_data import DetectionCollator, DetectionSamples, denormalise_boxes
@@ -131,6 +139,10 @@ def get_args(argv=None):
     r.add_argument("--num-sample-images", type=int, default=8, help="validation images drawn into predictions.png")
     r.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (drawing + preprocessing images)")
     r.add_argument("--smoke", action="store_true", help="a tiny run to check the set-up (few samples, few steps)")
+    r.add_argument("--dist", default="none", choices=["none", "ddp", "fsdp"], help="under torchrun: ddp "
+                   "(DistributedDataParallel) or fsdp (FSDP2 per ViT / decoder / head layer, bf16 mixed precision "
+                   "with a bf16 dtype); --batch-size is per process; none: one process")
+    r.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     args = p.parse_args(argv)
     if args.smoke:
         args.shapes_train, args.shapes_val, args.epochs, args.batch_size = 32, 8, 1, 8
@@ -208,7 +220,17 @@ def group_grad_norms(optimizer):
 
 
 # --- losses --------------------------------------------------------------------------------------
-def lm_losses(logits, labels, student_mask):
+def count_one_process(n):
+    return n.clamp(min=1)
+
+
+def count_all_ranks(n):
+    """The token count normaliser under torchrun: the count over all ranks / world size, so that DDP /
+    FSDP2's mean of the ranks' gradients is the gradient of the loss over every rank's tokens."""
+    return all_reduce_sum(n.float()).clamp(min=1) / get_world_size()
+
+
+def lm_losses(logits, labels, student_mask, normaliser=count_one_process):
     """Token-weighted LM loss over all answer tokens, and its split into teacher and student answers."""
     logp = logits[:, :-1].float()
     tgt = labels[:, 1:]
@@ -217,9 +239,46 @@ def lm_losses(logits, labels, student_mask):
     valid = tgt != -100
     student = valid & student_mask[:, 1:]
     teacher = valid & ~student_mask[:, 1:]
-    mean = lambda m: (ce * m).sum() / m.sum().clamp(min=1)  # noqa: E731
+    mean = lambda m: (ce * m).sum() / normaliser(m.sum())  # noqa: E731
     return mean(valid), {"teacher_lm": mean(teacher).detach(), "student_lm": mean(student).detach(),
                          "n_teacher_tokens": int(teacher.sum()), "n_student_tokens": int(student.sum())}
+
+
+class AllRanksCriterion(SetCriterion):
+    """SetCriterion under torchrun: boxes normalised by the all-reduced box count (reduce_num_boxes, as
+    DETR), and the caption cross-entropy by the all-reduced caption token count instead of this rank's."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reduce_num_boxes = all_reduce_mean
+
+    def layer_losses(self, out, targets, indices, num_boxes, caption_fn=None):
+        losses = super().layer_losses(out, targets, indices, num_boxes, None)
+        if caption_fn is not None and self.weights["loss_caption"] != 0:
+            device = out["logits"].device
+            batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]).to(device)
+            query_idx = torch.cat([q for q, _ in indices]).to(device)
+            captions = torch.cat([t["captions"][j] for t, (_, j) in zip(targets, indices)]).to(device)
+            n_tokens = count_all_ranks((captions != -100).sum())
+            if len(captions):
+                cap_logits = caption_fn(out["hidden"][batch_idx, query_idx], captions)  # (M, L, V)
+                losses["loss_caption"] = F.cross_entropy(cap_logits.float().flatten(0, 1), captions.flatten(),
+                                                         ignore_index=-100, reduction="sum") / n_tokens
+            else:  # a zero that still touches the caption decoder (every rank's gradients have one layout)
+                losses["loss_caption"] = out["hidden"].sum() * 0.0
+        return losses
+
+
+def group_grad_norms_sharded(optimizer):
+    """group_grad_norms for FSDP2's sharded gradients: squares summed over each rank's shard, then ranks."""
+    keys, sq = [], []
+    for g in optimizer.param_groups:
+        grads = [p.grad for p in g["params"] if p.grad is not None]
+        if grads:
+            keys.append(g["group"])
+            sq.append(sum(x.to_local().float().pow(2).sum().cpu() for x in grads))
+    total = all_reduce_sum(torch.stack(sq).double()) if sq else []
+    return {f"gnorm_{k}": math.sqrt(float(v)) for k, v in zip(keys, total)}
 
 
 def to_cpu(obj):
@@ -243,12 +302,14 @@ def to_device(batch, device):
     return out
 
 
-def compute_losses(model, criterion, batch, autocast, lm_weight, det_on=True):
+def compute_losses(model, criterion, batch, autocast, lm_weight, det_on=True, normaliser=count_one_process,
+                   forward=None):
+    """forward: the model's forward when this runs as the wrapped model's forward (torchrun)."""
     with autocast:
-        logits, _, head_out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+        logits, _, head_out = (forward or model)(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
                                     batch["position_ids"], batch["det_image_index"], batch["memory_index"],
                                     batch["memory_mask"])
-    lm, lm_parts = lm_losses(logits, batch["labels"], batch["student_mask"])
+    lm, lm_parts = lm_losses(logits, batch["labels"], batch["student_mask"], normaliser)
     head_out = [{k: v.float() for k, v in o.items()} for o in head_out]
     det, det_parts, _ = criterion(head_out, batch["targets"], caption_fn=model.head.caption_logits)
     total = lm_weight * lm + (det if det_on else 0.0)
@@ -435,13 +496,16 @@ def main(argv=None):
 
 
 def train(args):
-    device = pick_device(args.device)
+    info = setup_script(args.dist, pick_device(args.device))  # one process unless torchrun + --dist
+    device, world = info.device, info.world_size
+    say = print if info.is_main else (lambda *a, **k: None)
+    write = tqdm.write if info.is_main else (lambda *a, **k: None)
     autocast, dtype_name = setup_precision(device, args.dtype)
     seed_everything(args.seed)
     os.makedirs(args.out, exist_ok=True)
     train_items, val_items, categories, data_stats = build_items(args)
     if data_stats:
-        print(f"COCO data: {json.dumps(data_stats)}")
+        say(f"COCO data: {json.dumps(data_stats)}")
 
     # --- model + tokenizer: resume > init-vqa > new
     resume, template, pad_id = None, ChatTemplate(), None
@@ -476,7 +540,8 @@ def train(args):
         else:
             texts = shapes_texts() if not args.train_json else \
                 [QUESTION, "USER:", "ASSISTANT:"] + [describe(r["captions"]) for r in train_items.records]
-            tokenizer = SentencePieceTokenizer.train(texts, args.vocab_size, cache_dir=args.tokenizer_cache)
+            with rank0_first():  # trained once into the cache; the other ranks read it
+                tokenizer = SentencePieceTokenizer.train(texts, args.vocab_size, cache_dir=args.tokenizer_cache)
             llava_cfg = make_llava_config(args, tokenizer.vocab_size)
             processor = ImageProcessor(args.image_size, pad_to_square=True)
         if tokenizer.eos_id is None:
@@ -496,58 +561,87 @@ def train(args):
         pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     n_img = model.llava.num_image_tokens
     eos_id = model.head.config.eos_id
+    max_caption_len = model.head.config.max_caption_len
     max_len = min(args.max_len, cfg.text.max_seq_len)  # a VQA checkpoint may have a shorter context
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+    say(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
           f"(head {sum(p.numel() for p in model.head.parameters()) / 1e6:.2f}M), {n_img} image tokens, "
           f"device {device}, {dtype_name}")
 
     def loader(items, order=None):
         """order: the sample indices to visit (training: the epoch's permutation from its resume point)."""
         ds = DetectionSamples(items, tokenizer, processor, cfg.image_token_id, n_img, max_len,
-                              model.head.config.max_caption_len, eos_id, template)
+                              max_caption_len, eos_id, template)
         base = PackCollator(pad_id, max_len) if args.pack else PadCollator(pad_id)
         return DataLoader(ds, batch_size=args.batch_size, sampler=order, num_workers=args.num_workers,
                           collate_fn=DetectionCollator(base, cfg.image_token_id, n_img), drop_last=order is not None)
 
     val_loader = loader(val_items)
-    steps_per_epoch = len(train_items) // args.batch_size
+    steps_per_epoch = len(train_items) // (args.batch_size * world)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     if total_steps <= 0:
         raise SystemExit(f"error: no training steps ({len(train_items)} training samples, --batch-size {args.batch_size})")
 
     lrs = {g: getattr(args, f"lr_{g}") for g in GROUP_PATTERNS}
+    criterion = (AllRanksCriterion if info.enabled else SetCriterion)(
+        HungarianMatcher(args.cost_obj, args.cost_bbox, args.cost_giou), args.w_obj, args.w_bbox, args.w_giou,
+        args.w_caption, aux_loss=not args.no_aux_loss)
+    if info.enabled:
+        if resume is not None:  # the full weights go in before wrapping (FSDP2 then shards them)
+            model.load_state_dict(resume["model"])
+        # forward + losses (caption head included) run as the wrapped model's forward, so DDP / FSDP2 see
+        # every parameter the loss touches
+        model.train_losses = types.MethodType(
+            lambda self, batch, det_on: compute_losses(self, criterion, batch, autocast, args.lm_weight, det_on,
+                                                       count_all_ranks, forward=type(self).forward.__get__(self)),
+            model)
+        model = wrap_model(model, args.dist, block_types=(VitBlock, LlamaBlock, DecoderLayer),
+                           forward_methods=("train_losses",),
+                           mixed_precision=torch.bfloat16 if args.dist == "fsdp" and dtype_name == "bfloat16" else None,
+                           activation_checkpointing=args.activation_checkpointing,
+                           # unused ViT blocks past the feature layer; the head while --detection-freeze-epochs
+                           **(dict(find_unused_parameters=True) if args.dist == "ddp" else {}))
+    elif args.activation_checkpointing:
+        model = wrap_model(model, block_types=(VitBlock, LlamaBlock, DecoderLayer), activation_checkpointing=True)
+    raw = unwrap_model(model)
     # a parameter in no group or in two is a KeyError naming it: a model edit that the patterns must follow
-    groups, _ = param_groups(model, lrs, args.weight_decay)
+    groups, _ = param_groups(raw, lrs, args.weight_decay)
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler("cuda", enabled=dtype_name == "float16")
-    criterion = SetCriterion(HungarianMatcher(args.cost_obj, args.cost_bbox, args.cost_giou),
-                             args.w_obj, args.w_bbox, args.w_giou, args.w_caption, aux_loss=not args.no_aux_loss)
 
     step, epoch, batch_in_epoch, lr_scale, best, bad_streak = 0, 0, 0, 1.0, -1.0, 0
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
+        if is_fsdp(model):
+            load_full_state_dict(model, resume["model"], optimizer, resume["optimizer"])
+        else:
+            raw.load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
         t = resume["train"]
         step, epoch, batch_in_epoch, lr_scale, best = t["step"], t["epoch"], t["batch_in_epoch"], t["lr_scale"], t["best"]
         set_rng_state(resume["rng"])
-        print(f"resumed from {args.resume} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+        say(f"resumed from {args.resume} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
         del resume
-    metrics = MetricsLog(os.path.join(args.out, "metrics.jsonl"), resume_step=step if args.resume else None)
+    metrics = (MetricsLog(os.path.join(args.out, "metrics.jsonl"), resume_step=step if args.resume else None)
+               if info.is_main else None)
     events_path = os.path.join(args.out, "events.jsonl")
-    if not args.resume:
+    if not args.resume and info.is_main:
         open(events_path, "w").close()
 
     def log_event(**e):
-        with open(events_path, "a") as f:
-            f.write(json.dumps(e) + "\n")
-        tqdm.write(f"guard: {e}")
+        if info.is_main:
+            with open(events_path, "a") as f:
+                f.write(json.dumps(e) + "\n")
+        write(f"guard: {e}")
 
     def checkpoint(path):
-        save_atomic({"kind": "detect", "model_config": model.model_config(), "model": model.state_dict(),
+        """Full weights gathered on rank 0, the one-process layout (collective under torchrun)."""
+        model_sd, optim_sd = gather_full_state_dict(model, optimizer)
+        if not info.is_main:
+            return
+        save_atomic({"kind": "detect", "model_config": raw.model_config(), "model": model_sd,
                      "tokenizer": tokenizer.to_dict(), "image_processor": processor.to_dict(),
                      "template": template.to_dict(), "special_tokens": {"image": cfg.image_token_id, "pad": pad_id},
-                     "categories": categories, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "categories": categories, "optimizer": optim_sd, "scaler": scaler.state_dict(),
                      "train": {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "lr_scale": lr_scale,
                                "best": best},
                      "rng": rng_state(), "args": vars(args)}, path)
@@ -555,14 +649,19 @@ def train(args):
     def run_eval():
         nonlocal best
         t0 = time.time()
-        res, drawn = evaluate(model, val_loader, tokenizer, categories, autocast, device, args.eval_topk, eos_id,
-                              args.draw_threshold, n_draw=args.num_sample_images)
-        res["eval_seconds"] = time.time() - t0
-        metrics.log(step=step, **{f"val_{k}": v for k, v in res.items()})
-        draw_predictions(drawn, os.path.join(args.out, "predictions.png"))
-        with open(os.path.join(args.out, "eval.json"), "w") as f:
-            json.dump({"step": step, **res}, f, indent=1)
-        tqdm.write(f"eval @ {step}: mAP {res['map']:.3f}  mAP@.5 {res['map50']:.3f}  (agnostic {res['map50_agnostic']:.3f})"
+        # on rank 0, with the plain model (FSDP2: a gathered copy); the other ranks wait for the result
+        plain = plain_model_on_rank0(model, lambda: DetectionModel.from_model_config(raw.model_config()))
+        res = None
+        if plain is not None:
+            res, drawn = evaluate(plain, val_loader, tokenizer, categories, autocast, device, args.eval_topk, eos_id,
+                                  args.draw_threshold, n_draw=args.num_sample_images)
+            res["eval_seconds"] = time.time() - t0
+            metrics.log(step=step, **{f"val_{k}": v for k, v in res.items()})
+            draw_predictions(drawn, os.path.join(args.out, "predictions.png"))
+            with open(os.path.join(args.out, "eval.json"), "w") as f:
+                json.dump({"step": step, **res}, f, indent=1)
+        res = broadcast_object(res)
+        write(f"eval @ {step}: mAP {res['map']:.3f}  mAP@.5 {res['map50']:.3f}  (agnostic {res['map50_agnostic']:.3f})"
                    f"  caption acc {res['caption_acc']:.3f}  recall {res['matched_recall']:.3f}")
         if res["map50"] > best:
             best = res["map50"]
@@ -573,7 +672,7 @@ def train(args):
     good_state = None
     model.train()
     t_start = time.time()
-    pbar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
+    pbar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, disable=not info.is_main)
     stop_at = min(total_steps, step + args.stop_after) if args.stop_after else total_steps
     done = step >= stop_at
     while not done:
@@ -584,17 +683,22 @@ def train(args):
                     p.requires_grad_(not det_frozen)
         # the epoch's order depends on (seed, epoch) only, so a resume continues it exactly
         order = torch.randperm(len(train_items), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        for bi, batch in enumerate(loader(train_items, order[batch_in_epoch * args.batch_size:].tolist()),
-                                   start=batch_in_epoch):
+        rest = order[batch_in_epoch * args.batch_size * world:].tolist()
+        if info.enabled:  # rank r: every world-th sample, so the ranks' k-th batches are one process's k-th
+            rest = rest[:len(rest) // world * world][info.rank::world]
+        for bi, batch in enumerate(loader(train_items, rest), start=batch_in_epoch):
             if good_state is None or step % args.good_state_every == 0:
-                good_state = {"model": to_cpu(model.state_dict()), "optimizer": to_cpu(optimizer.state_dict()),
+                good_state = {"model": to_cpu(raw.state_dict()), "optimizer": to_cpu(optimizer.state_dict()),
                               "step": step}
             batch = to_device(batch, device)
             f = lr_factor(step, total_steps, args.warmup_steps, args.min_lr_ratio) * lr_scale
             for g in optimizer.param_groups:
                 frozen = det_frozen and g["group"] in HEAD_GROUPS
                 g["lr"] = 0.0 if frozen else g["base_lr"] * f
-            total, parts = compute_losses(model, criterion, batch, autocast, args.lm_weight, det_on=not det_frozen)
+            if info.enabled:
+                total, parts = model.train_losses(batch, not det_frozen)
+            else:
+                total, parts = compute_losses(model, criterion, batch, autocast, args.lm_weight, det_on=not det_frozen)
             if step in inject:
                 total = total * float("nan")
             optimizer.zero_grad(set_to_none=True)
@@ -603,17 +707,19 @@ def train(args):
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
             finite = bool(torch.isfinite(total)) and (bool(torch.isfinite(gnorm)) or dtype_name == "float16")
+            if info.enabled:  # every rank takes the same branch (the skip, the restore)
+                finite = float(all_reduce_sum(float(not finite))) == 0
             if not finite:
                 # NaN/Inf guard: skip the step, lower the learning rate; after K in a row go back to the good state
                 optimizer.zero_grad(set_to_none=True)
                 bad_streak += 1
                 lr_scale *= args.nan_lr_factor
-                log_event(event="nonfinite_skip", step=step, loss=float(total.detach()), grad_norm=float(gnorm),
+                log_event(event="nonfinite_skip", step=step, loss=float(total.detach()), grad_norm=grad_norm_value(gnorm),
                           lr_scale=lr_scale, bad_streak=bad_streak)
                 if dtype_name == "float16":
                     scaler.update()
                 if bad_streak >= args.nan_patience:
-                    model.load_state_dict(good_state["model"])
+                    raw.load_state_dict(good_state["model"])
                     optimizer.load_state_dict(good_state["optimizer"])
                     log_event(event="restore_good_state", step=step, restored_step=good_state["step"], lr_scale=lr_scale)
                     bad_streak = 0
@@ -625,18 +731,25 @@ def train(args):
                     break
                 continue
             bad_streak = 0
-            norms = group_grad_norms(optimizer) if step % args.log_every == 0 else {}
+            norms = ((group_grad_norms_sharded if is_fsdp(model) else group_grad_norms)(optimizer)
+                     if step % args.log_every == 0 else {})
             scaler.step(optimizer)
             scaler.update()
             step += 1
             batch_in_epoch = bi + 1
             pbar.update(1)
             if (step - 1) % args.log_every == 0 or step == total_steps:
-                row = {"step": step, "epoch": epoch, "loss": float(total.detach()), "grad_norm": float(gnorm), "lr_scale": lr_scale,
-                       **{k: float(v) for k, v in parts.items()}, **norms,
+                values = {"loss": total.detach(), **parts}
+                if info.enabled:  # ranks' means (each rank's part is already normalised by global counts)
+                    vec = all_reduce_sum(torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu()
+                                                      for v in values.values()]))
+                    values = {k: float(v) if k.startswith("n_") else float(v) / world for k, v in zip(values, vec)}
+                row = {"step": step, "epoch": epoch, "loss": float(values["loss"]), "grad_norm": grad_norm_value(gnorm),
+                       "lr_scale": lr_scale, **{k: float(v) for k, v in values.items() if k != "loss"}, **norms,
                        **{f"lr_{g['group']}": g["lr"] for g in optimizer.param_groups},
                        "elapsed_s": time.time() - t_start}
-                metrics.log(**row)
+                if metrics is not None:
+                    metrics.log(**row)
                 pbar.set_postfix(loss=f"{row['loss']:.3f}", lm=f"{row['lm']:.3f}", det=f"{row['det']:.3f}")
             if args.eval_every and step % args.eval_every == 0:
                 run_eval()
@@ -656,15 +769,19 @@ def train(args):
     train_seconds = time.time() - t_start
     if step < total_steps:  # --stop-after: an interruption, to be resumed
         checkpoint(os.path.join(args.out, "last.pt"))
-        print(f"stopped at step {step} of {total_steps} after {train_seconds:.0f}s; resume with --resume "
+        say(f"stopped at step {step} of {total_steps} after {train_seconds:.0f}s; resume with --resume "
               f"{os.path.join(args.out, 'last.pt')}")
+        cleanup_distributed()
         return None
     res = run_eval()
     checkpoint(os.path.join(args.out, "last.pt"))
+    cleanup_distributed()
+    if not info.is_main:
+        return res
     plot_metrics(metrics.path, os.path.join(args.out, "metrics.png"),
                  groups=[["loss", "lm", "det"], ["teacher_lm", "student_lm"], list(LOSS_KEYS),
                          [f"gnorm_{g}" for g in GROUP_PATTERNS], ["val_map", "val_map50", "val_caption_acc"], ["val_lm", "val_teacher_lm", "val_student_lm"]])
-    print(f"done: {step} steps in {train_seconds:.0f}s; mAP {res['map']:.3f}, mAP@.5 {res['map50']:.3f}, "
+    say(f"done: {step} steps in {train_seconds:.0f}s; mAP {res['map']:.3f}, mAP@.5 {res['map50']:.3f}, "
           f"caption accuracy {res['caption_acc']:.3f} -> {args.out}")
     return res
 

@@ -118,3 +118,22 @@ def test_train_vqa_two_procs_equal_one_proc_doubled_batch(tmp_path, mode):
         assert (tmp_path / "two" / f).is_file(), f
     one, two = (json.load(open(tmp_path / d / "eval.json")) for d in ("one", "two"))
     assert one["accuracy"] == two["accuracy"]
+
+
+# --- train_detect ------------------------------------------------------------------------------------------
+def test_train_detect_two_procs_equal_one_proc_doubled_batch(tmp_path):
+    import train_detect
+    from test_train_detect import TINY
+
+    def args(out, batch, *extra):  # the box and caption losses divide by counts all-reduced over ranks
+        return [*TINY, "--shapes-train", "12", "--max-steps", "3", "--batch-size", str(batch), "--out", str(out),
+                "--tokenizer-cache", str(tmp_path / "tok"), *extra]
+    res_one = train_detect.main(args(tmp_path / "one", 4))
+    torchrun("train_detect.py", args(tmp_path / "two", 2, "--dist", "ddp"))
+    for key in ("loss", "lm", "det", "loss_bbox", "loss_caption"):
+        assert_same_losses(losses(tmp_path / "two", key), losses(tmp_path / "one", key))
+    import json
+    res_two = json.load(open(tmp_path / "two" / "eval.json"))
+    assert abs(res_two["map"] - res_one["map"]) < 1e-6
+    for f in ("last.pt", "metrics.png", "predictions.png"):
+        assert (tmp_path / "two" / f).is_file(), f
