@@ -276,9 +276,14 @@ def group_grad_norms_sharded(optimizer):
         grads = [p.grad for p in g["params"] if p.grad is not None]
         if grads:
             keys.append(g["group"])
-            sq.append(sum(x.to_local().float().pow(2).sum().cpu() for x in grads))
+            # replicated (unsharded 0-dim) gradients count once: / world before the sum over ranks
+            sq.append(sum(x.to_local().float().pow(2).sum().cpu() if hasattr(x, "to_local")
+                          else x.float().pow(2).sum().cpu() / get_world_size() for x in grads))
     total = all_reduce_sum(torch.stack(sq).double()) if sq else []
-    return {f"gnorm_{k}": math.sqrt(float(v)) for k, v in zip(keys, total)}
+    out = {}
+    for k, v in zip(keys, total):  # a name may cover several groups (with and without weight decay)
+        out[k] = out.get(k, 0.0) + float(v)
+    return {f"gnorm_{k}": math.sqrt(v) for k, v in out.items()}
 
 
 def to_cpu(obj):

@@ -121,7 +121,8 @@ def test_train_vqa_two_procs_equal_one_proc_doubled_batch(tmp_path, mode):
 
 
 # --- train_detect ------------------------------------------------------------------------------------------
-def test_train_detect_two_procs_equal_one_proc_doubled_batch(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_train_detect_two_procs_equal_one_proc_doubled_batch(tmp_path, mode):
     import train_detect
     from test_train_detect import TINY
 
@@ -129,8 +130,10 @@ def test_train_detect_two_procs_equal_one_proc_doubled_batch(tmp_path):
         return [*TINY, "--shapes-train", "12", "--max-steps", "3", "--batch-size", str(batch), "--out", str(out),
                 "--tokenizer-cache", str(tmp_path / "tok"), *extra]
     res_one = train_detect.main(args(tmp_path / "one", 4))
-    torchrun("train_detect.py", args(tmp_path / "two", 2, "--dist", "ddp"))
-    for key in ("loss", "lm", "det", "loss_bbox", "loss_caption"):
+    # fsdp: with activation checkpointing and the head's 0-dim parameter kept out of the sharding
+    extra = ["--activation-checkpointing"] if mode == "fsdp" else []
+    torchrun("train_detect.py", args(tmp_path / "two", 2, "--dist", mode, *extra))
+    for key in ("loss", "lm", "det", "loss_bbox", "loss_caption", "grad_norm", "gnorm_detection"):
         assert_same_losses(losses(tmp_path / "two", key), losses(tmp_path / "one", key))
     import json
     res_two = json.load(open(tmp_path / "two" / "eval.json"))

@@ -208,6 +208,15 @@ def wrap_model(model, mode="ddp", block_types=(), mixed_precision=None, activati
             dist.broadcast(t.data, src=0)
     mesh = init_device_mesh(device.type, (get_world_size(),))
     kwargs = dict(mesh=mesh)
+    # fully_shard cannot shard 0-dim parameters (e.g. a learned temperature): they stay replicated, outside
+    # FSDP2, and their gradients are averaged over ranks by a hook (after every accumulation, which the
+    # mean's linearity makes right with accumulation too)
+    scalars = {p for p in model.parameters() if p.dim() == 0}
+    if scalars:
+        kwargs["ignored_params"] = scalars
+        for p in scalars:
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(_average_grad_over_ranks)
     if mixed_precision is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
     for m in model.modules():
@@ -217,6 +226,11 @@ def wrap_model(model, mode="ddp", block_types=(), mixed_precision=None, activati
     for name in forward_methods:
         register_fsdp_forward_method(model, name)
     return model
+
+
+def _average_grad_over_ranks(p):
+    dist.all_reduce(p.grad)
+    p.grad.div_(get_world_size())
 
 
 def unwrap_model(model):
