@@ -43,7 +43,7 @@ from models.vit import Block as VitBlock, vision_config
 from utils.chat import ChatTemplate, PackCollator, PadCollator
 from utils.distributed import (all_reduce_mean, all_reduce_sum, broadcast_object, cleanup_distributed,
                                gather_full_state_dict, get_world_size, grad_norm_value, is_fsdp, load_full_state_dict,
-                               plain_model_on_rank0, rank0_first, setup_script, unwrap_model,
+                               load_sharded, plain_model_on_rank0, rank0_first, save_sharded, setup_script, unwrap_model,
                                wrap_model)
 from utils.checkpoint import check_same_config, load_checkpoint, rng_state, save_atomic, set_rng_state
 from utils.coco import CocoDetectionDataset, DataError
@@ -514,11 +514,20 @@ def train(args):
 
     # --- model + tokenizer: resume > init-vqa > new
     resume, template, pad_id = None, ChatTemplate(), None
+    sharded = bool(args.resume) and os.path.isdir(args.resume)  # --dist fsdp's last_sharded folder
+    if sharded:
+        meta = os.path.join(args.resume, f"rank{info.rank}.pt")
+        if args.dist != "fsdp" or not os.path.isfile(meta):
+            raise SystemExit(f"error: --resume {args.resume} is a sharded checkpoint folder: it needs --dist fsdp on "
+                             f"the number of processes that wrote it (or resume from the full last.pt)")
     if args.resume:
-        try:
-            resume = load_checkpoint(args.resume, expect_kind="detect")
-        except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(f"error: {e}")
+        if sharded:
+            resume = torch.load(meta, weights_only=True)  # everything but the weights and optimizer state
+        else:
+            try:
+                resume = load_checkpoint(args.resume, expect_kind="detect")
+            except (ValueError, FileNotFoundError) as e:
+                raise SystemExit(f"error: {e}")
         tokenizer = tokenizer_from_dict(resume["tokenizer"])
         model = DetectionModel.from_model_config(resume["model_config"])
         processor = ImageProcessor.from_dict(resume["image_processor"])
@@ -591,7 +600,7 @@ def train(args):
         HungarianMatcher(args.cost_obj, args.cost_bbox, args.cost_giou), args.w_obj, args.w_bbox, args.w_giou,
         args.w_caption, aux_loss=not args.no_aux_loss)
     if info.enabled:
-        if resume is not None:  # the full weights go in before wrapping (FSDP2 then shards them)
+        if resume is not None and not sharded:  # the full weights go in before wrapping (FSDP2 shards them)
             model.load_state_dict(resume["model"])
         # forward + losses (caption head included) run as the wrapped model's forward, so DDP / FSDP2 see
         # every parameter the loss touches
@@ -615,7 +624,9 @@ def train(args):
 
     step, epoch, batch_in_epoch, lr_scale, best, bad_streak = 0, 0, 0, 1.0, -1.0, 0
     if resume is not None:
-        if is_fsdp(model):
+        if sharded:
+            load_sharded(args.resume, model, optimizer)
+        elif is_fsdp(model):
             load_full_state_dict(model, resume["model"], optimizer, resume["optimizer"])
         else:
             raw.load_state_dict(resume["model"])
@@ -641,15 +652,16 @@ def train(args):
     def checkpoint(path):
         """Full weights gathered on rank 0, the one-process layout (collective under torchrun)."""
         model_sd, optim_sd = gather_full_state_dict(model, optimizer)
-        if not info.is_main:
-            return
-        save_atomic({"kind": "detect", "model_config": raw.model_config(), "model": model_sd,
-                     "tokenizer": tokenizer.to_dict(), "image_processor": processor.to_dict(),
-                     "template": template.to_dict(), "special_tokens": {"image": cfg.image_token_id, "pad": pad_id},
-                     "categories": categories, "optimizer": optim_sd, "scaler": scaler.state_dict(),
-                     "train": {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "lr_scale": lr_scale,
-                               "best": best},
-                     "rng": rng_state(), "args": vars(args)}, path)
+        meta = {"kind": "detect", "model_config": raw.model_config(), "tokenizer": tokenizer.to_dict(),
+                "image_processor": processor.to_dict(), "template": template.to_dict(),
+                "special_tokens": {"image": cfg.image_token_id, "pad": pad_id}, "categories": categories,
+                "scaler": scaler.state_dict(), "train": {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                                                         "lr_scale": lr_scale, "best": best},
+                "rng": rng_state(), "args": vars(args)}
+        if is_fsdp(model) and os.path.basename(path) == "last.pt":  # also each rank's shards, for --resume
+            save_sharded(os.path.join(args.out, "last_sharded"), model, optimizer, extra=meta)
+        if info.is_main:
+            save_atomic({**meta, "model": model_sd, "optimizer": optim_sd}, path)
 
     def run_eval():
         nonlocal best

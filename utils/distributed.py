@@ -435,13 +435,23 @@ def load_sharded(folder, model, optimizer=None):
         raise FileNotFoundError(f"{folder} is not a sharded checkpoint (no .metadata: missing or half-written)")
     if os.path.exists(os.path.join(folder, "no_optimizer_state")):
         optimizer = None  # saved before the first step: the fresh optimizer is already right
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
     state = {"model": model_sd}
     if optimizer is not None:
         state["optimizer"] = optim_sd
-    dcp.load(state, checkpoint_id=folder)
+    # get_state_dict gave every parameter an (empty) optimizer state; parameters that never had a gradient
+    # when the checkpoint was saved (frozen, unused) have none there: load what is there, drop the rest
+    dcp.load(state, checkpoint_id=folder, planner=DefaultLoadPlanner(allow_partial_load=optimizer is not None))
     set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
                    optim_state_dict=state.get("optimizer", {}))
+    if optimizer is not None:
+        saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+        names = {id(p): _clean_fqn(n) for n, p in model.named_parameters()}
+        for g in optimizer.param_groups:
+            for p in g["params"]:
+                if not any(k.startswith(f"optimizer.state.{names[id(p)]}.") for k in saved):
+                    optimizer.state.pop(p, None)
     path = os.path.join(folder, f"rank{get_rank()}.pt")
     return torch.load(path, weights_only=True) if os.path.isfile(path) else None
 
