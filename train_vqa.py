@@ -40,7 +40,7 @@ from utils.distributed import (all_reduce_mean, all_reduce_sum, broadcast_object
                                gather_full_state_dict, grad_sync, is_fsdp, load_full_state_dict, load_sharded,
                                plain_model_on_rank0, rank0_first, save_sharded, setup_script, unwrap_model, wrap_model)
 from utils.checkpoint import check_same_config, load_checkpoint, rng_state, save_atomic, set_rng_state
-from utils.image_processing import ImageProcessor, denormalize
+from utils.image_processing import FlipShift, ImageProcessor, denormalize
 from utils.metrics import MetricsLog, plot_metrics
 from utils.runtime import compile_works, pick_device, seed_everything, setup_precision
 from utils.tokenizer import SentencePieceTokenizer, tokenizer_from_dict
@@ -69,6 +69,9 @@ def get_args(argv=None):
                    "one-image conversations each epoch (the default reshuffles them, deterministically)")
     g.add_argument("--data-dir", default="data", help="where easy-VQA and the trained tokenizer are cached")
     g.add_argument("--pad-to-square", action="store_true", help="LLaVA's pad-to-square before the CLIP resize/crop")
+    g.add_argument("--augment", type=int, default=0, metavar="PX", help="training images: random horizontal flip and "
+                   "a shift of up to PX pixels (0 = off). Only for data whose answers survive a mirror image and a "
+                   "small move, like easy-VQA (no left/right or position questions)")
     g.add_argument("--max-len", type=int, default=None, help="context length in tokens (default: the LLM config's)")
     g.add_argument("--pack", action="store_true", help="pack samples into rows of --max-len (attention kept per sample)")
     g.add_argument("--strict", action="store_true", help="an unreadable image or an over-long text is an error "
@@ -575,7 +578,8 @@ def main(argv=None):
                                   betas=(0.9, 0.95), fused=fused)
     train_set = VQADataset(train_entries, image_folder, processor,
                            Encoder(tok, image_id, n_img, max_len, template, args.strict,
-                                   shuffle_turns=not args.keep_turn_order, seed=args.seed), args.strict)
+                                   shuffle_turns=not args.keep_turn_order, seed=args.seed), args.strict,
+                           augment=FlipShift(0.5, args.augment, seed=args.seed) if args.augment else None)
     steps_per_epoch = max(1, math.ceil(len(train_set) / args.batch_size) // args.grad_accum)
     total_steps = args.max_steps or max(1, round(args.epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(args.warmup, total_steps,
@@ -665,7 +669,7 @@ def main(argv=None):
                     save(last_path)
             g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
             perm, pos = torch.randperm(len(train_set), generator=g), 0
-        train_set.encode.epoch = epoch  # the turn order of this epoch (also right after a resume)
+        train_set.encode.epoch = train_set.epoch = epoch  # this epoch's turn order and augmentation (also on resume)
         rest = perm[pos:].tolist()
         if info.enabled:
             # rank r takes every world-th sample of the rest (cut to a multiple of world: equal batch counts),
