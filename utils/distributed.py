@@ -18,6 +18,7 @@ References: torchtitan (parallelize_llama: fully_shard per block, then the root)
 (pytorch.org/tutorials/intermediate/FSDP_tutorial.html) and torch.distributed.checkpoint.state_dict.
 """
 import contextlib
+import datetime
 import functools
 import os
 import shutil
@@ -30,6 +31,9 @@ from torch.utils.checkpoint import checkpoint
 
 
 # --- process group -----------------------------------------------------------------------------------
+# the scripts evaluate (greedy decoding, COCO mAP) on rank 0 while the other ranks wait at the next
+# collective: NCCL's default 10 minutes could end a run whose evaluation is long
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
 @dataclass
 class DistInfo:
     rank: int = 0
@@ -65,9 +69,9 @@ def init_distributed(device="auto"):
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
         if not dist.is_initialized():
-            dist.init_process_group("nccl", device_id=torch.device(device))
+            dist.init_process_group("nccl", device_id=torch.device(device), timeout=COLLECTIVE_TIMEOUT)
     elif not dist.is_initialized():
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
     return DistInfo(rank, world, local, device)
 
 
