@@ -98,7 +98,7 @@ def get_args(argv=None):
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     g.add_argument("--batch-size", type=int, default=64, help="samples per micro-batch (per process under torchrun)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the decoder")
+    g.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of the decoder")
     g.add_argument("--projector-lr", type=float, default=None, help="projector learning rate (default --lr)")
     g.add_argument("--vision-lr", type=float, default=None, help="ViT learning rate (default --lr)")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of the peak")
