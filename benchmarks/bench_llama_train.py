@@ -130,12 +130,10 @@ def run_ours(cfg, init_state, compile_mode, ids, args, timer, name):
 
 def main(argv=None):
     args = parse_args(argv)
-    from utils.runtime import pick_device
+    from utils.runtime import pick_device, setup_precision
     device = pick_device(args.device)
     timer = Timer(device)
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    setup_precision(device, "float32")  # TF32 on a GPU; both models run bf16 weights without autocast
     dtype = torch.bfloat16
     cfg = llama_config(args.config, max_seq_len=max(args.seq, llama_config(args.config).max_seq_len))
     torch.manual_seed(args.seed)

@@ -104,12 +104,10 @@ def measure(name, model, loss_fn, args, timer, eager_loss_fn=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from utils.runtime import pick_device
+    from utils.runtime import pick_device, setup_precision
     device = pick_device(args.device)
     timer = Timer(device)
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    setup_precision(device, "float32")  # TF32 on a GPU; both models run bf16 weights without autocast
     dtype = torch.bfloat16
     text = llama_config(args.llm, vocab_size=args.vocab)
     image_token_id = 32000 if args.vocab > 32000 else args.vocab - 1
