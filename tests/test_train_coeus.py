@@ -64,6 +64,38 @@ def test_resume_is_exact(tmp_path):
     assert val_a == val_b
 
 
+def test_ema_resume_is_exact_and_best_holds_the_averaged_weights(tmp_path):
+    data = corpus_file(tmp_path)
+    train_coeus.main(tiny_args(data, tmp_path / "a", "--ema", "0.9", "--lr", "3e-3"))
+    train_coeus.main(tiny_args(data, tmp_path / "b", "--ema", "0.9", "--lr", "3e-3", "--stop-at", "4"))
+    train_coeus.main(tiny_args(data, tmp_path / "b", "--ema", "0.9", "--lr", "3e-3",
+                               "--resume", str(tmp_path / "b" / "last.pt")))
+    rows = {k: read_jsonl(tmp_path / k / "metrics.jsonl") for k in "ab"}
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]  # noqa: E731
+    assert strip(rows["a"]) == strip(rows["b"])  # train and (EMA) val losses, bit for bit
+    last = load_checkpoint(tmp_path / "a" / "last.pt", expect_kind="coeus")
+    assert last["ema"]["updates"] == 8
+    shadow = dict(zip([n for n, _ in Coeus(CoeusConfig(**last["model_config"])).named_parameters()],
+                      last["ema"]["shadow"]))
+    assert any(not torch.equal(shadow[n], w) for n, w in last["model"].items() if n in shadow)  # raw != average
+    best = load_checkpoint(tmp_path / "a" / "best.pt", expect_kind="coeus")
+    if best["step"] == 8:  # best at the end: best.pt's weights are exactly the final average
+        assert all(torch.equal(shadow[n], w) for n, w in best["model"].items() if n in shadow)
+    val = [r["val_loss"] for r in rows["a"] if "val_loss" in r]
+    assert best["best_val"] == min(val)
+
+
+def test_ema_flag_errors(tmp_path):
+    data = corpus_file(tmp_path)
+    with pytest.raises(SystemExit):
+        train_coeus.parse_args(["--ema", "1.5"])
+    with pytest.raises(SystemExit):
+        train_coeus.parse_args(["--ema", "0.9", "--dist", "fsdp"])
+    train_coeus.main(tiny_args(data, tmp_path / "r", "--stop-at", "4"))
+    with pytest.raises(SystemExit, match="no EMA weights"):
+        train_coeus.main(tiny_args(data, tmp_path / "r", "--ema", "0.9", "--resume", str(tmp_path / "r" / "last.pt")))
+
+
 def test_llama_baseline_same_loop(tmp_path):
     data = corpus_file(tmp_path)
     train_coeus.main(tiny_args(data, tmp_path / "l", "--model", "llama", "--max-iters", "4"))
