@@ -23,6 +23,7 @@ Design choices (what the issue asks to document):
     branches share the q/k/v projections (the local one adds RoPE to q and k; the global one needs no
     positions, its decays order the tokens). The RMSNorm gain is the per-channel mixing weight.
   * Blocks: pre-norm residual, x += drop(mixer(norm(x))); x += drop(swiglu(norm(x))); tied embeddings.
+    Optional attention dropout (attn_dropout) on the local branch's probabilities, as nanoGPT's attn_dropout.
 
 Inference state per layer: the global state S (B, H, Dk, Dv) fp32 and a ring buffer of the last W rotated
 keys and values (slot = position % W), plus the shared position counter. `step` is one token, `prefill`
@@ -52,7 +53,8 @@ class CoeusConfig:
     window: int = 128          # local branch: each token sees itself and the W-1 before it
     chunk_size: int = 64       # global branch: chunk length of the parallel form
     gate_temp: float = 16.0
-    dropout: float = 0.0
+    dropout: float = 0.0       # residual and embedding dropout (training only)
+    attn_dropout: float = 0.0  # dropout on the local branch's attention probabilities (nanoGPT's attn_dropout)
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     prefill_chunk: int = 4096  # tokens per parallel-form call in prefill()
@@ -121,7 +123,8 @@ class CoeusMixer(nn.Module):
                                   output_final_state=cache is not None)
         qr, kr = self._rope(q, k, pos + torch.arange(T, device=x.device))
         if cache is None:
-            o_l = self.local_attn(qr, kr, v, W)
+            p = self.cfg.attn_dropout if self.training else 0.0
+            o_l = self.local_attn(qr, kr, v, W, dropout_p=p) if p else self.local_attn(qr, kr, v, W)
         else:
             order = (pos + torch.arange(W, device=x.device)) % W  # ring slots, oldest first
             pk, pv = cache["k"][:, :, order], cache["v"][:, :, order]

@@ -21,8 +21,9 @@ def band_mask(W, n_blocks, prefix_len, device):
     return band[None] & exists                                      # (n_blocks, W, 2W)
 
 
-def sliding_window_attention(q, k, v, window, prefix_k=None, prefix_v=None, prefix_len=0):
-    """q, k, v (B, H, T, D) -> (B, H, T, D). prefix_k/v (B, H, W, D) precede the sequence (chronological)."""
+def sliding_window_attention(q, k, v, window, prefix_k=None, prefix_v=None, prefix_len=0, dropout_p=0.0):
+    """q, k, v (B, H, T, D) -> (B, H, T, D). prefix_k/v (B, H, W, D) precede the sequence (chronological).
+    dropout_p: dropout on the attention probabilities (training)."""
     B, H, T, D = q.shape
     W = window
     pad = (-T) % W
@@ -41,7 +42,8 @@ def sliding_window_attention(q, k, v, window, prefix_k=None, prefix_v=None, pref
     qb = q.unflatten(2, (nb, W))                                    # (B, H, nb, W, D)
     mask = band_mask(W, nb, prefix_len, q.device)                   # (nb, W, 2W)
     # SDPA wants 4-D: fold (B, H) together, blocks in the "head" slot so the mask broadcasts
-    o = F.scaled_dot_product_attention(qb.flatten(0, 1), kb.flatten(0, 1), vb.flatten(0, 1), attn_mask=mask)
+    o = F.scaled_dot_product_attention(qb.flatten(0, 1), kb.flatten(0, 1), vb.flatten(0, 1), attn_mask=mask,
+                                       dropout_p=dropout_p)
     o = o.unflatten(0, (B, H)).flatten(2, 3)[:, :, :T]              # (B, H, T, D)
     return o
 

@@ -228,3 +228,17 @@ def test_compiled_step_falls_back_to_eager(monkeypatch):
             o, state = model.step(ids[:, t], state)
             out.append(o)
     assert rel_err(torch.stack(out, 1), want) <= 1e-4
+
+
+def test_attention_dropout_only_in_training():
+    torch.manual_seed(0)
+    cfg = coeus_config("tiny", vocab_size=50)
+    plain = Coeus(cfg)
+    dropped = Coeus(coeus_config("tiny", vocab_size=50, attn_dropout=0.5))
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 50, (2, 40))
+    plain.eval(), dropped.eval()
+    torch.testing.assert_close(dropped(x), plain(x), rtol=0, atol=0)
+    dropped.train(), plain.train()
+    plain.drop.p = dropped.drop.p = 0.0
+    assert not torch.allclose(dropped(x), plain(x))
