@@ -59,6 +59,11 @@ def parse_args(argv=None):
                     help="OUR loss: head + CE on the learned positions only (chunked), or full logits as transformers")
     ap.add_argument("--compile-hf", action="store_true", help="also torch.compile the transformers model")
     ap.add_argument("--skip-hf", action="store_true", help="measure only our model")
+    ap.add_argument("--isolate", choices=["auto", "on", "off"], default="auto",
+                    help="measure each model in a fresh process of its own (auto: on a GPU), so neither inherits "
+                         "the other's allocator state, compiled graphs or a warm GPU")
+    ap.add_argument("--side", choices=["both", "transformers", "ours"], default="both",
+                    help="which model(s) this process measures (--isolate runs one process per side)")
     ap.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks (both models)")
     ap.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (same for both)")
     ap.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
@@ -102,10 +107,32 @@ def measure(name, model, loss_fn, args, timer, eager_loss_fn=None):
     return res
 
 
+def run_isolated(args, argv):
+    """One fresh process per model (same seeds, so the same weights and batch); returns their results."""
+    import subprocess
+    import tempfile
+    argv = list(sys.argv[1:] if argv is None else argv)
+    results, env = {}, None
+    sides = ["ours"] if args.skip_hf else ["transformers", "ours"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for side in sides:
+            out = os.path.join(tmp, side + ".json")
+            cmd = [sys.executable, os.path.abspath(__file__), *argv, "--isolate", "off", "--side", side, "--out", out]
+            subprocess.run(cmd, check=True)
+            with open(out) as f:
+                part = json.load(f)
+            results.update(part["results"])
+            env, n_params = part["env"], part["n_params"]
+    return env, n_params, results
+
+
 def main(argv=None):
     args = parse_args(argv)
     from utils.runtime import pick_device, setup_precision
     device = pick_device(args.device)
+    if args.isolate == "on" or (args.isolate == "auto" and device.startswith("cuda") and args.side == "both"):
+        env, n_params, results = run_isolated(args, argv)
+        return summarize(args, env, n_params, results, cuda=device.startswith("cuda"))
     timer = Timer(device)
     setup_precision(device, "float32")  # TF32 on a GPU; both models run bf16 weights without autocast
     dtype = torch.bfloat16
@@ -136,7 +163,7 @@ def main(argv=None):
           flush=True)
     results = {}
 
-    if not args.skip_hf:
+    if not args.skip_hf and args.side in ("both", "transformers"):
         hf = hf.to(device=device, dtype=dtype).train()
         if args.grad_checkpointing:
             hf.gradient_checkpointing_enable()
@@ -149,6 +176,8 @@ def main(argv=None):
         del hf_fwd
     del hf
     left = timer.reset_memory()
+    if args.side == "transformers":
+        return summarize(args, env, n_params, results, cuda=timer.cuda)
 
     with torch.device(device):
         ours = LlavaModel(cfg).to(dtype)
@@ -177,8 +206,12 @@ def main(argv=None):
                               eager_loss_fn=eager_loss_fn if args.compile != "none" else None)
     results["ours"]["allocated_before_gb"] = left / 1e9
 
+    return summarize(args, env, n_params, results, cuda=timer.cuda)
+
+
+def summarize(args, env, n_params, results, cuda):
     summary = dict(args=vars(args), env=env, n_params=n_params, results=results)
-    if "transformers" in results:
+    if "transformers" in results and "ours" in results:
         h, o = results["transformers"], results["ours"]
         summary["speedup"] = o["samples_per_s"] / h["samples_per_s"]
         summary["memory_ratio"] = o["peak_mem_gb"] / h["peak_mem_gb"]
@@ -187,7 +220,7 @@ def main(argv=None):
         print(f"speed-up ours / transformers: {summary['speedup']:.3f}x   peak memory ratio: "
               f"{summary['memory_ratio']:.3f}   first-step loss difference: {summary['first_loss_diff']:.2e}   "
               f"goal (>=1.3x, memory <=1x) {'met' if summary['goal_met'] else 'NOT met'}")
-        if not timer.cuda:
+        if not cuda:
             print("note: on CPU peak memory is the process's cumulative peak RSS; the ratio means nothing there")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
