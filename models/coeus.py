@@ -23,7 +23,8 @@ Design choices (what the issue asks to document):
     branches share the q/k/v projections (the local one adds RoPE to q and k; the global one needs no
     positions, its decays order the tokens). The RMSNorm gain is the per-channel mixing weight.
   * Blocks: pre-norm residual, x += drop(mixer(norm(x))); x += drop(swiglu(norm(x))); tied embeddings.
-    Optional attention dropout (attn_dropout) on the local branch's probabilities, as nanoGPT's attn_dropout.
+    Optional attention dropout (attn_dropout) on the local branch's probabilities, as nanoGPT's attn_dropout,
+    and its analogue on the global branch's intra-chunk scores (gla_dropout).
 
 Inference state per layer: the global state S (B, H, Dk, Dv) fp32 and a ring buffer of the last W rotated
 keys and values (slot = position % W), plus the shared position counter. `step` is one token, `prefill`
@@ -55,6 +56,7 @@ class CoeusConfig:
     gate_temp: float = 16.0
     dropout: float = 0.0       # residual and embedding dropout (training only)
     attn_dropout: float = 0.0  # dropout on the local branch's attention probabilities (nanoGPT's attn_dropout)
+    gla_dropout: float = 0.0   # dropout on the global branch's intra-chunk scores (its analogue)
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     prefill_chunk: int = 4096  # tokens per parallel-form call in prefill()
@@ -118,9 +120,10 @@ class CoeusMixer(nn.Module):
         W = self.cfg.window
         q, k, v, g = self._qkvg(x)
         pos = torch.zeros((), dtype=torch.long, device=x.device) if cache is None else cache["pos"]
+        extra = {"dropout_p": self.cfg.gla_dropout} if self.training and self.cfg.gla_dropout else {}
         o_g, S = self.global_attn(q, k, v, g, chunk_size=self.cfg.chunk_size,
                                   initial_state=None if cache is None else cache["S"],
-                                  output_final_state=cache is not None)
+                                  output_final_state=cache is not None, **extra)
         qr, kr = self._rope(q, k, pos + torch.arange(T, device=x.device))
         if cache is None:
             p = self.cfg.attn_dropout if self.training else 0.0

@@ -63,7 +63,7 @@ def scan_states(u, a, group=SCAN_GROUP):
 
 
 def chunk_gla(q, k, v, g, chunk_size=64, initial_state=None, scale=None, output_final_state=True,
-              exact_segsum=False):
+              exact_segsum=False, dropout_p=0.0):
     """Gated linear attention, chunked parallel form.
 
     q, k (B, H, T, Dk); v (B, H, T, Dv); g (B, H, T) log-decays <= 0 (per head, per token).
@@ -71,6 +71,8 @@ def chunk_gla(q, k, v, g, chunk_size=64, initial_state=None, scale=None, output_
     exact_segsum: build the intra-chunk decays with segsum() instead of differences of the within-chunk
     cumsum (exact to the last bit for log-decays of very different sizes; the default is faster and its
     error is an absolute ~1e-7 * |cumsum within the chunk| in the exponent).
+    dropout_p: dropout on the intra-chunk scores (training regulariser, the analogue of attention dropout;
+    the state passed between chunks is left whole).
     Returns o (B, H, T, Dv) in v's dtype and the final state (B, H, Dk, Dv) fp32 (or None).
     """
     B, H, T, Dk = q.shape
@@ -101,6 +103,8 @@ def chunk_gla(q, k, v, g, chunk_size=64, initial_state=None, scale=None, output_
 
         # intra-chunk: decay-weighted causal scores, fp32, then back to the input dtype for the matmul
         scores = (q @ k.transpose(-1, -2)).to(acc) * torch.exp(seg)   # (B, H, N, C, C)
+        if dropout_p:
+            scores = F.dropout(scores, dropout_p)
         o = scores.to(dtype) @ v                                       # (B, H, N, C, Dv)
 
         # each chunk's state contribution, then the scan over chunks

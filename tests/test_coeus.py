@@ -234,11 +234,17 @@ def test_attention_dropout_only_in_training():
     torch.manual_seed(0)
     cfg = coeus_config("tiny", vocab_size=50)
     plain = Coeus(cfg)
-    dropped = Coeus(coeus_config("tiny", vocab_size=50, attn_dropout=0.5))
+    dropped = Coeus(coeus_config("tiny", vocab_size=50, attn_dropout=0.5, gla_dropout=0.5))
+    with torch.no_grad():  # the global branch's gain starts at 0: open it so its dropout shows
+        for layer in plain.layers:
+            layer.mixer.global_norm.weight.fill_(1.0)
     dropped.load_state_dict(plain.state_dict())
     x = torch.randint(0, 50, (2, 40))
     plain.eval(), dropped.eval()
     torch.testing.assert_close(dropped(x), plain(x), rtol=0, atol=0)
     dropped.train(), plain.train()
     plain.drop.p = dropped.drop.p = 0.0
+    assert not torch.allclose(dropped(x), plain(x))
+    for layer in dropped.layers:  # the global branch alone
+        layer.mixer.cfg = coeus_config("tiny", vocab_size=50, gla_dropout=0.5)
     assert not torch.allclose(dropped(x), plain(x))
