@@ -20,6 +20,7 @@ metrics.jsonl + metrics.png (loss, lr, samples/s, accuracies), samples.png (test
 answer and prediction), eval.json (the final test accuracies).
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -80,6 +81,9 @@ def get_args(argv=None):
     g.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 0 on CPU, 4 on GPU)")
     g = p.add_argument_group("model")
     g.add_argument("--vision", default="easyvqa", help=f"vision config: {', '.join([*EXTRA_VISION, *VISION_CONFIGS])}")
+    g.add_argument("--conv-stem", type=int, default=None, metavar="N",
+                   help="new vision tower: N stride-2 3x3 convolutions instead of the patch embedding (patch size "
+                        "2**N; 0 = CLIP's patch embedding; default: the vision config's)")
     g.add_argument("--llm", default="easyvqa", help=f"decoder config: {', '.join([*EXTRA_LLM, *LLAMA_CONFIGS])}")
     g.add_argument("--init-vision", default=None, help="HF folder (CLIPVisionModel/CLIPModel) to load the ViT from")
     g.add_argument("--init-llm", default=None, help="HF folder (LlamaForCausalLM) to load the decoder and its "
@@ -193,6 +197,11 @@ def build_config(args, n_vocab, image_id):
         vcfg = vision_config_from_hf(read_config(args.init_vision))
     else:
         vcfg = named_config(args.vision, EXTRA_VISION, VISION_CONFIGS, vision_config, VisionConfig, "vision")
+        if args.conv_stem is not None:
+            try:
+                vcfg = dataclasses.replace(vcfg, conv_stem=args.conv_stem)
+            except ValueError as e:
+                raise SystemExit(f"error: --conv-stem: {e}")
     if args.init_llm:
         from models.hf_weights import llama_config_from_hf, read_config
         tcfg = llama_config_from_hf(read_config(args.init_llm))

@@ -279,6 +279,9 @@ def vision_config_from_hf(c):
 
 
 def vision_config_to_hf(cfg: VisionConfig):
+    if cfg.conv_stem:
+        raise ValueError(f"a ViT with a convolutional stem ({cfg.conv_stem} layers) has no CLIPVisionModel "
+                         f"equivalent and cannot be exported to the Hugging Face layout")
     return dict(architectures=["CLIPVisionModel"], model_type="clip_vision_model", hidden_size=cfg.dim,
                 intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                 image_size=cfg.image_size, patch_size=cfg.patch_size, layer_norm_eps=cfg.norm_eps,

@@ -32,6 +32,10 @@ class VisionConfig:
     mlp_dim: int = 4096
     norm_eps: float = 1e-5
     in_channels: int = 3
+    # 0: CLIP's patch embedding, one patch_size x patch_size convolution. n > 0: a convolutional stem of n
+    # stride-2 3x3 convolutions (GroupNorm, GELU; channels doubling up to dim) and a 1x1 projection, "early
+    # convolutions" (Xiao et al. 2021): better for a tower trained from scratch on little data. patch_size = 2**n.
+    conv_stem: int = 0
 
     @property
     def head_dim(self):
@@ -50,6 +54,9 @@ class VisionConfig:
             raise ValueError(f"vision dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.conv_stem and self.patch_size != 2 ** self.conv_stem:
+            raise ValueError(f"a conv stem of {self.conv_stem} stride-2 layers needs patch_size {2 ** self.conv_stem}, "
+                             f"got {self.patch_size}")
 
     def to_dict(self):
         return asdict(self)
@@ -119,6 +126,21 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def conv_stem(cfg: VisionConfig):
+    """(B, C, H, W) -> (B, dim, H / 2**n, W / 2**n): n stride-2 3x3 conv + GroupNorm + GELU, then a 1x1 conv."""
+    layers, c_in = [], cfg.in_channels
+    for i in range(cfg.conv_stem):
+        c_out = max(cfg.dim // 2 ** (cfg.conv_stem - 1 - i), 8)
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.GroupNorm(1, c_out), nn.GELU()]
+        c_in = c_out
+    layers.append(nn.Conv2d(c_in, cfg.dim, 1, bias=False))
+    stem = nn.Sequential(*layers)
+    for m in stem:
+        if isinstance(m, nn.Conv2d):  # fan-in init: the ViT's N(0, 0.02) would shrink the signal layer by layer
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    return stem
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -131,6 +153,8 @@ class VisionTransformer(nn.Module):
         self.post_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
+        if cfg.conv_stem:
+            self.patch_embed = conv_stem(cfg)
 
     @staticmethod
     def _init_weights(m):
@@ -166,7 +190,7 @@ class VisionTransformer(nn.Module):
         if H % p or W % p:
             raise ValueError(f"image of {H}x{W} pixels is not a multiple of the patch size {p}")
         # pixels may come as uint8-normalised fp16/bf16/fp32/fp64: compute in the weights' dtype
-        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # (B, dim, H/p, W/p)
+        x = self.patch_embed(pixel_values.to(self.class_embedding.dtype))  # (B, dim, H/p, W/p)
         x = x.flatten(2).transpose(1, 2)                                       # (B, N, dim)
         cls = self.class_embedding.to(x.dtype).expand(B, 1, -1)
         x = torch.cat([cls, x], dim=1)                                          # (B, 1 + N, dim)

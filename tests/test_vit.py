@@ -85,3 +85,17 @@ def test_wrong_patch_multiple_is_a_clear_error():
     _, ours = make_pair()
     with pytest.raises(ValueError, match="multiple of the patch size"):
         ours(torch.randn(1, 3, 30, 32))
+
+
+def test_conv_stem_tower_shapes_and_no_hf_export():
+    from models.hf_weights import vision_config_to_hf
+    from models.vit import VisionTransformer
+    cfg = vision_config("tiny", conv_stem=3)           # patch 8 = 2**3
+    tower = VisionTransformer(cfg)
+    hidden = tower(torch.randn(2, 3, 32, 32))
+    assert hidden[-1].shape == (2, 1 + 16, cfg.dim)
+    assert isinstance(tower.patch_embed, torch.nn.Sequential)
+    with pytest.raises(ValueError, match="conv stem of 2 stride-2 layers needs patch_size 4"):
+        vision_config("tiny", conv_stem=2)
+    with pytest.raises(ValueError, match="cannot be exported"):
+        vision_config_to_hf(cfg)
