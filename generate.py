@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from utils.checkpoint import load_checkpoint
-from utils.decoding import CoeusLM, Decoder, LlamaLM, decode_tokens, make_step
+from utils.decoding import CoeusLM, Decoder, LlamaLM, decode_tokens, make_step, warn_on_tie_overflow
 from utils.lm_metrics import degeneration_metrics, perplexity, words
 from utils.runtime import pick_device, seed_everything
 from utils.sampling import SamplerConfig
@@ -258,6 +258,7 @@ class Session:
         if _is_cuda(dev):
             torch.cuda.synchronize()
         t1 = time.perf_counter()
+        warn_on_tie_overflow(self.decoder)
         if on_text is not None:
             on_text(rows[0].text())
         return dict(texts=[r.text() for r in rows], token_ids=[r.ids for r in rows],
@@ -376,6 +377,7 @@ def run_eval(args, loaded, device, ckpt_args=None):
             p = prompts[i:i + args.batch_size]
             dec.setup(p.shape[0], span if not lm.context else min(lm.context, span), device)
             outs += torch.cat(list(decode_tokens(dec, step, p, M, sync_every=0)), 1).tolist()
+            warn_on_tie_overflow(dec)
         if tok.eos_id is not None:
             outs = [o[:o.index(tok.eos_id)] if tok.eos_id in o else o for o in outs]
         report[name] = degeneration_metrics([unit(o) for o in outs])

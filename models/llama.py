@@ -134,7 +134,9 @@ class Attention(nn.Module):
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, max_len, D)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if mask is None:
+        if T == 1 and self.kv_cache is not None and input_pos is not None:
+            y = decode_attention(q, k, v, mask)
+        elif mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)
         elif H != Hkv:
             # grouped layout: the G query heads that share a KV head become G*T query rows of that head,
@@ -147,6 +149,20 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, H * D)
         return self.o_proj(y)
+
+
+def decode_attention(q, k, v, mask):
+    """One new query per row against the static cache: q (B, H, 1, D), k/v (B, Hkv, L, D), mask (B|1, 1, 1, L).
+
+    Two small matmuls and a softmax that torch.compile fuses into the decode step's graph; the G query heads
+    sharing a KV head are one (G, D) x (D, L) product, so K/V are read once. Faster than SDPA's kernels for a
+    single query on an H200 (benchmarks/bench_decode.py)."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    qg = q.view(B, Hkv, H // Hkv, D)                              # (B, Hkv, G, D), head h = j * G + g
+    scores = (qg @ k.transpose(-1, -2)).float() * D ** -0.5       # (B, Hkv, G, L)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1).to(v.dtype) @ v).view(B, H, 1, D)
 
 
 class MLP(nn.Module):

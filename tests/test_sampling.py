@@ -11,8 +11,9 @@ from transformers.generation.logits_process import (
     LogitsProcessorList, MinPLogitsWarper, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-from utils.sampling import (ContextState, SamplerConfig, choose, min_p_filter, no_repeat_ngram_mask,
-                            repetition_penalty, sample_no_sync, temperature, top_k_filter, top_p_filter, warp)
+from utils.sampling import (TIE_SLACK, ContextState, SamplerConfig, choose, min_p_filter, no_repeat_ngram_mask,
+                            repetition_penalty, sample_no_sync, temperature, top_k_candidates_as_logits,
+                            top_k_filter, top_p_filter, warp)
 
 B, V = 4, 37
 
@@ -166,3 +167,59 @@ def test_top_p_exact_mass_boundary(p):
     ours = top_p_filter(logits, p)
     assert_same(ours, TopPLogitsWarper(p)(None, logits.clone()))
     assert int(ours.isfinite().sum(-1)[0]) == round(p * 4)
+
+
+@pytest.mark.parametrize("v", [V, 300])
+@pytest.mark.parametrize("k,p,t,keep", [(5, 1.0, 1.0, 1), (5, 0.9, 0.8, 1), (20, 0.95, 0.8, 1), (1, 0.5, 1.0, 1),
+                                        (12, 0.3, 1.3, 3), (50, 0.95, 0.8, 1), (400, 0.9, 1.0, 2)])
+def test_fast_top_k_top_p_keeps_what_the_hf_warpers_keep(v, k, p, t, keep):
+    """The decode-time path (top-k candidates only, no vocabulary sort) = temperature + top-k + top-p warpers,
+    ties at the k-th logit included."""
+    cfg = SamplerConfig(temperature=t, top_k=k, top_p=p, min_tokens_to_keep=keep)
+    for seed in range(6):
+        logits = tied_logits(seed, v=v, levels=40)
+        fast, overflow = top_k_candidates_as_logits(logits, cfg)
+        assert not overflow.any()
+        procs = [TemperatureLogitsWarper(t), TopKLogitsWarper(k, min_tokens_to_keep=keep)]
+        if p < 1.0:
+            procs.append(TopPLogitsWarper(p, min_tokens_to_keep=keep))
+        for ref in (LogitsProcessorList(procs)(None, logits.clone()), warp(logits, cfg)):
+            assert_same_up_to_tie_order(fast, ref)
+
+
+def assert_same_up_to_tie_order(a, b):
+    """The same logits kept per row; where tied values straddle the top-p cut-off, which of the tied tokens
+    stay depends on the sort's order of equal keys (it differs between torch's CPU and CUDA sorts too), so
+    only tokens strictly above the smallest kept value must be the same tokens."""
+    for ra, rb in zip(a, b):
+        ka, kb = ra[ra.isfinite()].sort().values, rb[rb.isfinite()].sort().values
+        assert torch.equal(ka, kb), "different logits kept"
+        if len(ka):
+            above = ka[0]
+            assert torch.equal(ra > above, rb > above)
+
+
+def test_fast_path_flags_more_ties_than_its_slack():
+    cfg = SamplerConfig(temperature=1.0, top_k=5, top_p=1.0)
+    logits = torch.zeros(2, 5 + TIE_SLACK + 10)
+    logits[1, :3] = 1.0  # row 1: the 5th largest is tied with TIE_SLACK + 7 others -> still too many
+    logits[1, 3:] = torch.arange(logits.shape[1] - 3).float() * -1e-3  # row 1 has no ties after all
+    logits[0] = 0.0
+    _, overflow = top_k_candidates_as_logits(logits, cfg)
+    assert overflow.tolist() == [True, False]
+    buf = torch.zeros(2, dtype=torch.bool)
+    choose(logits, cfg, overflow=buf)
+    assert buf.tolist() == [True, False]
+
+
+def test_fast_path_samples_only_kept_tokens_in_proportion():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 500) * 3
+    cfg = SamplerConfig(temperature=0.8, top_k=10, top_p=0.9)
+    probs = torch.softmax(warp(logits, cfg), -1)[0]
+    n = 20_000
+    draws = torch.stack([choose(logits.expand(50, -1), cfg) for _ in range(n // 50)]).flatten()
+    freq = torch.bincount(draws, minlength=500).float() / n
+    assert (freq[probs == 0] == 0).all()
+    se = (probs * (1 - probs) / n).sqrt()
+    assert ((freq - probs).abs() <= 5 * se + 1e-9).all()

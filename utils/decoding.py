@@ -111,21 +111,28 @@ class Decoder(nn.Module):
         if n_tokens is not None and n_tokens < V:
             banned[n_tokens:] = True
         self.register_buffer("banned", banned, persistent=False)
+        # rows where the fast top-k sampler met more ties than it keeps (utils.sampling.TIE_SLACK)
+        self.register_buffer("tie_overflow", torch.zeros(0, dtype=torch.bool), persistent=False)
 
     def setup(self, batch, capacity, device):
         self.lm.setup(batch, capacity)
         self.ctx.setup(batch, capacity, device)
         self.banned = self.banned.to(device)
+        if self.tie_overflow.shape != (batch,) or self.tie_overflow.device != torch.device(device):
+            self.tie_overflow = torch.zeros(batch, dtype=torch.bool, device=device)
+        else:
+            self.tie_overflow.zero_()
 
     def _next(self, logits, cur_len):
         logits = logits.float().masked_fill(self.banned, -float("inf"))
         logits = self.ctx.process(logits, cur_len)
-        return choose(logits, self.sampler)
+        return choose(logits, self.sampler, overflow=self.tie_overflow)
 
     def prefill(self, prompt_ids, inputs_embeds=None):
         """prompt (B, T) -> first new token (B,), written at position T."""
         T = prompt_ids.shape[1]
         self.ctx.reset(prompt_ids)
+        self.tie_overflow.zero_()
         logits = self.lm.prefill(prompt_ids, inputs_embeds)
         pos = torch.tensor([T], device=prompt_ids.device)
         tok = self._next(logits, pos)
@@ -139,6 +146,16 @@ class Decoder(nn.Module):
         nxt = self._next(logits, cur)
         self.ctx.append(nxt, cur)
         return nxt
+
+
+def warn_on_tie_overflow(decoder):
+    """After decoding: say so if the fast top-k sampler ever met more ties with the k-th logit than it keeps."""
+    if decoder.tie_overflow.numel() and bool(decoder.tie_overflow.any()):
+        from utils.sampling import TIE_SLACK
+        warnings.warn(f"more than {TIE_SLACK} logits tied with the top-k cut-off at some step: the sampler "
+                      f"drew among top_k + {TIE_SLACK} of them, where transformers' TopKLogitsWarper keeps them all")
+        return True
+    return False
 
 
 def make_step(decoder, device, compile_mode="auto", tune=False):

@@ -17,6 +17,11 @@ token (which tokens were seen) is kept here as running counts in preallocated bu
 so a decode step has static shapes and can be captured in a CUDA graph; the tests check the running
 state against transformers applied to the full context at every step.
 
+With top-k on (and no min-p), `choose` never sorts the vocabulary: it filters and samples among the
+top_k + TIE_SLACK largest logits (`top_k_top_p_candidates`), the same tokens with the same logits that
+top_k_filter + top_p_filter keep (decode-time cost on an H200: see benchmarks/bench_decode.py). It is exact
+unless more than TIE_SLACK logits tie with the k-th one; that case is flagged (`overflow`), never silent.
+
 Sampling uses gpt-fast's exponential race (`sample_no_sync`): argmax(p / E) with E ~ Exp(1) draws index
 i with probability p_i, like torch.multinomial, but without the host sync multinomial costs.
 """
@@ -183,16 +188,20 @@ class ContextState(nn.Module):
         self.prompt_len = T
 
     def append(self, tok, pos):
-        """Write tok (B,) at absolute position pos ((1,) long tensor) and update the counts."""
+        """Write tok (B,) at absolute position pos ((1,) long tensor) and update the counts the penalties use
+        (a sampler without penalties skips them: fewer kernels per decoded token)."""
         self.tokens.index_copy_(1, pos, tok[:, None])
         one = torch.ones_like(tok[:, None], dtype=torch.int32)
-        self.rep_counts.scatter_add_(1, tok[:, None], one)
-        w = self.cfg.repetition_window
-        if w > 0:  # the token w positions back leaves the window
-            old_pos = (pos - w).clamp(min=0)
-            old = self.tokens.index_select(1, old_pos).clamp(max=self.vocab_size)  # (B, 1)
-            self.rep_counts.scatter_add_(1, old, -one * (pos >= w).to(torch.int32))
-        self.gen_counts.scatter_add_(1, tok[:, None], one)
+        c = self.cfg
+        if c.repetition_penalty != 1.0:
+            self.rep_counts.scatter_add_(1, tok[:, None], one)
+            w = c.repetition_window
+            if w > 0:  # the token w positions back leaves the window
+                old_pos = (pos - w).clamp(min=0)
+                old = self.tokens.index_select(1, old_pos).clamp(max=self.vocab_size)  # (B, 1)
+                self.rep_counts.scatter_add_(1, old, -one * (pos >= w).to(torch.int32))
+        if c.frequency_penalty != 0.0 or c.presence_penalty != 0.0:
+            self.gen_counts.scatter_add_(1, tok[:, None], one)
 
     def process(self, logits, cur_len):
         """Penalties and the n-gram ban (HF's logits processors) for logits (B, V) at context length cur_len."""
@@ -221,8 +230,50 @@ def warp(logits, cfg: SamplerConfig):
     return logits
 
 
-def choose(logits, cfg: SamplerConfig):
-    """logits (B, V) already through ContextState.process -> next token ids (B,), on device."""
+TIE_SLACK = 64  # extra candidates the fast top-k path keeps for logits tied with the k-th
+
+
+def top_k_top_p_candidates(logits, cfg: SamplerConfig):
+    """temperature -> top-k -> top-p on the top_k + TIE_SLACK largest logits only (no sort of the vocabulary).
+
+    Returns vals (B, K) -- the warped logits of the candidates, -inf where a filter removed one --, their token
+    ids idx (B, K), and overflow (B,) bool: True where more than TIE_SLACK logits tie with the k-th, the one
+    case in which this differs from warp() (which keeps every tied token)."""
+    V = logits.shape[-1]
+    if cfg.temperature != 1.0:
+        logits = temperature(logits, cfg.temperature)
+    k = min(max(cfg.top_k, cfg.min_tokens_to_keep), V)
+    K = min(k + TIE_SLACK, V)
+    vals, idx = torch.topk(logits, K)                            # (B, K), descending
+    kth = vals[:, k - 1:k]
+    overflow = (vals[:, -1] >= kth[:, 0]) & (K < V)
+    vals = vals.masked_fill(vals < kth, NEG_INF)                 # top_k_filter: the k-th and its ties stay
+    if cfg.top_p < 1.0:
+        # top_p_filter's ascending order: the removed tokens (-inf) first, then the candidates, smallest first
+        asc = vals.flip(-1)
+        cum = asc.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= (1 - cfg.top_p)
+        remove[..., -cfg.min_tokens_to_keep:] = False
+        vals = vals.masked_fill(remove.flip(-1), NEG_INF)
+    return vals, idx, overflow
+
+
+def top_k_candidates_as_logits(logits, cfg: SamplerConfig):
+    """top_k_top_p_candidates scattered back to (B, V) (-inf elsewhere): what warp() would return. For tests."""
+    vals, idx, overflow = top_k_top_p_candidates(logits, cfg)
+    full = torch.full_like(logits, NEG_INF, dtype=vals.dtype)
+    return full.scatter(1, idx, vals), overflow
+
+
+def choose(logits, cfg: SamplerConfig, overflow=None):
+    """logits (B, V) already through ContextState.process -> next token ids (B,), on device.
+
+    overflow: an optional (B,) bool buffer, or-ed in place with the fast path's tie overflow."""
     if cfg.greedy:
         return torch.argmax(logits, dim=-1)
+    if cfg.top_k and not cfg.min_p:
+        vals, idx, over = top_k_top_p_candidates(logits, cfg)
+        if overflow is not None:
+            overflow |= over
+        return idx.gather(1, sample_no_sync(torch.softmax(vals, dim=-1))[:, None])[:, 0]
     return sample_no_sync(torch.softmax(warp(logits, cfg), dim=-1))
