@@ -104,7 +104,7 @@ def get_args(argv=None):
     l.add_argument("--cost-giou", type=float, default=2.0, help="matcher: GIoU cost weight")
     l.add_argument("--no-aux-loss", action="store_true", help="loss on the last decoder layer only")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=12, help="passes over the training set")
+    o.add_argument("--epochs", type=int, default=24, help="passes over the training set (24: the quality bar on CPU, see README)")
     o.add_argument("--max-steps", type=int, default=0, help="train for this many optimizer steps (0: epochs decide)")
     o.add_argument("--stop-after", type=int, default=0,
                    help="leave after this many steps of this invocation, writing last.pt (the schedule still follows "
