@@ -276,8 +276,11 @@ def main(argv=None):
     batch_gen = torch.Generator().manual_seed(args.seed)
     start, best_val = 0, float("inf")
     if ckpt:
-        try:
-            check_same_config(ckpt["model_config"], dataclasses.asdict(cfg), args.resume)
+        try:  # through the dataclass: fields added since the checkpoint was written take their defaults
+            saved = dataclasses.asdict(type(cfg)(**ckpt["model_config"]))
+            check_same_config(saved, dataclasses.asdict(cfg), args.resume)
+        except TypeError as e:
+            raise SystemExit(f"error: --resume {args.resume}: its model config does not fit {type(cfg).__name__} ({e})")
         except ValueError as e:
             raise SystemExit(f"error: --resume: {e}")
         if not sharded:

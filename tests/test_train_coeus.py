@@ -182,3 +182,17 @@ def test_lr_by_time_spans_the_seconds_after_compilation():
     assert train_coeus.lr_at(10, 70.0, args, t_start=40.0) == pytest.approx((args.lr + args.min_lr) / 2)
     assert train_coeus.lr_at(10, 100.0, args, t_start=40.0) == pytest.approx(args.min_lr)
     assert train_coeus.lr_at(10, 50.0, args) == pytest.approx((args.lr + args.min_lr) / 2)  # no compile time
+
+
+def test_resume_of_a_checkpoint_written_before_new_config_fields(tmp_path):
+    """A last.pt whose model_config lacks fields added later (attn_dropout, gla_dropout) still resumes: the
+    missing fields take their defaults, which is what that older code ran with."""
+    data = corpus_file(tmp_path)
+    train_coeus.main(tiny_args(data, tmp_path / "old", "--stop-at", "4"))
+    path = tmp_path / "old" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    for key in ("attn_dropout", "gla_dropout"):
+        del ckpt["model_config"][key]
+    torch.save(ckpt, path)
+    train_coeus.main(tiny_args(data, tmp_path / "old", "--resume", str(path)))
+    assert sorted(train_losses(tmp_path / "old")) == list(range(8))
