@@ -6,8 +6,6 @@ Each 2-process run is one `python -m torch.distributed.run` subprocess; the one-
 in the test process (main(argv)), on the same tiny configs as the scripts' own tests.
 """
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -17,28 +15,15 @@ import torch.distributed
 from utils.metrics import read_jsonl
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(__file__))
+from torchrun_helper import torchrun as run_torchrun  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(script, args, nproc=2):
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", os.path.join(ROOT, script), *map(str, args)]
-    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, f"torchrun {script} failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
-    return p.stdout
+    return run_torchrun(script, args, nproc).stdout
 
 
 def losses(out, key):

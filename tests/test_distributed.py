@@ -5,8 +5,6 @@ The 2-process part is one torchrun launch of tests/dist_worker.py (module fixtur
 cost is paid once; the one-process references run here, in the test process.
 """
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -14,27 +12,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import dist_worker as W  # noqa: E402
+from torchrun_helper import torchrun  # noqa: E402
 from utils import distributed as D  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def two_procs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", os.path.join(ROOT, "tests", "dist_worker.py"), str(out)]
-    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, f"torchrun failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    torchrun(os.path.join("tests", "dist_worker.py"), [out])
     return torch.load(out / "results.pt", weights_only=True), out
 
 
