@@ -14,12 +14,12 @@ import torch.distributed
 
 from utils.metrics import read_jsonl
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 sys.path.insert(0, os.path.dirname(__file__))
 from torchrun_helper import torchrun as run_torchrun  # noqa: E402
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable"),
+              pytest.mark.usefixtures("one_thread")]  # one_thread: see tests/conftest.py
 
 
 def torchrun(script, args, nproc=2):
