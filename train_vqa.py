@@ -73,9 +73,10 @@ def get_args(argv=None):
                    "one-image conversations each epoch (the default reshuffles them, deterministically)")
     g.add_argument("--data-dir", default="data", help="where easy-VQA and the trained tokenizer are cached")
     g.add_argument("--pad-to-square", action="store_true", help="LLaVA's pad-to-square before the CLIP resize/crop")
-    g.add_argument("--augment", type=int, default=0, metavar="PX", help="training images: random horizontal flip and "
-                   "a shift of up to PX pixels (0 = off). Only for data whose answers survive a mirror image and a "
-                   "small move, like easy-VQA (no left/right or position questions)")
+    g.add_argument("--augment", type=int, default=None, metavar="PX", help="training images: random horizontal flip "
+                   "and a shift of up to PX pixels (0 = off). Only for data whose answers survive a mirror image and "
+                   "a small move, like easy-VQA (no left/right or position questions). Default: 3 on easy-VQA, 0 on "
+                   "other data")
     g.add_argument("--max-len", type=int, default=None, help="context length in tokens (default: the LLM config's)")
     g.add_argument("--pack", action="store_true", help="pack samples into rows of --max-len (attention kept per sample)")
     g.add_argument("--strict", action="store_true", help="an unreadable image or an over-long text is an error "
@@ -101,7 +102,7 @@ def get_args(argv=None):
     g.add_argument("--train-vision", action="store_true", help="also train the ViT (default: only when it starts "
                    "from random weights, i.e. without --init-vision, in the finetune stage)")
     g.add_argument("--freeze-vision", action="store_true", help="never train the ViT")
-    g.add_argument("--epochs", type=float, default=8, help="passes over the training set")
+    g.add_argument("--epochs", type=float, default=10, help="passes over the training set")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     g.add_argument("--batch-size", type=int, default=64, help="samples per micro-batch (per process under torchrun)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -143,7 +144,10 @@ def get_args(argv=None):
                    "when the dtype is bf16) plus a sharded checkpoint folder --out/last_sharded")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each ViT / decoder block "
                    "in backward (through the distributed wrapper; --grad-checkpointing is the models' own switch)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.augment is None:  # flips and shifts keep easy-VQA's answers; other data may ask left/right
+        args.augment = 3 if args.data == "easyvqa" else 0
+    return args
 
 
 # --- set-up helpers ----------------------------------------------------------------------------------------

@@ -212,3 +212,9 @@ def test_a_random_vit_trains_and_a_pretrained_one_stays_frozen_by_default():
         return train_vqa.train_vision(train_vqa.get_args(list(argv)))
     assert rule() and not rule("--init-vision", "x") and rule("--init-vision", "x", "--train-vision")
     assert not rule("--stage", "pretrain") and not rule("--freeze-vision")
+
+
+def test_augmentation_defaults_on_for_easyvqa_only():
+    assert train_vqa.get_args([]).augment == 3          # easy-VQA: no left/right or position questions
+    assert train_vqa.get_args(["--data", "mine.json"]).augment == 0
+    assert train_vqa.get_args(["--data", "mine.json", "--augment", "2"]).augment == 2
