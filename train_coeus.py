@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import sys
 import time
 import warnings
 
@@ -329,20 +328,20 @@ def main(argv=None):
                 "step": step, "rng": rng, "batch_gen": batch_gen.get_state(), "best_val": best_val,
                 "args": vars(args)}
 
-    def save(path, step, sharded_too=False, with_ema=False):
-        """The full checkpoint (gathered on rank 0: collective); --dist fsdp also the sharded folder.
-        with_ema: also the EMA state (last.pt; best.pt is written while the model holds the EMA weights)."""
+    def save(path, step, last=False):
+        """The full checkpoint (gathered on rank 0: collective). last (last.pt, for --resume): also the EMA state
+        and, with --dist fsdp, the sharded folder; best.pt is written while the model holds the EMA weights."""
         model_sd, opt_sd = gather_full_state_dict(model, opt)
         rngs = all_gather_object(rng_state()) if info.enabled else None
         if info.is_main:
             ckpt = {"kind": args.model, "model_config": dataclasses.asdict(cfg), "model": model_sd,
                     "tokenizer": tok.to_dict(), "optimizer": opt_sd, "step": step, "rng": rng_state(),
                     "batch_gen": batch_gen.get_state(), "best_val": best_val, "args": vars(args),
-                    "ema": ema.state_dict() if ema is not None and with_ema else None}
+                    "ema": ema.state_dict() if ema is not None and last else None}
             if info.enabled:
                 ckpt["rng_ranks"] = rngs
             save_atomic(ckpt, path)
-        if sharded_too and is_fsdp(model):
+        if last and is_fsdp(model):
             save_sharded(os.path.join(args.out, "last_sharded"), model, opt, extra=state(step, rng_state()))
 
     def next_batch():
@@ -414,7 +413,7 @@ def main(argv=None):
                         plain.train()
                         with open(os.path.join(args.out, "samples.txt"), "a") as f:
                             f.write(f"--- step {step} ---\n{text}\n")
-            save(os.path.join(args.out, "last.pt"), step, sharded_too=True, with_ema=True)
+            save(os.path.join(args.out, "last.pt"), step, last=True)
             if stop:
                 write(f"stopping at step {step} ({'--max-time' if out_of_time else '--stop-at'}); "
                       f"continue with --resume {os.path.join(args.out, 'last.pt')}")
@@ -434,7 +433,7 @@ def main(argv=None):
                 best_val, improved = evaluate_and_log(step)
                 if improved:
                     save(os.path.join(args.out, "best.pt"), step)
-        save(os.path.join(args.out, "last.pt"), step, sharded_too=True, with_ema=True)
+        save(os.path.join(args.out, "last.pt"), step, last=True)
     bar.close()
     if info.is_main:
         plot_metrics(log.path, os.path.join(args.out, "metrics.png"),

@@ -15,7 +15,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from utils.sampling import ContextState, SamplerConfig, choose
+from utils.sampling import TIE_SLACK, ContextState, SamplerConfig, choose
 
 
 # --- model adapters: one interface over a KV-cache decoder and a recurrent one ------------------------------
@@ -119,9 +119,7 @@ class Decoder(nn.Module):
         self.ctx.setup(batch, capacity, device)
         self.banned = self.banned.to(device)
         if self.tie_overflow.shape != (batch,) or self.tie_overflow.device != torch.device(device):
-            self.tie_overflow = torch.zeros(batch, dtype=torch.bool, device=device)
-        else:
-            self.tie_overflow.zero_()
+            self.tie_overflow = torch.zeros(batch, dtype=torch.bool, device=device)  # zeroed again by prefill
 
     def _next(self, logits, cur_len):
         logits = logits.float().masked_fill(self.banned, -float("inf"))
@@ -151,7 +149,6 @@ class Decoder(nn.Module):
 def warn_on_tie_overflow(decoder):
     """After decoding: say so if the fast top-k sampler ever met more ties with the k-th logit than it keeps."""
     if decoder.tie_overflow.numel() and bool(decoder.tie_overflow.any()):
-        from utils.sampling import TIE_SLACK
         warnings.warn(f"more than {TIE_SLACK} logits tied with the top-k cut-off at some step: the sampler "
                       f"drew among top_k + {TIE_SLACK} of them, where transformers' TopKLogitsWarper keeps them all")
         return True
