@@ -249,7 +249,8 @@ def top_k_top_p_candidates(logits, cfg: SamplerConfig):
     overflow = (vals[:, -1] >= kth[:, 0]) & (K < V)
     vals = vals.masked_fill(vals < kth, NEG_INF)                 # top_k_filter: the k-th and its ties stay
     if cfg.top_p < 1.0:
-        # top_p_filter's ascending order: the removed tokens (-inf) first, then the candidates, smallest first
+        # top_p_filter's arithmetic without its sort: topk's values are already in order (flipped: ascending,
+        # the removed tokens (-inf) first), which keeps a sort and a scatter off the decode step
         asc = vals.flip(-1)
         cum = asc.softmax(dim=-1).cumsum(dim=-1)
         remove = cum <= (1 - cfg.top_p)
