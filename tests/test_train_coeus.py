@@ -85,6 +85,40 @@ def test_ema_resume_is_exact_and_best_holds_the_averaged_weights(tmp_path):
     assert best["best_val"] == min(val)
 
 
+def test_full_windows_cover_every_target_once():
+    data = torch.arange(1, 104)  # 103 tokens -> 102 targets -> 10 windows of 10, tail of 2 left out
+    batches = list(text_data.full_windows(data, 10, 4))
+    assert [rows for _, _, rows in batches] == [4, 4, 2]
+    assert all(x.shape == (4, 10) and y.shape == (4, 10) for x, y, _ in batches)  # one shape, padding included
+    targets = torch.cat([y[:rows] for _, y, rows in batches]).flatten()
+    assert torch.equal(targets, data[1:101])
+    assert all(torch.equal(y, x + 1) for x, y, _ in batches)
+    with pytest.raises(text_data.DataError, match="shorter than one window"):
+        next(text_data.full_windows(data[:10], 10, 4))
+
+
+def test_val_full_is_the_mean_loss_over_every_token():
+    torch.manual_seed(0)
+    model = Coeus(CoeusConfig(vocab_size=11, dim=16, n_layers=1, n_heads=2, head_dim=8, ffn_dim=32, window=4,
+                              chunk_size=8, prefill_chunk=8)).eval()
+    tokens = torch.randint(0, 11, (75,))
+    args = train_coeus.parse_args(["--block-size", "8", "--batch-size", "3"])
+    got = train_coeus.full_split_loss(model, tokens, args, torch.autocast("cpu", enabled=False), "cpu")
+    # reference: each window on its own, summed token by token
+    losses = []
+    for s in range(0, 72, 8):
+        logits = model(tokens[s:s + 8][None])[0]
+        losses += [torch.nn.functional.cross_entropy(logits[t], tokens[s + t + 1]).item() for t in range(8)]
+    assert len(losses) == 72 and got == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+
+
+def test_val_full_run(tmp_path):
+    data = corpus_file(tmp_path)
+    best = train_coeus.main(tiny_args(data, tmp_path / "run", "--val-full"))
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
+    assert len(rows) == 3 and best == min(r["val_loss"] for r in rows)
+
+
 def test_ema_flag_errors(tmp_path):
     data = corpus_file(tmp_path)
     with pytest.raises(SystemExit):

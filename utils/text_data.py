@@ -115,3 +115,26 @@ def get_batch(data, block_size, batch_size, generator, device="cpu"):
     if device != "cpu":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x, y
+
+
+def full_windows(data, block_size, batch_size, device="cpu"):
+    """Every token of a split exactly once: the split cut into non-overlapping windows of block_size
+    targets, yielded as (x, y, rows) batches of batch_size rows. rows <= batch_size counts the real
+    windows; the last batch is padded with copies of its first window so every batch has one shape (a
+    compiled model sees no new shape). The tail of fewer than block_size targets is left out.
+
+    Each window's targets see contexts of 0..block_size-1 tokens, as get_batch's random windows do on
+    average, so the mean loss is the quantity nanoGPT's estimate samples, computed exactly."""
+    n = (len(data) - 1) // block_size                      # windows
+    if n == 0:
+        raise DataError(f"split of {len(data)} tokens is shorter than one window of {block_size + 1}")
+    x = data[:n * block_size].view(n, block_size)          # (n, T)
+    y = data[1:n * block_size + 1].view(n, block_size)
+    for s in range(0, n, batch_size):
+        xb, yb = x[s:s + batch_size], y[s:s + batch_size]
+        rows = len(xb)
+        if rows < batch_size:
+            pad = batch_size - rows
+            xb, yb = torch.cat([xb, xb[:1].expand(pad, -1)]), torch.cat([yb, yb[:1].expand(pad, -1)])
+        yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True), rows
+
