@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.decoding import CoeusLM, Decoder, LlamaLM, make_step  # noqa: E402
+from models.gemv import triton_available  # noqa: E402
 from models.llama import Llama, llama_config  # noqa: E402
 from utils.sampling import SamplerConfig  # noqa: E402
 
@@ -150,6 +151,9 @@ def main(argv=None):
     p.add_argument("--bandwidth-tbs", type=float, default=None, help="memory bandwidth for the floor (TB/s)")
     p.add_argument("--no-fuse", action="store_true",
                    help="keep q/k/v and gate/up as separate matmuls (default: fused for decoding)")
+    p.add_argument("--gemv", default="auto", choices=["auto", "on", "off", "both"],
+                   help="one-row matmuls through models/gemv.py's Triton kernel (auto: on CUDA with Triton); both: "
+                        "time without it first, then with it, in the same run")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights, prompt and sampling")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--smoke", action="store_true", help="tiny configs on CPU, 1 repeat: checks the script runs")
@@ -188,13 +192,24 @@ def main(argv=None):
         res["hf_generate"] = time_hf(model, prompt, args.new_tokens, sampler, device, args.warmup, args.repeats)
         print(f"transformers generate: {res['hf_generate']['tokens_per_s']:.1f} tokens/s (first-token logits "
               f"max |diff| vs ours {res['hf_generate']['first_logits_max_abs_diff_vs_ours']:.3g})", flush=True)
-    torch.manual_seed(args.seed)
     res["fused_projections"] = not args.no_fuse
-    res["ours"] = time_ours(LlamaLM(model, fuse=not args.no_fuse), prompt, args.new_tokens, sampler, device, args.compile,
-                            args.warmup, args.repeats)
-    print(f"ours (static KV cache, compiled={res['ours']['compiled']}, cudagraph skips "
-          f"{res['ours']['cudagraph_skips']}): {res['ours']['tokens_per_s']:.1f} tokens/s "
-          f"({res['ours']['decode_tokens_per_s']:.1f} decode-only)", flush=True)
+    gemv = args.gemv
+    if gemv == "auto":
+        gemv = "on" if device.startswith("cuda") and triton_available() else "off"
+    for key, with_gemv in ([("ours_no_gemv", False), ("ours", True)] if gemv == "both" else [("ours", gemv == "on")]):
+        torch.manual_seed(args.seed)
+        t = time.perf_counter()
+        lm = LlamaLM(model, fuse=not args.no_fuse, gemv=with_gemv)
+        res[key] = {"gemv": with_gemv, "gemv_tune_s": time.perf_counter() - t,
+                    "gemv_configs": {f"{n}x{k}": v for (n, k), v in (lm.gemv_report or {}).items()},
+                    **time_ours(lm, prompt, args.new_tokens, sampler, device, args.compile, args.warmup, args.repeats)}
+        r = res[key]
+        print(f"{key} (static KV cache, gemv kernel {with_gemv}, compiled={r['compiled']}, cudagraph skips "
+              f"{r['cudagraph_skips']}): {r['tokens_per_s']:.1f} tokens/s ({r['decode_tokens_per_s']:.1f} "
+              f"decode-only)", flush=True)
+    if "ours_no_gemv" in res:
+        res["gemv_speedup"] = res["ours"]["decode_tokens_per_s"] / res["ours_no_gemv"]["decode_tokens_per_s"]
+        print(f"gemv kernel: {res['gemv_speedup']:.3f}x decode tokens/s", flush=True)
     if "hf_generate" in res:
         res["speedup_vs_hf"] = res["ours"]["tokens_per_s"] / res["hf_generate"]["tokens_per_s"]
         print(f"ours / transformers: {res['speedup_vs_hf']:.1f}x", flush=True)

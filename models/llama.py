@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from models.decode_attention import can_fuse, fused_attention_step
+
 
 @dataclass
 class LlamaConfig:
@@ -123,6 +125,9 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask=None, input_pos=None):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if T == 1 and input_pos is not None and self.kv_cache is not None and can_fuse(self.qkv_proj, x, self.kv_cache):
+            # batch-1 decoding through models/gemv.py: q/k/v, RoPE, cache write and attention in one kernel
+            return self.o_proj(fused_attention_step(x, self.qkv_proj, cos, sin, self.kv_cache, mask, input_pos, H))
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
         else:

@@ -15,6 +15,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from models.gemv import use_gemv
 from utils.sampling import TIE_SLACK, ContextState, SamplerConfig, choose
 
 
@@ -24,11 +25,14 @@ class LlamaLM(nn.Module):
     """models.llama.Llama behind the decoder interface, with its static KV cache.
 
     fuse=True concatenates the q/k/v and gate/up weights of the model in place (Llama.fuse_projections):
-    fewer kernels per token, same outputs; only for a model that is no longer trained or saved."""
+    fewer kernels per token, same outputs; only for a model that is no longer trained or saved.
+    gemv=True sends its one-row matmuls (batch-1 decoding on CUDA) to the split-K Triton kernel of
+    models/gemv.py, tuned here for each weight shape (`gemv_report`)."""
 
-    def __init__(self, model, fuse=False):
+    def __init__(self, model, fuse=False, gemv=False):
         super().__init__()
         self.model = model.fuse_projections() if fuse else model
+        self.gemv_report = use_gemv(self.model) if gemv else None
         self.context = model.config.max_seq_len
         self.vocab_size = model.config.vocab_size
         self._shape = None

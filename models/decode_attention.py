@@ -1,0 +1,119 @@
+"""A batch-1 decode step's attention in one Triton kernel: q/k/v from the GEMV's partial sums, RoPE, the
+KV-cache write and grouped-query attention over the cache.
+
+Compiled, that part of a layer was five to seven kernels (the q/k/v sum, two RoPE kernels, the cache copy,
+q K^T, softmax, P V), ~15 us a layer on an H200 for TinyLlama, almost all of it launch and ramp time: the
+cache of a short context is a few hundred KB. One program per KV head: it sums the partials of its G query
+heads, its key and its value (rounded to the model's dtype as the unfused path rounds them), rotates q and k,
+stores k and v at slot pos, and runs an online softmax over the visible slots before pos plus the new token,
+whose key and value it already holds (no read-after-write of the cache inside the kernel).
+
+Used by models/llama.py's Attention when its q/k/v projection is a models.gemv.DecodeLinear, the batch is 1
+and one token is decoded (bf16/fp16); tests/test_gemv.py holds it to models.llama's unfused path in Triton's
+CPU interpreter.
+"""
+import torch
+
+from models.gemv import DecodeLinear, gemv_partials, triton
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _decode_attention_kernel(part_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, mask_ptr, pos_ptr, out_ptr,
+                                 n_qkv, scale, L: tl.constexpr,
+                                 SPLIT: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                                 G_PAD: tl.constexpr, BLOCK_L: tl.constexpr):
+        j = tl.program_id(0)                       # KV head; query heads j*G .. j*G+G-1 share it
+        G: tl.constexpr = H // HKV
+        dtype = k_cache_ptr.dtype.element_ty
+        pos = tl.load(pos_ptr)
+        d = tl.arange(0, D)
+        d_rot = (d + D // 2) % D                   # rotate_half: [-x2, x1]
+        sign = tl.where(d < D // 2, -1.0, 1.0)
+        cos = tl.load(cos_ptr + d).to(tl.float32)
+        sin = tl.load(sin_ptr + d).to(tl.float32)
+        g = tl.arange(0, G_PAD)
+        g_ok = (g < G)[:, None]
+        q_cols = (j * G + g)[:, None] * D          # (G_PAD, 1): start of each query head's columns
+        k_col, v_col = H * D + j * D, (H + HKV) * D + j * D
+        q = tl.zeros((G_PAD, D), tl.float32)
+        q_r = tl.zeros((G_PAD, D), tl.float32)
+        k = tl.zeros((D,), tl.float32)
+        k_r = tl.zeros((D,), tl.float32)
+        v = tl.zeros((D,), tl.float32)
+        for s in tl.static_range(SPLIT):           # the GEMV's split-K partial sums
+            row = part_ptr + s * n_qkv
+            q += tl.load(row + q_cols + d[None, :], mask=g_ok, other=0.0)
+            q_r += tl.load(row + q_cols + d_rot[None, :], mask=g_ok, other=0.0)
+            k += tl.load(row + k_col + d)
+            k_r += tl.load(row + k_col + d_rot)
+            v += tl.load(row + v_col + d)
+        # the projection's output is rounded to the model's dtype, as nn.Linear's would be
+        q = q.to(dtype).to(tl.float32) * cos[None, :] + sign[None, :] * q_r.to(dtype).to(tl.float32) * sin[None, :]
+        k = k.to(dtype).to(tl.float32) * cos + sign * k_r.to(dtype).to(tl.float32) * sin
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        head = k_cache_ptr + j * L * D             # batch 1: (HKV, L, D) contiguous
+        tl.store(head + pos * D + d, k)
+        tl.store(v_cache_ptr + j * L * D + pos * D + d, v)
+        # online softmax, started from the new token (always visible to itself)
+        # dots on fp32 operands: tf32 holds bf16/fp16 values exactly, and the probabilities keep 10 mantissa bits
+        qf = q.to(tl.float32)
+        m = tl.sum(qf * k.to(tl.float32)[None, :], axis=1) * scale                         # (G_PAD,)
+        l_sum = tl.full((G_PAD,), 1.0, tl.float32)
+        acc = tl.zeros((G_PAD, D), tl.float32) + v.to(tl.float32)[None, :]
+        for start in range(0, L, BLOCK_L):       # a constant bound (the cache's length): loads stop at pos
+            if start < pos:
+                t = start + tl.arange(0, BLOCK_L)
+                seen = (t < pos) & (tl.load(mask_ptr + t, mask=t < pos, other=0) != 0)
+                kb = tl.load(head + t[:, None] * D + d[None, :], mask=seen[:, None], other=0.0)       # (BLOCK_L, D)
+                scores = tl.dot(qf, tl.trans(kb.to(tl.float32))) * scale                                           # (G_PAD, BLOCK_L)
+                scores = tl.where(seen[None, :], scores, float("-inf"))
+                m_new = tl.maximum(m, tl.max(scores, axis=1))
+                alpha = tl.exp(m - m_new)
+                p = tl.exp(scores - m_new[:, None])
+                l_sum = l_sum * alpha + tl.sum(p, axis=1)
+                vb = tl.load(v_cache_ptr + j * L * D + t[:, None] * D + d[None, :], mask=seen[:, None], other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p, vb.to(tl.float32))
+                m = m_new
+        y = acc / l_sum[:, None]
+        tl.store(out_ptr + q_cols + d[None, :], y.to(dtype), mask=g_ok)
+
+
+@torch.library.custom_op("decode::attention_step", mutates_args=("k_cache", "v_cache"))
+def attention_step(qkv_partials: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """qkv_partials (S, (H + 2 Hkv) D) fp32, cos/sin (D,), k_cache/v_cache (1, Hkv, L, D), mask (L,) uint8 (1 =
+    visible), pos (1,) the new token's slot -> attention output (H * D,) in the cache's dtype; writes slot pos."""
+    S, n_qkv = qkv_partials.shape
+    _, n_kv, L, D = k_cache.shape
+    out = torch.empty(n_heads * D, device=k_cache.device, dtype=k_cache.dtype)
+    G = n_heads // n_kv
+    _decode_attention_kernel[(n_kv,)](qkv_partials, cos, sin, k_cache, v_cache, mask, pos, out, n_qkv, D ** -0.5,
+                                      L=L, SPLIT=S, H=n_heads, HKV=n_kv, D=D, G_PAD=max(16, triton.next_power_of_2(G)),
+                                      BLOCK_L=64, num_warps=4)
+    return out
+
+
+@attention_step.register_fake
+def _(qkv_partials, cos, sin, k_cache, v_cache, mask, pos, n_heads):
+    return k_cache.new_empty(n_heads * k_cache.shape[-1])
+
+
+def can_fuse(qkv_proj, x, cache):
+    """Whether this decode step's attention can run as one kernel: one token of one row through a DecodeLinear,
+    a half-precision cache of the same dtype, a power-of-two head size."""
+    D = cache.k.shape[-1]
+    return (isinstance(qkv_proj, DecodeLinear) and x.device.type in qkv_proj.kernel_devices and x.numel() == x.shape[-1]
+            and cache.k.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16) and cache.k.dtype == x.dtype
+            and D >= 16 and D & (D - 1) == 0)
+
+
+def fused_attention_step(x, qkv_proj, cos, sin, cache, mask, input_pos, n_heads):
+    """x (1, 1, dim) -> attention output (1, 1, H * D) before o_proj; the cache gets this token's k and v.
+    mask (1, 1, 1, L) bool as models.llama builds it; cos/sin (1, 1, D)."""
+    part = gemv_partials(x.reshape(-1), qkv_proj.weight, *qkv_proj.gemv_config)   # (S, (H + 2 Hkv) D) fp32
+    D = cache.k.shape[-1]
+    y = attention_step(part, cos.reshape(D), sin.reshape(D), cache.k, cache.v, mask.reshape(-1).view(torch.uint8),
+                       input_pos, n_heads)
+    return y.view(1, 1, n_heads * D)

@@ -1,0 +1,151 @@
+"""models/gemv.py and models/decode_attention.py: the batch-1 decode kernels in Triton's CPU interpreter against
+float64 references and against the unfused decoding path, and the nn.Linear fallback that CPU decoding keeps
+(the GPU timings are benchmarks/bench_decode.py's)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+
+from models.gemv import DecodeLinear, triton_available, use_gemv
+from models.llama import Llama, llama_config
+from utils.decoding import Decoder, LlamaLM, decode_tokens, make_step
+from utils.sampling import SamplerConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (N, K, (split_k, block_n, block_k, num_warps)): even tiles, ragged rows, ragged columns, a split that
+# rounds past K, one split, many splits
+CASES = [(64, 128, (1, 16, 64, 4)), (64, 128, (4, 8, 32, 4)), (37, 100, (3, 8, 32, 4)), (40, 96, (2, 8, 32, 4)),
+         (5, 70, (1, 4, 64, 4)), (48, 256, (8, 16, 32, 4))]
+
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="needs Triton (its interpreter runs the kernels "
+                                  "on the CPU)")
+
+
+def run_in_interpreter(script):
+    """TRITON_INTERPRET is read when a kernel is defined, hence a fresh interpreter; returns its stdout."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+@needs_triton
+def test_gemv_kernel_matches_float64_reference():
+    out = run_in_interpreter(f"""
+        import torch
+        from models.gemv import launch_gemv_partials
+        torch.manual_seed(0)
+        for N, K, cfg in {CASES!r}:
+            for dtype in (torch.float32, torch.bfloat16):
+                w, x = torch.randn(N, K).to(dtype), torch.randn(K).to(dtype)
+                out = torch.full((cfg[0], N), float("nan"))  # every partial must be written
+                launch_gemv_partials(x, w, out, *cfg)
+                ref = w.double() @ x.double()  # the same rounded inputs, exact products and sums
+                err = ((out.sum(0).double() - ref).abs().max() / ref.abs().max()).item()
+                assert err < 1e-5, (N, K, cfg, dtype, err)
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+@needs_triton
+def test_attention_kernel_matches_float64_reference():
+    # (H, Hkv, D, cache length, GEMV splits, position): G = 2 and 4 query heads per KV head, the first slot,
+    # a position in the last block of the cache; visible slots at random (a padding mask)
+    out = run_in_interpreter("""
+        import torch
+        from models.decode_attention import attention_step
+        from models.llama import apply_rope, rope_cos_sin
+        torch.manual_seed(0)
+        for H, Hkv, D, L, S, p in [(4, 2, 16, 80, 2, 9), (4, 2, 16, 80, 1, 70), (8, 2, 32, 64, 3, 0)]:
+            for dt, tol in ((torch.float16, 2e-3), (torch.bfloat16, 2e-2)):
+                part = torch.randn(S, (H + 2 * Hkv) * D)
+                k_cache, v_cache = torch.randn(1, Hkv, L, D).to(dt), torch.randn(1, Hkv, L, D).to(dt)
+                pos = torch.tensor([p])
+                cos, sin = rope_cos_sin(pos[None], D, 10000.0, dt)           # (1, 1, D)
+                mask = torch.rand(L) < 0.7
+                mask[p], mask[p + 1:] = True, False
+                k_out, v_out = k_cache.clone(), v_cache.clone()
+                y = attention_step(part, cos.reshape(D), sin.reshape(D), k_out, v_out, mask.view(torch.uint8), pos, H)
+                # reference: models.llama's unfused arithmetic, attention in float64
+                q, k, v = part.sum(0).to(dt).split([H * D, Hkv * D, Hkv * D])
+                q, k = apply_rope(q.view(1, H, 1, D), cos, sin), apply_rope(k.view(1, Hkv, 1, D), cos, sin)
+                k_ref, v_ref = k_cache.clone(), v_cache.clone()
+                k_ref[:, :, p], v_ref[:, :, p] = k[:, :, 0], v.view(1, Hkv, D)
+                scores = q.view(1, Hkv, H // Hkv, D).double() @ k_ref.double().transpose(-1, -2) * D ** -0.5
+                ref = (scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v_ref.double()).reshape(H * D)
+                # the interpreter rounds to bfloat16 by truncation, torch to nearest: one unit apart at most
+                assert torch.allclose(k_out.double(), k_ref.double(), atol=tol * 4, rtol=tol), (H, p, dt)
+                assert torch.allclose(v_out.double(), v_ref.double(), atol=tol * 4, rtol=tol), (H, p, dt)
+                assert torch.allclose(y.double(), ref, atol=tol * 4, rtol=tol), (H, p, dt, (y.double() - ref).abs().max())
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+@needs_triton
+def test_compiled_decoding_through_the_kernels_equals_nn_linear():
+    out = run_in_interpreter("""
+        import torch
+        from models.gemv import DecodeLinear, gemv
+        from models.llama import Llama, llama_config
+        from utils.decoding import Decoder, LlamaLM, decode_tokens, make_step
+        from utils.sampling import SamplerConfig
+        w, x = torch.randn(40, 96), torch.randn(1, 1, 96)
+        f = torch.compile(lambda x, w: gemv(x, w, (2, 8, 32, 4)) + 1, fullgraph=True)
+        assert torch.allclose(f(x, w), x @ w.t() + 1, atol=1e-5)
+        DecodeLinear.kernel_devices = ("cpu",)
+        DecodeLinear.gemv_config = (2, 64, 32, 4)  # few programs: the interpreter runs each in Python
+        torch.manual_seed(0)
+        weights = Llama(llama_config("tiny")).to(torch.float16).state_dict()
+        prompt = torch.randint(0, 512, (1, 9))
+        toks = []
+        for gemv_on in (False, True):
+            model = Llama(llama_config("tiny")).to(torch.float16)
+            model.load_state_dict(weights)
+            dec = Decoder(LlamaLM(model, fuse=True, gemv=gemv_on), SamplerConfig(temperature=0.0))
+            dec.setup(1, 40, "cpu")
+            step = make_step(dec, "cpu", "on")
+            toks.append(torch.cat(list(decode_tokens(dec, step, prompt, 10)), 1))
+            assert step.is_compiled()
+        assert torch.equal(toks[0], toks[1]), toks
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+def test_decode_linear_off_cuda_is_nn_linear():
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 10, bias=False)
+    one_row, rows = torch.randn(1, 1, 24), torch.randn(3, 24)
+    ref_one, ref_rows = lin(one_row), lin(rows)
+    lin.__class__ = DecodeLinear
+    assert torch.equal(lin(one_row), ref_one) and torch.equal(lin(rows), ref_rows)
+
+
+def test_use_gemv_keeps_parameters_and_cpu_decoding():
+    torch.manual_seed(0)
+    model = Llama(llama_config("tiny"))
+    prompt = torch.randint(0, 512, (1, 9))
+    greedy = SamplerConfig(temperature=0.0)
+
+    def decode(lm):
+        dec = Decoder(lm, greedy)
+        dec.setup(1, 40, "cpu")
+        return torch.cat(list(decode_tokens(dec, make_step(dec, "cpu", "off"), prompt, 12)), 1)
+
+    ref = decode(LlamaLM(model, fuse=True))
+    lm = LlamaLM(model, fuse=True, gemv=True)
+    if triton_available():
+        assert lm.gemv_report == {}  # nothing to tune off CUDA
+        assert all(type(m) is DecodeLinear for m in model.modules() if isinstance(m, nn.Linear))
+    fused_keys = list(LlamaLM(Llama(llama_config("tiny")), fuse=True).model.state_dict())
+    assert list(model.state_dict()) == fused_keys  # the class swap renames nothing
+    assert torch.equal(decode(lm), ref)
