@@ -80,6 +80,9 @@ if triton is not None:
         tl.store(out_ptr + q_cols + d[None, :], y.to(dtype), mask=g_ok)
 
 
+BLOCK_L, NUM_WARPS = 128, 8  # cache slots per loop step, warps per program (fastest of 32-256 x 2-8 on an H200)
+
+
 @torch.library.custom_op("decode::attention_step", mutates_args=("k_cache", "v_cache"))
 def attention_step(qkv_partials: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -91,7 +94,7 @@ def attention_step(qkv_partials: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     G = n_heads // n_kv
     _decode_attention_kernel[(n_kv,)](qkv_partials, cos, sin, k_cache, v_cache, mask, pos, out, n_qkv, D ** -0.5,
                                       L=L, SPLIT=S, H=n_heads, HKV=n_kv, D=D, G_PAD=max(16, triton.next_power_of_2(G)),
-                                      BLOCK_L=64, num_warps=4)
+                                      BLOCK_L=BLOCK_L, num_warps=NUM_WARPS)
     return out
 
 
@@ -112,7 +115,8 @@ def can_fuse(qkv_proj, x, cache):
 def fused_attention_step(x, qkv_proj, cos, sin, cache, mask, input_pos, n_heads):
     """x (1, 1, dim) -> attention output (1, 1, H * D) before o_proj; the cache gets this token's k and v.
     mask (1, 1, 1, L) bool as models.llama builds it; cos/sin (1, 1, D)."""
-    part = gemv_partials(x.reshape(-1), qkv_proj.weight, *qkv_proj.gemv_config)   # (S, (H + 2 Hkv) D) fp32
+    cfg = qkv_proj.gemv_config  # indexed, not unpacked: dynamo cannot iterate a module attribute's tuple here
+    part = gemv_partials(x.reshape(-1), qkv_proj.weight, cfg[0], cfg[1], cfg[2], cfg[3])  # (S, (H+2Hkv) D) fp32
     D = cache.k.shape[-1]
     y = attention_step(part, cos.reshape(D), sin.reshape(D), cache.k, cache.v, mask.reshape(-1).view(torch.uint8),
                        input_pos, n_heads)

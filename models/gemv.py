@@ -152,7 +152,7 @@ def gemv(x, weight, config=DEFAULT):
     """weight @ x for an x with exactly one row: (..., K) -> (..., N) in x's dtype (CUDA, Triton).
     config: (split_k, block_n, block_k, num_warps), e.g. from tune_gemv."""
     N, K = weight.shape
-    part = gemv_partials(x.reshape(K), weight, *config)  # (split_k, N) fp32
+    part = gemv_partials(x.reshape(K), weight, config[0], config[1], config[2], config[3])  # (split_k, N) fp32
     return part.sum(0).to(x.dtype).view(*x.shape[:-1], N)
 
 

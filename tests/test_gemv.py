@@ -102,7 +102,6 @@ def test_compiled_decoding_through_the_kernels_equals_nn_linear():
         f = torch.compile(lambda x, w: gemv(x, w, (2, 8, 32, 4)) + 1, fullgraph=True)
         assert torch.allclose(f(x, w), x @ w.t() + 1, atol=1e-5)
         DecodeLinear.kernel_devices = ("cpu",)
-        DecodeLinear.gemv_config = (2, 64, 32, 4)  # few programs: the interpreter runs each in Python
         torch.manual_seed(0)
         weights = Llama(llama_config("tiny")).to(torch.float16).state_dict()
         prompt = torch.randint(0, 512, (1, 9))
@@ -110,7 +109,12 @@ def test_compiled_decoding_through_the_kernels_equals_nn_linear():
         for gemv_on in (False, True):
             model = Llama(llama_config("tiny")).to(torch.float16)
             model.load_state_dict(weights)
-            dec = Decoder(LlamaLM(model, fuse=True, gemv=gemv_on), SamplerConfig(temperature=0.0))
+            lm = LlamaLM(model, fuse=True, gemv=gemv_on)
+            for m in lm.modules():  # per module, as use_gemv sets them after tuning; few programs: the interpreter
+                # runs each in Python
+                if isinstance(m, DecodeLinear):
+                    m.gemv_config = (2, 64, 32, 4)
+            dec = Decoder(lm, SamplerConfig(temperature=0.0))
             dec.setup(1, 40, "cpu")
             step = make_step(dec, "cpu", "on")
             toks.append(torch.cat(list(decode_tokens(dec, step, prompt, 10)), 1))
