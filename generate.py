@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from models.gemv import triton_available
 from utils.checkpoint import load_checkpoint
 from utils.decoding import CoeusLM, Decoder, LlamaLM, decode_tokens, make_step, warn_on_tie_overflow
 from utils.lm_metrics import degeneration_metrics, perplexity, words
@@ -151,7 +152,8 @@ def _finish(kind, model, tok, llava, extras, device, dtype, source):
     extras["n_tokens"] = n
     target = llava if llava is not None else model
     target.to(device=device, dtype=dtype).eval()
-    lm = CoeusLM(model) if is_coeus else LlamaLM(model, fuse=True)  # generate never trains or saves
+    # generate never trains or saves: fused projections; batch-1 steps on CUDA through models/gemv.py's kernels
+    lm = CoeusLM(model) if is_coeus else LlamaLM(model, fuse=True, gemv=device.startswith("cuda") and triton_available())
     return Loaded(kind, lm, tok, llava, extras)
 
 

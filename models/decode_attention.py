@@ -118,6 +118,6 @@ def fused_attention_step(x, qkv_proj, cos, sin, cache, mask, input_pos, n_heads)
     cfg = qkv_proj.gemv_config  # indexed, not unpacked: dynamo cannot iterate a module attribute's tuple here
     part = gemv_partials(x.reshape(-1), qkv_proj.weight, cfg[0], cfg[1], cfg[2], cfg[3])  # (S, (H+2Hkv) D) fp32
     D = cache.k.shape[-1]
-    y = attention_step(part, cos.reshape(D), sin.reshape(D), cache.k, cache.v, mask.reshape(-1).view(torch.uint8),
+    y = attention_step(part, cos.reshape(D), sin.reshape(D), cache.k, cache.v, mask.reshape(-1).to(torch.uint8),
                        input_pos, n_heads)
     return y.view(1, 1, n_heads * D)

@@ -144,6 +144,8 @@ def tune_gemv(weight, candidates=None, l2_flush_bytes=256e6):
         t = graph_time_us([functools.partial(launch_gemv_partials, x, w, out, *cfg) for w in ws])
         if t < best[1]:
             best = (cfg, t)
+    if best[0] is None:  # K smaller than every candidate's tile: one tile of K columns
+        best = ((1, 16, max(16, triton.next_power_of_2(K)), 4), None)
     _TUNED[key] = best
     return best
 
