@@ -92,7 +92,7 @@ def _(x, weight, split_k, block_n, block_k, num_warps):
     return x.new_empty((split_k, weight.shape[0]), dtype=torch.float32)
 
 
-# (split_k, block_n, block_k, num_warps) candidates tune_gemv times; the first is the untuned default
+# (split_k, block_n, block_k, num_warps): the candidates tune_gemv times, and the configuration of an untuned DecodeLinear
 CANDIDATES = [(s, bn, bk, w) for s in (1, 2, 4, 8) for bn in (4, 8, 16, 32) for bk in (256, 512) for w in (4, 8)
               if bn * bk <= 8192]
 DEFAULT = (4, 8, 512, 4)
