@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from models.gemv import triton_available
+from models.gemv import kernels_by_default
 from utils.checkpoint import load_checkpoint
 from utils.decoding import CoeusLM, Decoder, LlamaLM, decode_tokens, make_step, warn_on_tie_overflow
 from utils.lm_metrics import degeneration_metrics, perplexity, words
@@ -153,7 +153,7 @@ def _finish(kind, model, tok, llava, extras, device, dtype, source):
     target = llava if llava is not None else model
     target.to(device=device, dtype=dtype).eval()
     # generate never trains or saves: fused projections; batch-1 steps on CUDA through models/gemv.py's kernels
-    lm = CoeusLM(model) if is_coeus else LlamaLM(model, fuse=True, gemv=device.startswith("cuda") and triton_available())
+    lm = CoeusLM(model) if is_coeus else LlamaLM(model, fuse=True, gemv=kernels_by_default(device))
     return Loaded(kind, lm, tok, llava, extras)
 
 

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.decoding import CoeusLM, Decoder, LlamaLM, make_step  # noqa: E402
-from models.gemv import triton_available  # noqa: E402
+from models.gemv import kernels_by_default  # noqa: E402
 from models.llama import Llama, llama_config  # noqa: E402
 from utils.sampling import SamplerConfig  # noqa: E402
 
@@ -195,7 +195,7 @@ def main(argv=None):
     res["fused_projections"] = not args.no_fuse
     gemv = args.gemv
     if gemv == "auto":
-        gemv = "on" if device.startswith("cuda") and triton_available() else "off"
+        gemv = "on" if kernels_by_default(device) else "off"
     for key, with_gemv in ([("ours_no_gemv", False), ("ours", True)] if gemv == "both" else [("ours", gemv == "on")]):
         torch.manual_seed(args.seed)
         t = time.perf_counter()

@@ -107,9 +107,8 @@ def can_fuse(qkv_proj, x, cache):
     """Whether this decode step's attention can run as one kernel: one token of one row through a DecodeLinear,
     a half-precision cache of the same dtype, a power-of-two head size."""
     D = cache.k.shape[-1]
-    return (isinstance(qkv_proj, DecodeLinear) and x.device.type in qkv_proj.kernel_devices and x.numel() == x.shape[-1]
-            and cache.k.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16) and cache.k.dtype == x.dtype
-            and D >= 16 and D & (D - 1) == 0)
+    return (isinstance(qkv_proj, DecodeLinear) and qkv_proj.runs_kernel(x) and cache.k.shape[0] == 1
+            and x.dtype in (torch.bfloat16, torch.float16) and cache.k.dtype == x.dtype and D >= 16 and D & (D - 1) == 0)
 
 
 def fused_attention_step(x, qkv_proj, cos, sin, cache, mask, input_pos, n_heads):

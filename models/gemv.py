@@ -33,6 +33,11 @@ def triton_available():
     return triton is not None
 
 
+def kernels_by_default(device):
+    """Whether batch-1 decoding on this device should go through these kernels: CUDA with Triton."""
+    return str(device).startswith("cuda") and triton is not None
+
+
 if triton is not None:
     @triton.jit
     def _gemv_partials_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn,
@@ -165,8 +170,12 @@ class DecodeLinear(nn.Linear):
     gemv_config = DEFAULT
     kernel_devices = ("cuda",)  # the tests add "cpu" to run the kernel in Triton's interpreter
 
+    def runs_kernel(self, x):
+        """One row, on a device the kernel runs on, with a row-major weight."""
+        return x.device.type in self.kernel_devices and x.numel() == self.in_features and self.weight.stride(1) == 1
+
     def forward(self, x):
-        if x.device.type in self.kernel_devices and x.numel() == self.in_features and self.weight.stride(1) == 1:
+        if self.runs_kernel(x):
             return gemv(x, self.weight, self.gemv_config)
         return F.linear(x, self.weight, self.bias)
 

@@ -137,4 +137,3 @@ def full_windows(data, block_size, batch_size, device="cpu"):
             pad = batch_size - rows
             xb, yb = torch.cat([xb, xb[:1].expand(pad, -1)]), torch.cat([yb, yb[:1].expand(pad, -1)])
         yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True), rows
-
