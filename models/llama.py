@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from models.decode_attention import can_fuse, fused_attention_step
+from models.gemv import DecodeLinear
 
 
 @dataclass
@@ -96,6 +97,9 @@ class KVCache(nn.Module):
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # blocks of the cache done with a decode step, per KV head: the batch-1 attention kernel's
+        # (models/decode_attention.py) last block merges them all and sets this back to zero
+        self.register_buffer("arrivals", torch.zeros(n_kv_heads, dtype=torch.int32, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
         # input_pos: (T,) absolute positions of the new tokens, shared by the batch
@@ -188,6 +192,8 @@ class MLP(nn.Module):
         del self.gate_proj, self.up_proj
 
     def forward(self, x):
+        if isinstance(self.gate_up_proj, DecodeLinear) and self.gate_up_proj.runs_swiglu(x):
+            return self.down_proj(self.gate_up_proj.swiglu(x))  # batch-1 decoding: SiLU(gate) * up in the GEMV
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:

@@ -40,7 +40,7 @@ def run_in_interpreter(script):
 def test_gemv_kernel_matches_float64_reference():
     out = run_in_interpreter(f"""
         import torch
-        from models.gemv import launch_gemv_partials
+        from models.gemv import launch_gemv_partials, launch_gemv_swiglu
         torch.manual_seed(0)
         for N, K, cfg in {CASES!r}:
             for dtype in (torch.float32, torch.bfloat16):
@@ -50,6 +50,14 @@ def test_gemv_kernel_matches_float64_reference():
                 ref = w.double() @ x.double()  # the same rounded inputs, exact products and sums
                 err = ((out.sum(0).double() - ref).abs().max() / ref.abs().max()).item()
                 assert err < 1e-5, (N, K, cfg, dtype, err)
+                # the SwiGLU GEMV: W = (gate | up) of N rows each, one split, products rounded to the dtype
+                w2 = torch.randn(2 * N, K).to(dtype)
+                h = torch.full((N,), float("nan")).to(dtype)
+                launch_gemv_swiglu(x, w2, h, 1, *cfg[1:])
+                gate, up = (w2.double() @ x.double()).to(dtype).double().chunk(2)
+                ref = torch.nn.functional.silu(gate) * up
+                err = ((h.double() - ref).abs().max() / ref.abs().max()).item()
+                assert err < (1e-5 if dtype == torch.float32 else 2e-2), (N, K, cfg, dtype, err)
         print("ok")
     """)
     assert out.strip() == "ok"
@@ -57,23 +65,30 @@ def test_gemv_kernel_matches_float64_reference():
 
 @needs_triton
 def test_attention_kernel_matches_float64_reference():
-    # (H, Hkv, D, cache length, GEMV splits, position): G = 2 and 4 query heads per KV head, the first slot,
-    # a position in the last block of the cache; visible slots at random (a padding mask)
+    # (H, Hkv, D, cache length, GEMV splits, position, cache slots per program): G = 2 and 4 query heads per KV
+    # head, the first slot, a position in the last block of the cache, one block and five (merged by the last
+    # to arrive); visible slots at random (a padding mask), and a block that sees nothing
     out = run_in_interpreter("""
         import torch
-        from models.decode_attention import attention_step
+        import models.decode_attention as da
         from models.llama import apply_rope, rope_cos_sin
         torch.manual_seed(0)
-        for H, Hkv, D, L, S, p in [(4, 2, 16, 80, 2, 9), (4, 2, 16, 80, 1, 70), (8, 2, 32, 64, 3, 0)]:
+        for H, Hkv, D, L, S, p, block in [(4, 2, 16, 80, 2, 9, 64), (4, 2, 16, 80, 1, 70, 64), (8, 2, 32, 64, 3, 0, 64),
+                                          (4, 2, 16, 80, 2, 70, 16), (8, 2, 32, 64, 3, 47, 16), (4, 2, 16, 80, 2, 5, 16)]:
+            da.BLOCK_L = block
             for dt, tol in ((torch.float16, 2e-3), (torch.bfloat16, 2e-2)):
                 part = torch.randn(S, (H + 2 * Hkv) * D)
                 k_cache, v_cache = torch.randn(1, Hkv, L, D).to(dt), torch.randn(1, Hkv, L, D).to(dt)
                 pos = torch.tensor([p])
                 cos, sin = rope_cos_sin(pos[None], D, 10000.0, dt)           # (1, 1, D)
                 mask = torch.rand(L) < 0.7
+                mask[16:32] = False
                 mask[p], mask[p + 1:] = True, False
                 k_out, v_out = k_cache.clone(), v_cache.clone()
-                y = attention_step(part, cos.reshape(D), sin.reshape(D), k_out, v_out, mask.view(torch.uint8), pos, H)
+                arrivals = torch.zeros(Hkv, dtype=torch.int32)
+                y = da.attention_step(part, cos, sin, k_out, v_out, mask, pos,
+                                      arrivals, H)
+                assert not arrivals.any(), arrivals  # left ready for the next step
                 # reference: models.llama's unfused arithmetic, attention in float64
                 q, k, v = part.sum(0).to(dt).split([H * D, Hkv * D, Hkv * D])
                 q, k = apply_rope(q.view(1, H, 1, D), cos, sin), apply_rope(k.view(1, Hkv, 1, D), cos, sin)
@@ -82,9 +97,10 @@ def test_attention_kernel_matches_float64_reference():
                 scores = q.view(1, Hkv, H // Hkv, D).double() @ k_ref.double().transpose(-1, -2) * D ** -0.5
                 ref = (scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v_ref.double()).reshape(H * D)
                 # the interpreter rounds to bfloat16 by truncation, torch to nearest: one unit apart at most
-                assert torch.allclose(k_out.double(), k_ref.double(), atol=tol * 4, rtol=tol), (H, p, dt)
-                assert torch.allclose(v_out.double(), v_ref.double(), atol=tol * 4, rtol=tol), (H, p, dt)
-                assert torch.allclose(y.double(), ref, atol=tol * 4, rtol=tol), (H, p, dt, (y.double() - ref).abs().max())
+                case = (H, p, block, dt)
+                assert torch.allclose(k_out.double(), k_ref.double(), atol=tol * 4, rtol=tol), case
+                assert torch.allclose(v_out.double(), v_ref.double(), atol=tol * 4, rtol=tol), case
+                assert torch.allclose(y.double(), ref, atol=tol * 4, rtol=tol), (case, (y.double() - ref).abs().max())
         print("ok")
     """)
     assert out.strip() == "ok"

@@ -88,6 +88,28 @@ def test_decode_step_traces_as_one_graph():
     assert torch.equal(traced, greedy_by_decoder(lm, prompts, 12, cfg))
 
 
+def test_compiled_prefill_follows_prompt_lengths_and_a_failed_compile_falls_back():
+    """make_step compiles the prefill on CUDA with dynamic shapes: prompts of other lengths give the eager logits;
+    a function the compiler refuses runs eagerly, with a warning, from then on."""
+    from utils.decoding import CompiledOrEager
+    lm = LlamaLM(tiny_llama())
+    lm.setup(1, 32)
+    torch._dynamo.reset()
+    prefill = CompiledOrEager(lm.prefill, "the prefill", backend="eager", dynamic=True)
+    with torch.no_grad():
+        for T in (5, 9, 17):
+            ids = torch.randint(0, TOK.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
+            assert torch.allclose(prefill(ids, None), lm.prefill(ids), atol=1e-6)
+    assert prefill.is_compiled()
+
+    def data_dependent(x):
+        return x + 1 if x.sum().item() > 0 else x - 1  # a graph break: fullgraph=True refuses it
+    f = CompiledOrEager(data_dependent, "f", backend="eager", fullgraph=True)
+    with pytest.warns(UserWarning, match="torch.compile of f failed"):
+        assert torch.equal(f(torch.ones(3)), torch.full((3,), 2.0))
+    assert not f.is_compiled() and torch.equal(f(-torch.ones(3)), torch.full((3,), -2.0))
+
+
 def test_sampling_is_seeded_and_samples_differ(tmp_path):
     lm = LlamaLM(tiny_llama())
     dec = Decoder(lm, SamplerConfig(temperature=1.5, top_k=0, top_p=1.0))
