@@ -5,10 +5,12 @@ memory bandwidth, and the kernels torch.compile or cuBLAS pick reach 38-66 % of 
 TinyLlama's shapes (benchmarks/bench_decode.py). This kernel streams W in (BLOCK_N, BLOCK_K) tiles,
 fp32 products accumulated per tile, and splits K over SPLIT_K programs when N alone gives too few
 programs to keep every multiprocessor's loads in flight. It returns the (SPLIT_K, N) fp32 partial sums;
-their sum runs in the next fused kernel (residual add, RMSNorm, SwiGLU), so the split costs no launch.
+their sum runs in the next fused kernel (residual add, RMSNorm), so the split costs no launch. For a
+stacked (gate | up) weight, gemv_swiglu computes SiLU(gate) * up in the kernel's epilogue (one split).
 
     use_gemv(model)        # every bias-free nn.Linear becomes a DecodeLinear; tunes each weight shape
     y = gemv(x, weight)    # x (..., K) with one row, weight (N, K) -> (..., N), x's dtype
+    h = linear.swiglu(x)   # a DecodeLinear with use_gemv(..., swiglu=(its name,)): (..., K) -> (..., N / 2)
 
 The tile configuration is chosen per (N, K, dtype, GPU) once, eagerly, by timing a few candidates
 (tune_gemv); the compiled graph then carries it as constants. Off CUDA, with several rows, or without
