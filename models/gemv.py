@@ -256,7 +256,8 @@ class DecodeLinear(nn.Linear):
 def use_gemv(model, tune=True, max_split_k=None, swiglu=()):
     """Turn every bias-free nn.Linear of model into a DecodeLinear (same parameters, same names) and, on CUDA,
     tune the kernel for each distinct weight shape. Returns {"NxK" (+ " split<=S" / " swiglu"): (config,
-    microseconds)}, or None (with a warning, the model left as it was) when Triton is missing or the kernel fails on this GPU.
+    microseconds)}, or None (with a warning, the model left as it was) when Triton is missing or the kernel
+    fails on this GPU.
 
     max_split_k: {attribute name: most splits}, e.g. for projections whose partial sums one program must add
     up (an RMSNorm of a single row) and where each extra split costs more there than it saves in the GEMV.
@@ -274,18 +275,18 @@ def use_gemv(model, tune=True, max_split_k=None, swiglu=()):
         for attr, m in swapped:
             if attr in swiglu:
                 m.swiglu_config = (1, 16, 256, 4)  # untuned (CPU): a tile that fits the tests' tiny models
-            if m.weight.is_cuda and tune:
-                limit = max_split_k.get(attr)
-                shape = "x".join(map(str, m.weight.shape))
-                key = shape + (f" split<={limit}" if limit else "")
-                if key not in report:
-                    report[key] = tune_gemv(m.weight, max_split_k=limit)
+            if not (m.weight.is_cuda and tune):
+                continue
+            # a SwiGLU projection's one-row calls all go to swiglu(): only that kernel is tuned for it
+            limit = max_split_k.get(attr)
+            key = "x".join(map(str, m.weight.shape)) + (" swiglu" if attr in swiglu else
+                                                         f" split<={limit}" if limit else "")
+            if key not in report:
+                report[key] = tune_gemv(m.weight, swiglu=attr in swiglu, max_split_k=limit)
+            if attr in swiglu:
+                m.swiglu_config = report[key][0]
+            else:
                 m.gemv_config = report[key][0]
-                if attr in swiglu:
-                    key = shape + " swiglu"
-                    if key not in report:
-                        report[key] = tune_gemv(m.weight, swiglu=True)
-                    m.swiglu_config = report[key][0]
     except Exception as e:  # pragma: no cover - depends on the GPU and its Triton
         for _, m in swapped:
             m.__class__ = nn.Linear
