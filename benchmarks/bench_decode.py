@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.decoding import CoeusLM, Decoder, LlamaLM, make_step  # noqa: E402
-from models.gemv import kernels_by_default  # noqa: E402
+from models.gemv import kernels_by_default, pdl_enabled  # noqa: E402
 from models.llama import Llama, llama_config  # noqa: E402
 from utils.sampling import SamplerConfig  # noqa: E402
 
@@ -202,14 +202,16 @@ def main(argv=None):
         lm = LlamaLM(model, fuse=not args.no_fuse, gemv=with_gemv)
         res[key] = {"gemv": with_gemv, "gemv_tune_s": time.perf_counter() - t,
                     "gemv_configs": lm.gemv_report or {},
+                    "programmatic_dependent_launch": with_gemv and pdl_enabled(device),
                     **time_ours(lm, prompt, args.new_tokens, sampler, device, args.compile, args.warmup, args.repeats)}
         r = res[key]
-        print(f"{key} (static KV cache, gemv kernel {with_gemv}, compiled={r['compiled']}, cudagraph skips "
+        print(f"{key} (static KV cache, decode kernels {with_gemv}, PDL {r['programmatic_dependent_launch']}, "
+              f"compiled={r['compiled']}, cudagraph skips "
               f"{r['cudagraph_skips']}): {r['tokens_per_s']:.1f} tokens/s ({r['decode_tokens_per_s']:.1f} "
               f"decode-only)", flush=True)
     if "ours_no_gemv" in res:
         res["gemv_speedup"] = res["ours"]["decode_tokens_per_s"] / res["ours_no_gemv"]["decode_tokens_per_s"]
-        print(f"gemv kernel: {res['gemv_speedup']:.3f}x decode tokens/s", flush=True)
+        print(f"decode kernels: {res['gemv_speedup']:.3f}x decode tokens/s", flush=True)
     if "hf_generate" in res:
         res["speedup_vs_hf"] = res["ours"]["tokens_per_s"] / res["hf_generate"]["tokens_per_s"]
         print(f"ours / transformers: {res['speedup_vs_hf']:.1f}x", flush=True)

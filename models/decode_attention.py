@@ -11,13 +11,12 @@ key and value it already holds (no read-after-write of the cache inside the kern
 blocks to finish (an arrival counter per KV head, kept in the cache and reset by that block) merges the
 blocks' (max, sum, output) triples, so the step stays one launch however long the cache.
 
-Used by models/llama.py's Attention when its q/k/v projection is a models.gemv.DecodeLinear, the batch is 1
-and one token is decoded (bf16/fp16); tests/test_gemv.py holds it to models.llama's unfused path in Triton's
-CPU interpreter.
+Used by models/fused_decode.py (batch-1 decoding in bf16/fp16 through models/gemv.py's kernels);
+tests/test_gemv.py holds it to models.llama's unfused path in Triton's CPU interpreter.
 """
 import torch
 
-from models.gemv import DecodeLinear, gemv_partials, triton
+from models.gemv import gdc_launch_dependents, gdc_wait, launch_options, triton
 
 if triton is not None:
     import triton.language as tl
@@ -26,11 +25,14 @@ if triton is not None:
     def _decode_attention_kernel(part_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, mask_ptr, pos_ptr, out_ptr,
                                  acc_ws_ptr, ml_ws_ptr, arrivals_ptr, n_qkv, scale, L: tl.constexpr,
                                  SPLIT: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                                 G_PAD: tl.constexpr, BLOCK_L: tl.constexpr, N_BLOCKS: tl.constexpr):
+                                 G_PAD: tl.constexpr, BLOCK_L: tl.constexpr, N_BLOCKS: tl.constexpr,
+                                 PDL: tl.constexpr):
         j = tl.program_id(0)                       # KV head; query heads j*G .. j*G+G-1 share it
         b = tl.program_id(1)                       # cache block: slots [b*BLOCK_L, (b+1)*BLOCK_L)
         G: tl.constexpr = H // HKV
         dtype = k_cache_ptr.dtype.element_ty
+        if PDL:  # programmatic dependent launch: the next kernel may be scheduled now (models/gemv.py's _pdl_begin)
+            gdc_launch_dependents()
         pos = tl.load(pos_ptr)
         n_blocks = tl.maximum(tl.cdiv(pos, BLOCK_L), 1)  # blocks with visible slots; block 0 also takes the new token
         if b < n_blocks:
@@ -39,6 +41,16 @@ if triton is not None:
             sign = tl.where(d < D // 2, -1.0, 1.0)
             cos = tl.load(cos_ptr + d).to(tl.float32)
             sin = tl.load(sin_ptr + d).to(tl.float32)
+            head_k = k_cache_ptr + j * L * D       # batch 1: (HKV, L, D) contiguous
+            head_v = v_cache_ptr + j * L * D
+            # this block's cache slots before pos: written by earlier steps, so read before waiting for the kernel
+            # that made q/k/v (with PDL, while it finishes)
+            t = b * BLOCK_L + tl.arange(0, BLOCK_L)
+            seen = (t < pos) & (tl.load(mask_ptr + t, mask=t < pos, other=0) != 0)
+            kb = tl.load(head_k + t[:, None] * D + d[None, :], mask=seen[:, None], other=0.0)    # (BLOCK_L, D)
+            vb = tl.load(head_v + t[:, None] * D + d[None, :], mask=seen[:, None], other=0.0)
+            if PDL:
+                gdc_wait()
             g = tl.arange(0, G_PAD)
             g_ok = (g < G)[:, None]
             q_cols = (j * G + g)[:, None] * D      # (G_PAD, 1): start of each query head's columns
@@ -59,8 +71,6 @@ if triton is not None:
             q = q.to(dtype).to(tl.float32) * cos[None, :] + sign[None, :] * q_r.to(dtype).to(tl.float32) * sin[None, :]
             k = k.to(dtype).to(tl.float32) * cos + sign * k_r.to(dtype).to(tl.float32) * sin
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-            head_k = k_cache_ptr + j * L * D       # batch 1: (HKV, L, D) contiguous
-            head_v = v_cache_ptr + j * L * D
             # dots on fp32 operands: tf32 holds bf16/fp16 values exactly, and the probabilities keep 10 mantissa bits
             qf = q.to(tl.float32)
             # online softmax; block 0 starts from the new token (always visible to itself), whose key and value
@@ -72,16 +82,12 @@ if triton is not None:
             m = tl.where(first, tl.sum(qf * k.to(tl.float32)[None, :], axis=1) * scale, -1e30)   # (G_PAD,)
             l_sum = tl.where(first, 1.0, 0.0) + tl.zeros((G_PAD,), tl.float32)
             acc = tl.where(first, 1.0, 0.0) * v.to(tl.float32)[None, :] + tl.zeros((G_PAD, D), tl.float32)
-            t = b * BLOCK_L + tl.arange(0, BLOCK_L)
-            seen = (t < pos) & (tl.load(mask_ptr + t, mask=t < pos, other=0) != 0)
-            kb = tl.load(head_k + t[:, None] * D + d[None, :], mask=seen[:, None], other=0.0)    # (BLOCK_L, D)
             scores = tl.dot(qf, tl.trans(kb.to(tl.float32))) * scale                            # (G_PAD, BLOCK_L)
             scores = tl.where(seen[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(scores - m_new[:, None])
             l_sum = l_sum * alpha + tl.sum(p, axis=1)
-            vb = tl.load(head_v + t[:, None] * D + d[None, :], mask=seen[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p, vb.to(tl.float32))
             m = m_new
             if n_blocks == 1:
@@ -138,30 +144,11 @@ def attention_step(qkv_partials: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     ml_ws = torch.empty((n_kv, n_blocks, 2, G_PAD), device=k_cache.device, dtype=torch.float32)
     _decode_attention_kernel[(n_kv, n_blocks)](qkv_partials, cos, sin, k_cache, v_cache, mask, pos, out, acc_ws, ml_ws,
                                                arrivals, n_qkv, D ** -0.5, L=L, SPLIT=S, H=n_heads, HKV=n_kv, D=D,
-                                               G_PAD=G_PAD, BLOCK_L=BLOCK_L, N_BLOCKS=n_blocks, num_warps=NUM_WARPS)
+                                               G_PAD=G_PAD, BLOCK_L=BLOCK_L, N_BLOCKS=n_blocks,
+                                               **launch_options(k_cache, NUM_WARPS))
     return out
 
 
 @attention_step.register_fake
 def _(qkv_partials, cos, sin, k_cache, v_cache, mask, pos, arrivals, n_heads):
     return k_cache.new_empty(n_heads * k_cache.shape[-1])
-
-
-def can_fuse(qkv_proj, x, cache):
-    """Whether this decode step's attention can run as one kernel: one token of one row through a DecodeLinear,
-    a half-precision cache of the same dtype, a power-of-two head size."""
-    D = cache.k.shape[-1]
-    return (isinstance(qkv_proj, DecodeLinear) and qkv_proj.runs_kernel(x) and cache.k.shape[0] == 1
-            and x.dtype in (torch.bfloat16, torch.float16) and cache.k.dtype == x.dtype and D >= 16 and D & (D - 1) == 0)
-
-
-def fused_attention_step(x, qkv_proj, cos, sin, cache, mask, input_pos, n_heads):
-    """x (1, 1, dim) -> attention output (1, 1, H * D) before o_proj; the cache gets this token's k and v.
-    mask (1, 1, 1, L) bool as models.llama builds it; cos/sin (1, 1, D)."""
-    cfg = qkv_proj.gemv_config  # indexed, not unpacked: dynamo cannot iterate a module attribute's tuple here
-    part = gemv_partials(x.reshape(-1), qkv_proj.weight, cfg[0], cfg[1], cfg[2], cfg[3])  # (S, (H+2Hkv) D) fp32
-    D = cache.k.shape[-1]
-    # cos, sin and mask go in as the model built them (no per-layer reshape or cast): inductor then computes
-    # them once per step instead of once per layer
-    y = attention_step(part, cos, sin, cache.k, cache.v, mask, input_pos, cache.arrivals, n_heads)
-    return y.view(1, 1, n_heads * D)

@@ -1,23 +1,30 @@
-"""Matrix-vector products for batch-1 decoding: a split-K Triton GEMV that torch.compile and CUDA graphs see.
+"""Matrix-vector products for batch-1 decoding: Triton GEMVs that torch.compile and CUDA graphs see.
 
 At batch 1 every nn.Linear of a decode step is y = W x with one row x: the time is the bytes of W over
 memory bandwidth, and the kernels torch.compile or cuBLAS pick reach 38-66 % of it on an H200 for
-TinyLlama's shapes (benchmarks/bench_decode.py). This kernel streams W in (BLOCK_N, BLOCK_K) tiles,
-fp32 products accumulated per tile, and splits K over SPLIT_K programs when N alone gives too few
-programs to keep every multiprocessor's loads in flight. It returns the (SPLIT_K, N) fp32 partial sums;
-their sum runs in the next fused kernel (residual add, RMSNorm), so the split costs no launch. For a
-stacked (gate | up) weight, gemv_swiglu computes SiLU(gate) * up in the kernel's epilogue (one split).
+TinyLlama's shapes (benchmarks/bench_decode.py). These kernels stream W in (BLOCK_N, BLOCK_K) tiles, fp32
+products accumulated per tile, and come in four kinds, each a torch.library.custom_op:
 
-    use_gemv(model)        # every bias-free nn.Linear becomes a DecodeLinear; tunes each weight shape
-    y = gemv(x, weight)    # x (..., K) with one row, weight (N, K) -> (..., N), x's dtype
-    h = linear.swiglu(x)   # a DecodeLinear with use_gemv(..., swiglu=(its name,)): (..., K) -> (..., N / 2)
+    gemv_partials(x, W, ...)            # (SPLIT_K, N) fp32 partial sums: K split over SPLIT_K programs when N
+                                        # alone gives too few; the sum fuses into whatever reads them
+    gemv_partials(h, W, ..., ss, g)     # the same of RMSNorm(h) (weight g): the norm in the GEMV's prologue
+    gemv_swiglu(h, W_gate_up, ..., ss, g)   # silu(gate) * up of RMSNorm(h), in the epilogue
+    gemv_residual(x, W, h)              # (h + W x, the parts of its sum of squares): the residual add in the
+                                        # epilogue, and the statistic the next RMSNorm prologue needs
 
-The tile configuration is chosen per (N, K, dtype, GPU) once, eagerly, by timing a few candidates
+so a Llama layer needs no norm, add or activation kernel of its own (models/fused_decode.py). On Hopper the
+kernels are programmatic dependent launches (_pdl_begin): each is scheduled while the one before finishes.
+
+    use_gemv(model, kinds={"o_proj": "residual", ...})  # bias-free nn.Linears become DecodeLinears, tuned
+    y = gemv(x, weight)                                   # x (..., K) with one row -> (..., N), x's dtype
+
+The tile configuration is chosen per (N, K, dtype, GPU, kind) once, eagerly, by timing a few candidates
 (tune_gemv); the compiled graph then carries it as constants. Off CUDA, with several rows, or without
-Triton, DecodeLinear is nn.Linear. tests/test_gemv.py runs the kernel in Triton's CPU interpreter against a
-float64 reference.
+Triton, DecodeLinear is nn.Linear. tests/test_gemv.py runs the kernels in Triton's CPU interpreter against
+float64 references.
 """
 import functools
+import os
 import warnings
 
 import torch
@@ -29,6 +36,10 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover - CPU-only installs without Triton
     triton = None
+try:  # programmatic dependent launch (Hopper and later): a kernel starts while the one before it finishes
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton
+    gdc_launch_dependents = gdc_wait = None
 
 
 def triton_available():
@@ -42,47 +53,107 @@ def kernels_by_default(device):
 
 if triton is not None:
     @triton.jit
+    def _rms_scale(ss_ptr, n_ss, K, eps, N_SS: tl.constexpr):
+        # 1 / sqrt(mean of squares + eps) of a K-vector whose squares the producing kernel summed in n_ss parts
+        i = tl.arange(0, N_SS)
+        ss = tl.load(ss_ptr + i, mask=i < n_ss, other=0.0)
+        return tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+
+    @triton.jit
+    def _pdl_begin(PDL: tl.constexpr):
+        # programmatic dependent launch: let the next kernel's programs be scheduled now (they wait in their own
+        # _pdl_begin), and wait until the previous kernel, whose outputs this one reads, has finished. Its launch
+        # and ramp-up then overlap the previous kernel's tail (~2 us a kernel on an H200 otherwise)
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
+
+    @triton.jit
     def _rows_dot_x(x_ptr, w_ptr, rows, pid_s, N, K, stride_wn, K_PER_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
-        # rows (BLOCK_N,) of W times x over columns [pid_s*K_PER_SPLIT, (pid_s+1)*K_PER_SPLIT) -> (BLOCK_N,) fp32
+                    BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NORM: tl.constexpr,
+                    ss_ptr, n_ss, g_ptr, eps, N_SS: tl.constexpr):
+        # rows (BLOCK_N,) of W times x over columns [pid_s*K_PER_SPLIT, (pid_s+1)*K_PER_SPLIT) -> (BLOCK_N,) fp32.
+        # NORM: x is the residual stream and the operand its RMSNorm, g * (x * rms_scale), rounded as RMSNorm's
+        # output is (to x's dtype after the scaling and after the weight)
         w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
+        rms_scale = _rms_scale(ss_ptr, n_ss, K, eps, N_SS) if NORM else 1.0
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)   # reduced once, after the loop
         for k0 in range(0, K_PER_SPLIT, BLOCK_K):
             cols = pid_s * K_PER_SPLIT + k0 + tl.arange(0, BLOCK_K)
             if EVEN_N and EVEN_K:
                 x = tl.load(x_ptr + cols)
                 w = tl.load(w_rows + cols[None, :], eviction_policy="evict_first")  # W is read once: keep x in L2
+                if NORM:
+                    g = tl.load(g_ptr + cols)
             else:
                 col_ok = cols < K
                 x = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
                 w = tl.load(w_rows + cols[None, :], mask=(rows[:, None] < N) & col_ok[None, :], other=0.0,
                             eviction_policy="evict_first")
+                if NORM:
+                    g = tl.load(g_ptr + cols, mask=col_ok, other=0.0)
+            if NORM:
+                x = (g.to(tl.float32) * (x.to(tl.float32) * rms_scale).to(x.dtype).to(tl.float32)).to(x.dtype)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         return tl.sum(acc, axis=1)
 
     @triton.jit
-    def _gemv_partials_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn,
+    def _gemv_partials_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, ss_ptr, n_ss, g_ptr, eps,
                               K_PER_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
-        # program (n, s): rows [n*BLOCK_N, (n+1)*BLOCK_N) of W times x over the s-th split of the columns
+                              EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NORM: tl.constexpr, N_SS: tl.constexpr,
+                              PDL: tl.constexpr):
+        # program (n, s): rows [n*BLOCK_N, (n+1)*BLOCK_N) of W times x (NORM: times RMSNorm(x)) over the s-th
+        # split of the columns
+        _pdl_begin(PDL)
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        y = _rows_dot_x(x_ptr, w_ptr, rows, pid_s, N, K, stride_wn, K_PER_SPLIT, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K)
+        y = _rows_dot_x(x_ptr, w_ptr, rows, pid_s, N, K, stride_wn, K_PER_SPLIT, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K,
+                        NORM, ss_ptr, n_ss, g_ptr, eps, N_SS)
         if EVEN_N:
             tl.store(out_ptr + pid_s * N + rows, y)
         else:
             tl.store(out_ptr + pid_s * N + rows, y, mask=rows < N)
 
     @triton.jit
-    def _gemv_swiglu_kernel(x_ptr, w_ptr, out_ptr, N, stride_wn, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    def _gemv_residual_kernel(x_ptr, w_ptr, res_ptr, out_ptr, ss_ptr, N, stride_wn, K: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                              PDL: tl.constexpr):
+        # program n: rows [n*BLOCK_N, (n+1)*BLOCK_N) of residual + W x over all of K (the projection rounded to
+        # the dtype, then the sum, as `h + o_proj(a)` rounds them), and the sum of their squares: the next
+        # RMSNorm's statistic, finished by its consumer (_rms_scale) without a kernel of its own
+        _pdl_begin(PDL)
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        dtype = out_ptr.dtype.element_ty
+        y = _rows_dot_x(x_ptr, w_ptr, rows, 0, N, K, stride_wn, K, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K,
+                        False, x_ptr, 1, x_ptr, 0.0, 1)
+        if EVEN_N:
+            res = tl.load(res_ptr + rows)
+        else:
+            res = tl.load(res_ptr + rows, mask=rows < N, other=0.0)
+        h = (res.to(tl.float32) + y.to(dtype).to(tl.float32)).to(dtype)
+        hf = h.to(tl.float32)
+        if EVEN_N:
+            tl.store(out_ptr + rows, h)
+        else:
+            tl.store(out_ptr + rows, h, mask=rows < N)
+            hf = tl.where(rows < N, hf, 0.0)
+        tl.store(ss_ptr + pid, tl.sum(hf * hf, axis=0))
+
+    @triton.jit
+    def _gemv_swiglu_kernel(x_ptr, w_ptr, out_ptr, N, stride_wn, ss_ptr, n_ss, g_ptr, eps, K: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                            NORM: tl.constexpr, N_SS: tl.constexpr, PDL: tl.constexpr):
         # W = (gate | up) stacked, (2N, K): program n does rows [n*BLOCK_N, (n+1)*BLOCK_N) of both over all of K
         # and writes silu(gate) * up, each product rounded to x's dtype first as nn.Linear's output would be
+        _pdl_begin(PDL)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         dtype = out_ptr.dtype.element_ty
-        gate = _rows_dot_x(x_ptr, w_ptr, rows, 0, N, K, stride_wn, K, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K)
-        up = _rows_dot_x(x_ptr, w_ptr + N * stride_wn, rows, 0, N, K, stride_wn, K, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K)
+        gate = _rows_dot_x(x_ptr, w_ptr, rows, 0, N, K, stride_wn, K, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K,
+                           NORM, ss_ptr, n_ss, g_ptr, eps, N_SS)
+        up = _rows_dot_x(x_ptr, w_ptr + N * stride_wn, rows, 0, N, K, stride_wn, K, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K,
+                         NORM, ss_ptr, n_ss, g_ptr, eps, N_SS)
         gate = gate.to(dtype).to(tl.float32)
         up = up.to(dtype).to(tl.float32)
         h = gate * tl.sigmoid(gate) * up
@@ -92,58 +163,129 @@ if triton is not None:
             tl.store(out_ptr + rows, h.to(dtype), mask=rows < N)
 
 
+PDL = True  # launch the kernels as programmatic dependent launches where the GPU can (_pdl_begin)
+
+
+@functools.cache
+def _pdl_on(device_index):
+    return (PDL and gdc_wait is not None and not os.environ.get("TRITON_INTERPRET")
+            and torch.cuda.get_device_capability(device_index)[0] >= 9)
+
+
+def pdl_enabled(device):
+    """Whether the decode kernels launch as programmatic dependent launches on this device (CUDA, Hopper on)."""
+    device = torch.device(device)
+    if device.type != "cuda" or triton is None:
+        return False
+    return _pdl_on(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def launch_options(x, num_warps):
+    """Keyword arguments of every decode kernel's launch on x's device (also models/decode_attention.py's)."""
+    pdl = pdl_enabled(x.device)
+    return dict(PDL=pdl, launch_pdl=pdl, num_warps=num_warps)
+
+
 def _geometry(N, K, split_k, block_n, block_k):
     """Columns per split, rounded up to whole tiles, and whether no tile needs a mask."""
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
     return k_per_split, N % block_n == 0, k_per_split * split_k == K
 
 
-def launch_gemv_partials(x, weight, out, split_k, block_n, block_k, num_warps):
-    """Run the kernel: x (K,) contiguous, weight (N, K) with unit column stride, out (split_k, N) fp32."""
+def _norm_args(x, norm):
+    """Kernel arguments of the RMSNorm prologue: norm = (ss, weight, eps) or None (unused pointers then)."""
+    if norm is None:
+        return dict(ss_ptr=x, n_ss=1, g_ptr=x, eps=0.0, NORM=False, N_SS=1)
+    ss, g, eps = norm
+    return dict(ss_ptr=ss, n_ss=ss.numel(), g_ptr=g, eps=eps, NORM=True, N_SS=triton.next_power_of_2(ss.numel()))
+
+
+def launch_gemv_partials(x, weight, out, split_k, block_n, block_k, num_warps, norm=None):
+    """Run the kernel: x (K,) contiguous, weight (N, K) with unit column stride, out (split_k, N) fp32.
+    norm: (ss, g, eps) to multiply RMSNorm(x) (weight g, x's squares summed in the parts ss) instead of x."""
     N, K = weight.shape
     k_per_split, even_n, even_k = _geometry(N, K, split_k, block_n, block_k)
     grid = (triton.cdiv(N, block_n), split_k)
-    _gemv_partials_kernel[grid](x, weight, out, N, K, weight.stride(0), K_PER_SPLIT=k_per_split,
-                                BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=even_n, EVEN_K=even_k, num_warps=num_warps)
+    _gemv_partials_kernel[grid](x, weight, out, N, K, weight.stride(0), **_norm_args(x, norm), K_PER_SPLIT=k_per_split,
+                                BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=even_n, EVEN_K=even_k,
+                                **launch_options(x, num_warps))
     return out
 
 
+def _norm(ss, norm_weight, eps):
+    return None if ss is None else (ss, norm_weight, eps)
+
+
 @torch.library.custom_op("decode::gemv_partials", mutates_args=())
-def gemv_partials(x: torch.Tensor, weight: torch.Tensor, split_k: int, block_n: int, block_k: int,
-                  num_warps: int) -> torch.Tensor:
+def gemv_partials(x: torch.Tensor, weight: torch.Tensor, split_k: int, block_n: int, block_k: int, num_warps: int,
+                  ss: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+                  eps: float = 0.0) -> torch.Tensor:
     """x (K,), weight (N, K) -> (split_k, N) fp32 partial sums of weight @ x. An opaque op to torch.compile (its
-    shape comes from the fake below); inside a CUDA graph its launch is captured like any kernel's."""
+    shape comes from the fake below); inside a CUDA graph its launch is captured like any kernel's.
+    With ss (the parts of x's sum of squares, from gemv_residual) and norm_weight: weight @ RMSNorm(x)."""
     out = torch.empty((split_k, weight.shape[0]), device=x.device, dtype=torch.float32)
-    return launch_gemv_partials(x, weight, out, split_k, block_n, block_k, num_warps)
+    return launch_gemv_partials(x, weight, out, split_k, block_n, block_k, num_warps, _norm(ss, norm_weight, eps))
 
 
 @gemv_partials.register_fake
-def _(x, weight, split_k, block_n, block_k, num_warps):
+def _(x, weight, split_k, block_n, block_k, num_warps, ss=None, norm_weight=None, eps=0.0):
     return x.new_empty((split_k, weight.shape[0]), dtype=torch.float32)
 
 
-def launch_gemv_swiglu(x, weight, out, split_k, block_n, block_k, num_warps):
+def launch_gemv_swiglu(x, weight, out, split_k, block_n, block_k, num_warps, norm=None):
     """x (K,), weight (2N, K) = (gate | up), out (N,) in x's dtype <- silu(gate @ x) * (up @ x). One split only
-    (the epilogue needs whole sums); split_k is there for tune_gemv's common signature."""
+    (the epilogue needs whole sums); split_k is there for tune_gemv's common signature. norm: as for
+    launch_gemv_partials."""
     assert split_k == 1, "the SwiGLU GEMV does not split K"
     N, K = weight.shape[0] // 2, weight.shape[1]
-    _gemv_swiglu_kernel[(triton.cdiv(N, block_n),)](x, weight, out, N, weight.stride(0), K=K, BLOCK_N=block_n,
-                                                    BLOCK_K=block_k, EVEN_N=N % block_n == 0, EVEN_K=K % block_k == 0,
-                                                    num_warps=num_warps)
+    _gemv_swiglu_kernel[(triton.cdiv(N, block_n),)](x, weight, out, N, weight.stride(0), **_norm_args(x, norm), K=K,
+                                                    BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=N % block_n == 0,
+                                                    EVEN_K=K % block_k == 0, **launch_options(x, num_warps))
     return out
 
 
 @torch.library.custom_op("decode::gemv_swiglu", mutates_args=())
-def gemv_swiglu(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_k: int, num_warps: int) -> torch.Tensor:
+def gemv_swiglu(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_k: int, num_warps: int,
+                ss: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+                eps: float = 0.0) -> torch.Tensor:
     """x (K,), weight (2N, K) stacked (gate | up) -> silu(gate @ x) * (up @ x), (N,) in x's dtype: a SwiGLU
-    MLP's first half in one kernel, no partial sums and no separate activation kernel."""
+    MLP's first half in one kernel, no partial sums and no separate activation kernel. ss/norm_weight/eps: of
+    RMSNorm(x) instead of x, as for gemv_partials."""
     out = torch.empty(weight.shape[0] // 2, device=x.device, dtype=x.dtype)
-    return launch_gemv_swiglu(x, weight, out, 1, block_n, block_k, num_warps)
+    return launch_gemv_swiglu(x, weight, out, 1, block_n, block_k, num_warps, _norm(ss, norm_weight, eps))
 
 
 @gemv_swiglu.register_fake
-def _(x, weight, block_n, block_k, num_warps):
+def _(x, weight, block_n, block_k, num_warps, ss=None, norm_weight=None, eps=0.0):
     return x.new_empty(weight.shape[0] // 2)
+
+
+def launch_gemv_residual(x, weight, residual, out, ss, block_n, block_k, num_warps):
+    """out (N,) <- residual + weight @ x in x's dtype, ss (cdiv(N, block_n),) fp32 <- its sum of squares in
+    parts; x (K,), weight (N, K), residual (N,)."""
+    N, K = weight.shape
+    _gemv_residual_kernel[(triton.cdiv(N, block_n),)](x, weight, residual, out, ss, N, weight.stride(0), K=K,
+                                                      BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=N % block_n == 0,
+                                                      EVEN_K=K % block_k == 0, **launch_options(x, num_warps))
+    return out, ss
+
+
+@torch.library.custom_op("decode::gemv_residual", mutates_args=())
+def gemv_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, block_n: int, block_k: int,
+                  num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (K,), weight (N, K), residual (N,) -> (residual + weight @ x, the parts of its sum of squares): a
+    projection into the residual stream that also leaves the next RMSNorm's statistic, so that norm runs in
+    its consumer's prologue (gemv_partials / gemv_swiglu with ss) and the residual add has no kernel either."""
+    N = weight.shape[0]
+    out = torch.empty(N, device=x.device, dtype=x.dtype)
+    ss = torch.empty(triton.cdiv(N, block_n), device=x.device, dtype=torch.float32)
+    return launch_gemv_residual(x, weight, residual, out, ss, block_n, block_k, num_warps)
+
+
+@gemv_residual.register_fake
+def _(x, weight, residual, block_n, block_k, num_warps):
+    N = weight.shape[0]
+    return x.new_empty(N), x.new_empty(-(-N // block_n), dtype=torch.float32)
 
 
 # (split_k, block_n, block_k, num_warps): the candidates tune_gemv times, and the configuration of an untuned DecodeLinear
@@ -177,29 +319,48 @@ def graph_time_us(launches, reps=10):
     return start.elapsed_time(end) * 1e3 / (reps * len(launches))
 
 
-def tune_gemv(weight, candidates=None, l2_flush_bytes=256e6, swiglu=False, max_split_k=None):
+KINDS = ("partials", "normed", "swiglu", "residual")  # what a projection runs as: see tune_gemv
+
+
+def _launcher(kind, x, weight, cfg):
+    """A zero-argument launch of kind's kernel with configuration cfg on weight (outputs allocated here)."""
+    N, K = weight.shape
+    dev, dt = weight.device, weight.dtype
+    # an RMSNorm statistic in K/4 parts: what gemv_residual's usual 4-row tiles leave for the next projection
+    norm = (torch.rand(max(1, K // 4), device=dev), torch.randn(K, device=dev, dtype=dt), 1e-5)
+    if kind == "swiglu":
+        return functools.partial(launch_gemv_swiglu, x, weight, torch.empty(N // 2, device=dev, dtype=dt), *cfg,
+                                 norm=norm)
+    if kind == "residual":
+        out, ss = torch.empty(N, device=dev, dtype=dt), torch.empty(triton.cdiv(N, cfg[1]), device=dev)
+        return functools.partial(launch_gemv_residual, x, weight, torch.randn(N, device=dev, dtype=dt), out, ss,
+                                 *cfg[1:])
+    out = torch.empty((cfg[0], N), device=dev, dtype=torch.float32)
+    return functools.partial(launch_gemv_partials, x, weight, out, *cfg, norm=norm if kind == "normed" else None)
+
+
+def tune_gemv(weight, kind="partials", candidates=None, l2_flush_bytes=256e6):
     """Time each candidate configuration on weights of this one's shape (CUDA) and keep the fastest for its
-    (N, K, dtype, GPU). Returns (config, microseconds). Eager: call before torch.compile traces the model.
-    swiglu: tune gemv_swiglu (one split) instead; max_split_k: leave out configurations with more splits.
+    (N, K, dtype, GPU) and kind. Returns (config, microseconds). Eager: call before torch.compile traces the model.
+    kind: "partials" (gemv_partials), "normed" (gemv_partials with its RMSNorm prologue), "swiglu" (gemv_swiglu,
+    RMSNorm prologue, one split) or "residual" (gemv_residual, one split).
 
     The candidates run on enough copies of the weight (l2_flush_bytes in all) that the L2 cache never holds
     the one being read, as in decoding, where every weight is read once per token."""
-    limit = 1 if swiglu else (max_split_k or CANDIDATES[-1][0])
-    key = (*_key(weight, "swiglu" if swiglu else "partials"), limit)
+    assert kind in KINDS, kind
+    key = _key(weight, kind)
     if key in _TUNED:
         return _TUNED[key]
     N, K = weight.shape
     copies = max(2, int(l2_flush_bytes // weight.nbytes))
     ws = [torch.randn_like(weight) for _ in range(copies)]
     x = torch.randn(K, device=weight.device, dtype=weight.dtype)
-    launch = launch_gemv_swiglu if swiglu else launch_gemv_partials
+    one_split = kind in ("swiglu", "residual")
     best = (None, float("inf"))
     for cfg in candidates or CANDIDATES:
-        if cfg[2] > K or cfg[0] > limit:
+        if cfg[2] > K or (one_split and cfg[0] > 1):
             continue
-        out = (torch.empty(N // 2, device=weight.device, dtype=weight.dtype) if swiglu else
-               torch.empty((cfg[0], N), device=weight.device, dtype=torch.float32))
-        t = graph_time_us([functools.partial(launch, x, w, out, *cfg) for w in ws])
+        t = graph_time_us([_launcher(kind, x, w, cfg) for w in ws])
         if t < best[1]:
             best = (cfg, t)
     if best[0] is None:  # K smaller than every candidate's tile: one tile of K columns
@@ -227,45 +388,41 @@ def sum_partials(part):
 
 class DecodeLinear(nn.Linear):
     """A bias-free nn.Linear whose one-row calls on CUDA go to the GEMV kernel; all others are nn.Linear's.
-    gemv_config is the kernel's tile configuration (set by use_gemv), a constant for torch.compile;
-    swiglu_config, when use_gemv sets it, that of swiglu(), for a stacked (gate | up) weight."""
+    gemv_config is the tile configuration (split_k, block_n, block_k, num_warps) use_gemv tuned for the kernel
+    this projection runs as (its `kind`), a constant for torch.compile; one split for "swiglu" and "residual"."""
 
     gemv_config = DEFAULT
-    swiglu_config = None
+    kind = "partials"
     kernel_devices = ("cuda",)  # the tests add "cpu" to run the kernel in Triton's interpreter
+
+    def kernel_ready(self, device):
+        """On a device the kernel runs on, with a row-major weight."""
+        return device.type in self.kernel_devices and self.weight.stride(1) == 1
 
     def runs_kernel(self, x):
         """One row, on a device the kernel runs on, with a row-major weight."""
-        return x.device.type in self.kernel_devices and x.numel() == self.in_features and self.weight.stride(1) == 1
-
-    def runs_swiglu(self, x):
-        return self.swiglu_config is not None and self.runs_kernel(x)
+        return x.numel() == self.in_features and self.kernel_ready(x.device)
 
     def forward(self, x):
-        if self.runs_kernel(x):
+        if self.runs_kernel(x) and self.kind != "swiglu":
             return gemv(x, self.weight, self.gemv_config)
         return F.linear(x, self.weight, self.bias)
 
-    def swiglu(self, x):
-        """silu(gate) * up of this (gate | up) projection of one row x, in one kernel: (..., K) -> (..., N / 2)."""
-        cfg = self.swiglu_config  # indexed, not unpacked: dynamo cannot iterate a module attribute's tuple here
-        y = gemv_swiglu(x.reshape(self.in_features), self.weight, cfg[1], cfg[2], cfg[3])
-        return y.view(*x.shape[:-1], self.out_features // 2)
+
+UNTUNED = {"swiglu": (1, 16, 256, 4), "residual": (1, 16, 256, 4)}  # (CPU) one split, tiles for the tests' tiny models
 
 
-def use_gemv(model, tune=True, max_split_k=None, swiglu=()):
+def use_gemv(model, tune=True, kinds=None):
     """Turn every bias-free nn.Linear of model into a DecodeLinear (same parameters, same names) and, on CUDA,
-    tune the kernel for each distinct weight shape. Returns {"NxK" (+ " split<=S" / " swiglu"): (config,
-    microseconds)}, or None (with a warning, the model left as it was) when Triton is missing or the kernel
-    fails on this GPU.
+    tune the kernel for each distinct (weight shape, kind). Returns {"NxK kind": (config, microseconds)}, or
+    None (with a warning, the model left as it was) when Triton is missing or the kernel fails on this GPU.
 
-    max_split_k: {attribute name: most splits}, e.g. for projections whose partial sums one program must add
-    up (an RMSNorm of a single row) and where each extra split costs more there than it saves in the GEMV.
-    swiglu: attribute names of stacked (gate | up) projections to tune DecodeLinear.swiglu for too."""
+    kinds: {attribute name: kind}, what each projection runs as in the caller's decode step (tune_gemv's
+    kinds, e.g. models/fused_decode.py's KINDS); the others are "partials"."""
     if triton is None:
         warnings.warn("no Triton: decoding keeps nn.Linear (pip install triton; CUDA builds of PyTorch ship it)")
         return None
-    max_split_k = max_split_k or {}
+    kinds = kinds or {}
     swapped = [(name.rsplit(".", 1)[-1], m) for name, m in model.named_modules()
                if type(m) is nn.Linear and m.bias is None]
     for _, m in swapped:
@@ -273,20 +430,14 @@ def use_gemv(model, tune=True, max_split_k=None, swiglu=()):
     report = {}
     try:
         for attr, m in swapped:
-            if attr in swiglu:
-                m.swiglu_config = (1, 16, 256, 4)  # untuned (CPU): a tile that fits the tests' tiny models
+            m.kind = kinds.get(attr, "partials")
+            m.gemv_config = UNTUNED.get(m.kind, DEFAULT)
             if not (m.weight.is_cuda and tune):
                 continue
-            # a SwiGLU projection's one-row calls all go to swiglu(): only that kernel is tuned for it
-            limit = max_split_k.get(attr)
-            key = "x".join(map(str, m.weight.shape)) + (" swiglu" if attr in swiglu else
-                                                         f" split<={limit}" if limit else "")
+            key = "x".join(map(str, m.weight.shape)) + " " + m.kind
             if key not in report:
-                report[key] = tune_gemv(m.weight, swiglu=attr in swiglu, max_split_k=limit)
-            if attr in swiglu:
-                m.swiglu_config = report[key][0]
-            else:
-                m.gemv_config = report[key][0]
+                report[key] = tune_gemv(m.weight, m.kind)
+            m.gemv_config = report[key][0]
     except Exception as e:  # pragma: no cover - depends on the GPU and its Triton
         for _, m in swapped:
             m.__class__ = nn.Linear

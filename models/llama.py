@@ -16,8 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from models.decode_attention import can_fuse, fused_attention_step
-from models.gemv import DecodeLinear
+from models.fused_decode import can_run_fused_layers, fused_layers
 
 
 @dataclass
@@ -129,9 +128,6 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask=None, input_pos=None):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        if T == 1 and input_pos is not None and self.kv_cache is not None and can_fuse(self.qkv_proj, x, self.kv_cache):
-            # batch-1 decoding through models/gemv.py: q/k/v, RoPE, cache write and attention in one kernel
-            return self.o_proj(fused_attention_step(x, self.qkv_proj, cos, sin, self.kv_cache, mask, input_pos, H))
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
         else:
@@ -192,8 +188,6 @@ class MLP(nn.Module):
         del self.gate_proj, self.up_proj
 
     def forward(self, x):
-        if isinstance(self.gate_up_proj, DecodeLinear) and self.gate_up_proj.runs_swiglu(x):
-            return self.down_proj(self.gate_up_proj.swiglu(x))  # batch-1 decoding: SiLU(gate) * up in the GEMV
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
@@ -322,6 +316,9 @@ class Llama(nn.Module):
             position_ids = base[None].expand(B, T)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         mask = self._build_mask(attention_mask, input_pos, B, T, x.device)
+        if not torch.is_grad_enabled() and can_run_fused_layers(self.layers, x, input_pos):
+            # batch-1 decoding through the Triton kernels of models/gemv.py: five launches a layer
+            return self.norm(fused_layers(self.layers, x, cos, sin, mask, input_pos))
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)

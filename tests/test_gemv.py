@@ -1,21 +1,14 @@
 """models/gemv.py and models/decode_attention.py: the batch-1 decode kernels in Triton's CPU interpreter against
 float64 references and against the unfused decoding path, and the nn.Linear fallback that CPU decoding keeps
 (the GPU timings are benchmarks/bench_decode.py's)."""
-import os
-import subprocess
-import sys
-import textwrap
-
-import pytest
 import torch
 import torch.nn as nn
 
-from models.gemv import DecodeLinear, triton_available, use_gemv
+from models.gemv import DecodeLinear, triton_available
 from models.llama import Llama, llama_config
+from tests.triton_interpreter import needs_triton, run_in_interpreter
 from utils.decoding import Decoder, LlamaLM, decode_tokens, make_step
 from utils.sampling import SamplerConfig
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (N, K, (split_k, block_n, block_k, num_warps)): even tiles, ragged rows, ragged columns, a split that
 # rounds past K, one split, many splits
@@ -23,41 +16,59 @@ CASES = [(64, 128, (1, 16, 64, 4)), (64, 128, (4, 8, 32, 4)), (37, 100, (3, 8, 3
          (5, 70, (1, 4, 64, 4)), (48, 256, (8, 16, 32, 4))]
 
 
-needs_triton = pytest.mark.skipif(not triton_available(), reason="needs Triton (its interpreter runs the kernels "
-                                  "on the CPU)")
-
-
-def run_in_interpreter(script):
-    """TRITON_INTERPRET is read when a kernel is defined, hence a fresh interpreter; returns its stdout."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r.stdout
-
-
 @needs_triton
-def test_gemv_kernel_matches_float64_reference():
+def test_gemv_kernels_match_float64_references():
     out = run_in_interpreter(f"""
         import torch
-        from models.gemv import launch_gemv_partials, launch_gemv_swiglu
+        from models.gemv import launch_gemv_partials, launch_gemv_residual, launch_gemv_swiglu
+        from models.llama import RMSNorm
         torch.manual_seed(0)
+        nan = float("nan")
         for N, K, cfg in {CASES!r}:
-            for dtype in (torch.float32, torch.bfloat16):
+            for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+                case = (N, K, cfg, dtype)
                 w, x = torch.randn(N, K).to(dtype), torch.randn(K).to(dtype)
-                out = torch.full((cfg[0], N), float("nan"))  # every partial must be written
+                out = torch.full((cfg[0], N), nan)  # every partial must be written
                 launch_gemv_partials(x, w, out, *cfg)
                 ref = w.double() @ x.double()  # the same rounded inputs, exact products and sums
                 err = ((out.sum(0).double() - ref).abs().max() / ref.abs().max()).item()
-                assert err < 1e-5, (N, K, cfg, dtype, err)
+                assert err < 1e-5, (case, err)
+
+                # the RMSNorm prologue: x's sum of squares in 3 parts, as gemv_residual leaves them; the operand
+                # is models.llama.RMSNorm's output, rounded as it rounds (bf16: the interpreter truncates where
+                # torch rounds to nearest, hence the looser tolerance)
+                norm = RMSNorm(K, eps=1e-5).to(dtype)
+                norm.weight.data.uniform_(0.5, 1.5)
+                xn = norm(x * 3).double()
+                ss = torch.stack([c.float().pow(2).sum() for c in (x * 3).chunk(3)])
+                prologue = (ss, norm.weight.data, 1e-5)
+                out = torch.full((cfg[0], N), nan)
+                launch_gemv_partials(x * 3, w, out, *cfg, norm=prologue)
+                ref = w.double() @ xn
+                err = ((out.sum(0).double() - ref).abs().max() / ref.abs().max()).item()
+                assert err < tol, ("normed", case, err)
+
                 # the SwiGLU GEMV: W = (gate | up) of N rows each, one split, products rounded to the dtype
                 w2 = torch.randn(2 * N, K).to(dtype)
-                h = torch.full((N,), float("nan")).to(dtype)
-                launch_gemv_swiglu(x, w2, h, 1, *cfg[1:])
-                gate, up = (w2.double() @ x.double()).to(dtype).double().chunk(2)
-                ref = torch.nn.functional.silu(gate) * up
+                for operand, prologue in ((x.double(), None), (xn, (ss, norm.weight.data, 1e-5))):
+                    h = torch.full((N,), nan).to(dtype)
+                    launch_gemv_swiglu(x * 3 if prologue else x, w2, h, 1, *cfg[1:], norm=prologue)
+                    gate, up = (w2.double() @ operand).to(dtype).double().chunk(2)
+                    ref = torch.nn.functional.silu(gate) * up
+                    err = ((h.double() - ref).abs().max() / ref.abs().max()).item()
+                    # bf16: truncated twice with the prologue (the operand, then gate and up)
+                    bound = 1e-5 if dtype == torch.float32 else 4e-2 if prologue else 2e-2
+                    assert err < bound, ("swiglu", prologue is None, case, err)
+
+                # the residual GEMV: residual + W x rounded as `h + o_proj(a)` rounds, and its squares in parts
+                res = torch.randn(N).to(dtype)
+                h = torch.full((N,), nan).to(dtype)
+                parts = torch.full((-(-N // cfg[1]),), nan)
+                launch_gemv_residual(x, w, res, h, parts, *cfg[1:])
+                ref = res.double() + (w.double() @ x.double()).to(dtype).double()
                 err = ((h.double() - ref).abs().max() / ref.abs().max()).item()
-                assert err < (1e-5 if dtype == torch.float32 else 2e-2), (N, K, cfg, dtype, err)
+                assert err < (1e-5 if dtype == torch.float32 else 2e-2), ("residual", case, err)
+                assert torch.allclose(parts.sum().double(), h.double().pow(2).sum(), rtol=1e-5), ("parts", case)
         print("ok")
     """)
     assert out.strip() == "ok"
@@ -110,6 +121,7 @@ def test_attention_kernel_matches_float64_reference():
 def test_compiled_decoding_through_the_kernels_equals_nn_linear():
     out = run_in_interpreter("""
         import torch
+        from models.fused_decode import can_run_fused_layers
         from models.gemv import DecodeLinear, gemv
         from models.llama import Llama, llama_config
         from utils.decoding import Decoder, LlamaLM, decode_tokens, make_step
@@ -129,13 +141,56 @@ def test_compiled_decoding_through_the_kernels_equals_nn_linear():
             for m in lm.modules():  # per module, as use_gemv sets them after tuning; few programs: the interpreter
                 # runs each in Python
                 if isinstance(m, DecodeLinear):
-                    m.gemv_config = (2, 64, 32, 4)
+                    m.gemv_config = (2, 64, 32, 4) if m.kind in ("partials", "normed") else (1, 64, 32, 4)
             dec = Decoder(lm, SamplerConfig(temperature=0.0))
             dec.setup(1, 40, "cpu")
+            one = model.embed_tokens(prompt[:, :1])
+            assert can_run_fused_layers(model.layers, one, torch.tensor([9])) == gemv_on  # five kernels a layer
             step = make_step(dec, "cpu", "on")
             toks.append(torch.cat(list(decode_tokens(dec, step, prompt, 10)), 1))
             assert step.is_compiled()
         assert torch.equal(toks[0], toks[1]), toks
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+@needs_triton
+def test_fused_layers_equal_the_unfused_blocks():
+    # one decode step through models/fused_decode.py (five kernels a layer) against the same step through
+    # models.llama's Blocks (nn.Linear arithmetic, the cache read back by torch), from the same prefilled cache
+    out = run_in_interpreter("""
+        import torch
+        from models.fused_decode import can_run_fused_layers
+        from models.gemv import DecodeLinear
+        from models.llama import Llama, llama_config
+        from utils.decoding import LlamaLM
+        torch.manual_seed(0)
+        model = Llama(llama_config("tiny")).to(torch.float16)
+        for name, p in model.named_parameters():
+            if "norm" in name:  # away from 1, so that a norm weight applied wrongly shows
+                p.data.uniform_(0.5, 1.5)
+        LlamaLM(model, fuse=True, gemv=True)
+        model.setup_cache(1, 40)
+        tok, pos = torch.tensor([[5]]), torch.tensor([9])
+        with torch.no_grad():
+            model(torch.randint(0, 512, (1, 9)), input_pos=torch.arange(9))
+            caches = [(l.self_attn.kv_cache.k.clone(), l.self_attn.kv_cache.v.clone()) for l in model.layers]
+            DecodeLinear.kernel_devices = ("cpu",)
+            assert can_run_fused_layers(model.layers, model.embed_tokens(tok), pos)
+            fused = model(tok, input_pos=pos).double()
+            fused_caches = [(l.self_attn.kv_cache.k.clone(), l.self_attn.kv_cache.v.clone()) for l in model.layers]
+            DecodeLinear.kernel_devices = ()
+            assert not can_run_fused_layers(model.layers, model.embed_tokens(tok), pos)
+            for layer, (k, v) in zip(model.layers, caches):
+                layer.self_attn.kv_cache.k.copy_(k)
+                layer.self_attn.kv_cache.v.copy_(v)
+            ref = model(tok, input_pos=pos).double()
+        err = ((fused - ref).abs().max() / ref.abs().max()).item()
+        assert err < 5e-3, err
+        for layer, (k, v) in zip(model.layers, fused_caches):
+            assert torch.allclose(k.double(), layer.self_attn.kv_cache.k.double(), atol=2e-3)
+            assert torch.allclose(v.double(), layer.self_attn.kv_cache.v.double(), atol=2e-3)
         print("ok")
     """)
     assert out.strip() == "ok"

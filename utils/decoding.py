@@ -15,6 +15,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from models.fused_decode import KINDS as FUSED_KINDS
 from models.gemv import use_gemv
 from utils.sampling import TIE_SLACK, ContextState, SamplerConfig, choose
 
@@ -26,19 +27,14 @@ class LlamaLM(nn.Module):
 
     fuse=True concatenates the q/k/v and gate/up weights of the model in place (Llama.fuse_projections):
     fewer kernels per token, same outputs; only for a model that is no longer trained or saved.
-    gemv=True sends its one-row matmuls (batch-1 decoding on CUDA) to the split-K Triton kernel of
-    models/gemv.py, tuned here for each weight shape (`gemv_report`), and with fuse=True the gate/up
-    projection and SiLU(gate) * up to its one-kernel SwiGLU GEMV."""
-
-    # o_proj and down_proj feed the residual stream, whose next RMSNorm (one row: one program) adds up their
-    # partial sums twice (mean of squares, then the scaling): on an H200, 8 splits made that kernel 6.1 us
-    # against 1.9 us for 2, more than the extra splits save in the GEMV
-    MAX_SPLIT_K = {"o_proj": 2, "down_proj": 2}
+    gemv=True sends its one-row matmuls (batch-1 decoding on CUDA) to the Triton kernels of models/gemv.py,
+    tuned here for each weight shape (`gemv_report`); with fuse=True too, a decode step's layers run as five
+    kernels each (models/fused_decode.py)."""
 
     def __init__(self, model, fuse=False, gemv=False):
         super().__init__()
         self.model = model.fuse_projections() if fuse else model
-        self.gemv_report = use_gemv(self.model, max_split_k=self.MAX_SPLIT_K, swiglu=("gate_up_proj",)) if gemv else None
+        self.gemv_report = use_gemv(self.model, kinds=FUSED_KINDS if fuse else None) if gemv else None
         self.context = model.config.max_seq_len
         self.vocab_size = model.config.vocab_size
         self._shape = None
