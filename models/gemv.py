@@ -327,7 +327,8 @@ def _launcher(kind, x, weight, cfg):
     N, K = weight.shape
     dev, dt = weight.device, weight.dtype
     # an RMSNorm statistic in K/4 parts: what gemv_residual's usual 4-row tiles leave for the next projection
-    norm = (torch.rand(max(1, K // 4), device=dev), torch.randn(K, device=dev, dtype=dt), 1e-5)
+    norm = ((torch.rand(max(1, K // 4), device=dev), torch.randn(K, device=dev, dtype=dt), 1e-5)
+            if kind in ("normed", "swiglu") else None)
     if kind == "swiglu":
         return functools.partial(launch_gemv_swiglu, x, weight, torch.empty(N // 2, device=dev, dtype=dt), *cfg,
                                  norm=norm)
@@ -336,7 +337,7 @@ def _launcher(kind, x, weight, cfg):
         return functools.partial(launch_gemv_residual, x, weight, torch.randn(N, device=dev, dtype=dt), out, ss,
                                  *cfg[1:])
     out = torch.empty((cfg[0], N), device=dev, dtype=torch.float32)
-    return functools.partial(launch_gemv_partials, x, weight, out, *cfg, norm=norm if kind == "normed" else None)
+    return functools.partial(launch_gemv_partials, x, weight, out, *cfg, norm=norm)
 
 
 def tune_gemv(weight, kind="partials", candidates=None, l2_flush_bytes=256e6):
@@ -379,7 +380,8 @@ def gemv(x, weight, config=DEFAULT):
 
 def sum_partials(part):
     """(S, N) -> (N,): the split-K partials added row by row. Pointwise adds, where part.sum(0) would be a
-    reduction: inductor fuses them into the consumer's kernel (RMSNorm, SwiGLU) instead of launching its own."""
+    reduction: inductor fuses them into the consumer's kernel (e.g. the sampler's, for lm_head) instead of
+    launching its own."""
     y = part[0]
     for s in range(1, part.shape[0]):
         y = y + part[s]
