@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from models.llama import Block, Llama, llama_config  # noqa: E402
+from utils import checkpoint as C  # noqa: E402
 from utils import distributed as D  # noqa: E402
 from utils.runtime import setup_precision  # noqa: E402
 
@@ -112,7 +113,7 @@ def run(args):
     sampler = D.ShardedSampler(len(data), seed=args.seed)
     start_step = 0
     if args.resume:
-        extra = D.load_sharded(args.resume, model, optimizer)
+        extra = C.load_sharded(args.resume, model, optimizer)
         sampler.load_state_dict(extra["sampler"])
         start_step = extra["step"]
         D.print0(f"resumed from {args.resume} at step {start_step}")
@@ -147,7 +148,7 @@ def run(args):
             elapsed = time.perf_counter() - t0
             if args.save_ckpt:
                 t = time.perf_counter()
-                D.save_sharded(args.save_ckpt, model, optimizer,
+                C.save_sharded(args.save_ckpt, model, optimizer,
                                extra={"step": step + 1, "sampler": sampler.state_dict()})
                 D.print0(f"saved sharded checkpoint at step {step + 1} in {time.perf_counter() - t:.1f}s")
 

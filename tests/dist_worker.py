@@ -11,9 +11,9 @@ import sys
 import torch
 
 from models.llama import Block, Llama, llama_config
-from utils.distributed import (ShardedSampler, all_reduce_mean, barrier, gather_full_state_dict, get_rank,
-                               grad_sync, init_distributed, load_full_state_dict, load_sharded, save_sharded,
-                               wrap_model, cleanup_distributed)
+from utils.checkpoint import gather_full_state_dict, load_full_state_dict, load_sharded, save_sharded
+from utils.distributed import (ShardedSampler, all_reduce_mean, barrier, cleanup_distributed, get_rank, grad_sync,
+                               init_distributed, wrap_model)
 
 N_SAMPLES, SEQ, MICRO_BS, ACCUM, STEPS, LR = 24, 32, 2, 2, 3, 1e-2
 

@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import dist_worker as W  # noqa: E402
 from torchrun_helper import torchrun  # noqa: E402
+from utils import checkpoint as C  # noqa: E402
 from utils import distributed as D  # noqa: E402
 
 
@@ -162,17 +163,17 @@ def test_single_process_is_a_no_op(tmp_path):
     with D.grad_sync(model, sync=False):
         model(W.make_data()[:2], labels=W.make_data()[:2])[1].backward()
     opt.step()
-    msd, osd = D.gather_full_state_dict(model, opt)
+    msd, osd = C.gather_full_state_dict(model, opt)
     assert msd.keys() == model.state_dict().keys() and osd["param_groups"] == opt.state_dict()["param_groups"]
     # the sharded checkpoint also works in one process, and replaces an older one atomically
     folder = tmp_path / "ck"
-    D.save_sharded(folder, model, opt, extra={"step": 1})
-    D.save_sharded(folder, model, opt, extra={"step": 2})
+    C.save_sharded(folder, model, opt, extra={"step": 1})
+    C.save_sharded(folder, model, opt, extra={"step": 2})
     assert sorted(os.listdir(tmp_path)) == ["ck"]
     model2 = W.build(seed=9)
     opt2 = W.make_optimizer(model2)
-    assert D.load_sharded(folder, model2, opt2) == {"step": 2}
+    assert C.load_sharded(folder, model2, opt2) == {"step": 2}
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
     with pytest.raises(FileNotFoundError, match="not a sharded checkpoint"):
-        D.load_sharded(tmp_path / "nope", model2, opt2)
+        C.load_sharded(tmp_path / "nope", model2, opt2)

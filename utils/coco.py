@@ -17,11 +17,8 @@ import os
 
 from PIL import Image
 
-from utils.shapes_data import QUESTION, describe
-
-
-class DataError(ValueError):
-    """An image file that is missing or unreadable."""
+from utils.detect_data import QUESTION, describe
+from utils.errors import DataError
 
 
 def load_coco_detection(path, strict=False, tolerance=1.0):

@@ -1,6 +1,6 @@
 """Multi-GPU training on PyTorch's own engine: torchrun set-up, DDP / FSDP2 wrapping, a resumable sharded
-sampler, gradient accumulation, cross-rank reductions, rank-0 output, and checkpoints (a full state dict
-gathered on rank 0 that a one-GPU run loads, and a sharded `torch.distributed.checkpoint` save/resume).
+sampler, gradient accumulation, cross-rank reductions and rank-0 output. Checkpoints under torchrun (the full
+state dict gathered on rank 0, the sharded DCP folder) live in utils/checkpoint.py.
 
 Every helper is a no-op when the script is started with plain `python` (no RANK in the environment):
 single-process behaviour stays exactly what it was.
@@ -12,7 +12,6 @@ single-process behaviour stays exactly what it was.
     for micro, batch in enumerate(...):
         with grad_sync(model, sync=(micro + 1) % accum == 0):   # DDP no_sync / FSDP2 set_requires_gradient_sync
             (model(**batch) / accum).backward()
-    model_sd, optim_sd = gather_full_state_dict(model, optimizer)  # collective; full tensors on rank 0 only
 
 References: torchtitan (parallelize_llama: fully_shard per block, then the root), the FSDP2 tutorial
 (pytorch.org/tutorials/intermediate/FSDP_tutorial.html) and torch.distributed.checkpoint.state_dict.
@@ -21,7 +20,6 @@ import contextlib
 import datetime
 import functools
 import os
-import shutil
 from dataclasses import dataclass
 
 import torch
@@ -296,7 +294,7 @@ class ShardedSampler(torch.utils.data.Sampler):
             order = list(range(self.n))
         total = len(self) * self.world_size
         order = order[:total] if self.drop_last else (order * (-(-total // self.n)))[:total]
-        return order[self.rank::self.world_size]
+        return stripe(order, self.rank, self.world_size)
 
     def set_epoch(self, epoch):
         """Start epoch `epoch` from its beginning (a resumed epoch keeps its offset: see load_state_dict)."""
@@ -321,6 +319,15 @@ class ShardedSampler(torch.utils.data.Sampler):
         self.epoch, self.offset = state["epoch"], state["offset"]
 
 
+def stripe(indices, rank=None, world_size=None):
+    """This rank's share of a list of sample indices: every world_size-th from `rank`, the list first cut to a
+    multiple of world_size so every rank gets as many (the leftover < world_size are dropped). The ranks'
+    k-th batches together are then the k-th batch of one process with world_size x the batch."""
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    return list(indices[:len(indices) // world_size * world_size][rank::world_size])
+
+
 def shard_slice(n, rank=None, world_size=None):
     """This rank's contiguous part of a global batch of n, for loops that draw random batches (nanoGPT's
     get_batch) rather than walk epochs: every rank draws the same global batch from the same RNG and keeps
@@ -331,133 +338,6 @@ def shard_slice(n, rank=None, world_size=None):
         raise ValueError(f"global batch {n} does not split over {world_size} ranks")
     per = n // world_size
     return slice(rank * per, (rank + 1) * per)
-
-
-# --- checkpoints ---------------------------------------------------------------------------------------
-def _clean_fqn(name):
-    # names as the plain model has them: without DDP's "module.", torch.compile's "_orig_mod."
-    for prefix in ("module.", "_orig_mod."):
-        name = name.replace(prefix, "")
-    return name
-
-
-def _optim_fqns_to_ids(osd):
-    """torch.distributed.checkpoint's optimizer dict (keyed by parameter name) -> optimizer.state_dict()'s
-    layout (keyed by position), which a plain optimizer.load_state_dict takes."""
-    index = {fqn: i for i, fqn in enumerate(f for g in osd["param_groups"] for f in g["params"])}
-    return {"state": {index[f]: s for f, s in osd["state"].items()},
-            "param_groups": [{**g, "params": [index[f] for f in g["params"]]} for g in osd["param_groups"]]}
-
-
-def _optim_ids_to_fqns(model, optimizer, osd):
-    names = {id(p): _clean_fqn(n) for n, p in model.named_parameters()}
-    fqns = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    return {"state": {fqns[i]: s for i, s in osd["state"].items()},
-            "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in osd["param_groups"]]}
-
-
-def gather_full_state_dict(model, optimizer=None):
-    """(model state dict, optimizer state dict) as full CPU tensors on rank 0, the layout of the plain
-    single-process model and optimizer; empty dicts on other ranks. Collective under torchrun: every rank
-    calls it. In a single process: model.state_dict() / optimizer.state_dict() unchanged."""
-    if not is_distributed():
-        return unwrap_model(model).state_dict(), (optimizer.state_dict() if optimizer is not None else None)
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd = get_model_state_dict(model, options=opts)
-    optim_sd = None
-    if optimizer is not None and not optimizer.state:
-        # before the first step: get_optimizer_state_dict would initialise the state with a zero-gradient
-        # step (AdamW's step count then starts at 1, a different bias correction); the empty state's plain
-        # layout is the same on every rank
-        optim_sd = optimizer.state_dict() if is_main_process() else {}
-    elif optimizer is not None:
-        optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
-        optim_sd = _optim_fqns_to_ids(optim_sd) if is_main_process() else {}
-    return model_sd, optim_sd
-
-
-def load_full_state_dict(model, model_sd, optimizer=None, optim_sd=None):
-    """Load a full (plain-layout) state dict -- from gather_full_state_dict or a one-GPU run -- into a plain,
-    DDP or FSDP2 model; every rank passes the full dicts (each rank keeps its own shard)."""
-    if not is_distributed():
-        unwrap_model(model).load_state_dict(model_sd)
-        if optimizer is not None and optim_sd is not None:
-            optimizer.load_state_dict(optim_sd)
-        return
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-    opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_sd, options=opts)
-    if optimizer is not None and optim_sd is not None:
-        set_optimizer_state_dict(model, optimizer, _optim_ids_to_fqns(model, optimizer, optim_sd), options=opts)
-
-
-def save_sharded(folder, model, optimizer=None, extra=None):
-    """Each rank writes its own shards of model + optimizer with torch.distributed.checkpoint (DCP).
-
-    Atomic: written into `folder.tmp`, then renamed to `folder` once every rank is done (an older
-    `folder` is replaced only then). extra: a small per-rank dict (step, sampler state, RNG, args) saved
-    as rank{r}.pt. `folder` must be on a file system all ranks see (multi-node: a shared one).
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    folder = os.path.abspath(folder)
-    tmp, old = folder + ".tmp", folder + ".old"
-    if is_main_process():
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    if optimizer is not None and not optimizer.state:  # before the first step (see gather_full_state_dict)
-        optimizer = None
-        if is_main_process():
-            open(os.path.join(tmp, "no_optimizer_state"), "w").close()
-    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
-    state = {"model": model_sd}
-    if optimizer is not None:
-        state["optimizer"] = optim_sd
-    dcp.save(state, checkpoint_id=tmp)
-    if extra is not None:
-        torch.save(extra, os.path.join(tmp, f"rank{get_rank()}.pt"))
-    barrier()
-    if is_main_process():
-        if os.path.exists(folder):
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    barrier()
-
-
-def load_sharded(folder, model, optimizer=None):
-    """Resume from save_sharded's folder into an identically wrapped model (+ optimizer); returns this
-    rank's extra dict (or None)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    if not os.path.isfile(os.path.join(folder, ".metadata")):
-        raise FileNotFoundError(f"{folder} is not a sharded checkpoint (no .metadata: missing or half-written)")
-    if os.path.exists(os.path.join(folder, "no_optimizer_state")):
-        optimizer = None  # saved before the first step: the fresh optimizer is already right
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
-    state = {"model": model_sd}
-    if optimizer is not None:
-        state["optimizer"] = optim_sd
-    # get_state_dict gave every parameter an (empty) optimizer state; parameters that never had a gradient
-    # when the checkpoint was saved (frozen, unused) have none there: load what is there, drop the rest
-    dcp.load(state, checkpoint_id=folder, planner=DefaultLoadPlanner(allow_partial_load=optimizer is not None))
-    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
-                   optim_state_dict=state.get("optimizer", {}))
-    if optimizer is not None:
-        saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
-        names = {id(p): _clean_fqn(n) for n, p in model.named_parameters()}
-        for g in optimizer.param_groups:
-            for p in g["params"]:
-                if not any(k.startswith(f"optimizer.state.{names[id(p)]}.") for k in saved):
-                    optimizer.state.pop(p, None)
-    path = os.path.join(folder, f"rank{get_rank()}.pt")
-    return torch.load(path, weights_only=True) if os.path.isfile(path) else None
 
 
 # --- script glue -----------------------------------------------------------------------------------------
@@ -484,6 +364,7 @@ def plain_model_on_rank0(model, make_plain):
     and sampling that call methods other than forward (KV-cache decoding, recurrent steps) which FSDP2's
     hooks do not see. DDP / one process: the module itself. FSDP2: collective (every rank calls it); the
     full weights are gathered and loaded into make_plain() on rank 0, on the model's device."""
+    from utils.checkpoint import gather_full_state_dict  # utils.checkpoint imports this module
     if not is_fsdp(model):
         return unwrap_model(model) if is_main_process() else None
     model_sd, _ = gather_full_state_dict(model)

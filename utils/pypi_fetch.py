@@ -5,9 +5,7 @@ import os
 import subprocess
 import sys
 
-
-class DataError(ValueError):
-    """A data problem the user can fix; scripts print it as one line."""
+from utils.errors import DataError
 
 
 def sha256_of(path):

@@ -15,10 +15,11 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw
 
+from utils.detect_data import QUESTION, describe  # noqa: F401 (re-exported)
+
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
 CATEGORIES = [f"{c} {s}" for c in COLORS for s in SHAPES]
-QUESTION = "List the objects in the image."
 
 
 def draw_shapes(rng, size=64, max_objects=3, min_size=14, max_size=26, empty_prob=0.05):
@@ -51,11 +52,6 @@ def draw_shapes(rng, size=64, max_objects=3, min_size=14, max_size=26, empty_pro
         boxes.append(box)
         captions.append(f"{color} {shape}")
     return img, boxes, captions
-
-
-def describe(captions):
-    """The assistant's answer listing the objects, left to right order of drawing."""
-    return ", ".join(captions) + "." if captions else "There are no objects."
 
 
 class ShapesDataset:

