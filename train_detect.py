@@ -11,47 +11,46 @@ COCO-format detection file. The LM loss is reported as a whole and split into te
     python train_detect.py --init-vqa checkpoints/vqa/best.pt # start from a train_vqa.py checkpoint
     python train_detect.py --train-json a.json --train-images imgs/ --val-json b.json --val-images imgs/
     python train_detect.py --resume checkpoints/detect/last.pt
+    python train_detect.py --tensorboard runs/detect          # also TensorBoard scalars
     torchrun --standalone --nproc_per_node=2 train_detect.py --dist ddp   # --batch-size per process
 
 Writes into --out: last.pt / best.pt (kind "detect"), metrics.jsonl + metrics.png, events.jsonl
 (NaN/Inf guard), predictions.png (boxes + captions on validation images), eval.json.
+The model and its losses are models/detection.py and models/detection_loss.py; the evaluation (COCO mAP,
+caption accuracy) is utils/detect_eval.py.
 """
 import argparse
-import contextlib
 import copy
-import io
+import dataclasses
+import functools
 import json
-import math
 import os
 import re
 import time
-import types
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.box_ops import box_cxcywh_to_xyxy, box_iou
-from models.detection import DetectionConfig, DetectionModel
+from models.detection import DecoderLayer, DetectionConfig, DetectionModel
 from models.detection_loss import SetCriterion
-from models.detection import DecoderLayer
 from models.llama import Block as LlamaBlock, LlamaConfig, llama_config
 from models.llava import LlavaConfig
 from models.matcher import HungarianMatcher
 from models.vit import Block as VitBlock, vision_config
 from utils.chat import ChatTemplate, PackCollator, PadCollator
+from utils.checkpoint import load_checkpoint, load_train_state, load_weights, restore_train_state, save_train_state
+from utils.coco import CocoDetectionDataset
+from utils.detect_data import QUESTION, DetectionCollator, DetectionSamples, describe, to_device
+from utils.detect_eval import draw_predictions, evaluate
 from utils.distributed import (all_reduce_mean, all_reduce_sum, broadcast_object, cleanup_distributed,
-                               gather_full_state_dict, get_world_size, grad_norm_value, is_fsdp, load_full_state_dict,
-                               load_sharded, plain_model_on_rank0, rank0_first, save_sharded, setup_script, unwrap_model,
-                               wrap_model)
-from utils.checkpoint import check_same_config, load_checkpoint, rng_state, save_atomic, set_rng_state
-from utils.coco import CocoDetectionDataset, DataError
-from utils.detect_data import DetectionCollator, DetectionSamples, denormalise_boxes
+                               get_world_size, grad_norm_value, plain_model_on_rank0, rank0_first, setup_script,
+                               stripe, unwrap_model, wrap_model)
+from utils.errors import DataError
 from utils.image_processing import ImageProcessor
-from utils.metrics import MetricsLog, plot_metrics
-from utils.runtime import pick_device, seed_everything, setup_precision
-from utils.shapes_data import CATEGORIES, QUESTION, ShapesDataset, describe
+from utils.metrics import MetricsLogger, add_monitoring_args, describe_sample, group_norms, memory_stats
+from utils.runtime import pick_device, seed_everything, setup_precision, warmup_cosine
+from utils.shapes_data import CATEGORIES, ShapesDataset
 from utils.tokenizer import SentencePieceTokenizer, tokenizer_from_dict
 
 # Parameter groups by name pattern. Every trainable parameter must match exactly one.
@@ -143,6 +142,7 @@ def get_args(argv=None):
                    "(DistributedDataParallel) or fsdp (FSDP2 per ViT / decoder / head layer, bf16 mixed precision "
                    "with a bf16 dtype); --batch-size is per process; none: one process")
     r.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    add_monitoring_args(p)
     args = p.parse_args(argv)
     if args.smoke:
         args.shapes_train, args.shapes_val, args.epochs, args.batch_size = 32, 8, 1, 8
@@ -150,7 +150,52 @@ def get_args(argv=None):
     return args
 
 
-# --- model configs -------------------------------------------------------------------------------
+# --- data ----------------------------------------------------------------------------------------
+def build_items(args):
+    """(train items, val items, category names, COCO skip statistics or {})."""
+    if args.train_json:
+        if not args.train_images:
+            raise SystemExit("error: --train-json needs --train-images")
+        try:
+            train = CocoDetectionDataset(args.train_json, args.train_images, strict=args.strict)
+            val_json, val_images = args.val_json or args.train_json, args.val_images or args.train_images
+            val = CocoDetectionDataset(val_json, val_images, strict=args.strict)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        stats = {"train": train.stats, "val": val.stats}
+        categories = sorted(set(train.categories) | set(val.categories))
+        return train, val, categories, stats
+    train = ShapesDataset(args.shapes_train, seed=args.seed, image_size=args.image_size,
+                          max_objects=args.shapes_max_objects, turns_per_sample=args.shapes_turns)
+    val = ShapesDataset(args.shapes_val, seed=args.seed + 10_000, image_size=args.image_size,
+                        max_objects=args.shapes_max_objects, turns_per_sample=args.shapes_turns)
+    return train, val, list(CATEGORIES), {}
+
+
+def shapes_texts():
+    """Everything the shapes conversations can say: the tokenizer's training text."""
+    texts = [QUESTION, describe([]), "USER:", "ASSISTANT:"]
+    texts += [describe([a, b]) for a in CATEGORIES for b in CATEGORIES]
+    return texts * 4
+
+
+def make_loader(dataset, args, pad_id, order=None):
+    """order: the sample indices to visit (training: this rank's share of the epoch from its resume point,
+    the last incomplete batch dropped); None: the whole data set in order (validation)."""
+    base = PackCollator(pad_id, dataset.max_len) if args.pack else PadCollator(pad_id)
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=order, num_workers=args.num_workers,
+                      collate_fn=DetectionCollator(base, dataset.image_token_id, dataset.num_image_tokens),
+                      drop_last=order is not None)
+
+
+def first_sample_text(tokenizer, batch):
+    """describe_sample of a batch's first sample: its span of a padded or packed row. The image placeholders
+    lie outside the vocabulary and drop out of the text."""
+    r, s, e = batch["sample_rows"][0]
+    return describe_sample(tokenizer, batch["input_ids"][r, s:e].tolist(), batch["labels"][r, s:e].tolist())
+
+
+# --- model ---------------------------------------------------------------------------------------
 def make_llava_config(args, vocab_size):
     if args.vision == "det-small":  # 48 px, 8x8 patches (36 tokens): small enough to train on a CPU
         vcfg = vision_config("tiny", image_size=args.image_size, patch_size=8, dim=96, n_layers=3, n_heads=4,
@@ -166,14 +211,63 @@ def make_llava_config(args, vocab_size):
     return LlavaConfig(vision=vcfg, text=tcfg, image_token_id=vocab_size, feature_layer=-1)
 
 
-def shapes_texts():
-    """Everything the shapes conversations can say: the tokenizer's training text."""
-    texts = [QUESTION, describe([]), "USER:", "ASSISTANT:"]
-    texts += [describe([a, b]) for a in CATEGORIES for b in CATEGORIES]
-    return texts * 4
+def read_vqa(path):
+    """--init-vqa: (tokenizer, LLaVA config, image processor, chat template, pad id or None, LLaVA weights) of a
+    train_vqa.py checkpoint."""
+    try:
+        vqa = load_checkpoint(path, expect_kind="vqa")
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    mc = vqa["model_config"]
+    llava_cfg = LlavaConfig.from_dict(mc.get("llava", mc))
+    processor = (ImageProcessor.from_dict(vqa["image_processor"]) if "image_processor" in vqa
+                 else ImageProcessor(llava_cfg.vision.image_size, pad_to_square=True))
+    if processor.crop_size != processor.size:
+        raise SystemExit(f"error: {path}: its image processor crops ({processor.size} -> {processor.crop_size}); "
+                         f"detection boxes need the whole (padded) image")
+    template = ChatTemplate(**vqa["template"]) if "template" in vqa else ChatTemplate()
+    weights = {k[len("llava."):] if k.startswith("llava.") else k: v for k, v in vqa["model"].items()}
+    return (tokenizer_from_dict(vqa["tokenizer"]), llava_cfg, processor, template,
+            vqa.get("special_tokens", {}).get("pad"), weights)
 
 
-# --- parameter groups ----------------------------------------------------------------------------
+def build_model(args, ckpt, train_items):
+    """(model, tokenizer, image processor, chat template, pad id): --resume's checkpoint (its weights go in
+    after wrapping), else a new head on --init-vqa's LLaVA model, else a new model whose tokenizer is trained
+    on the data's texts."""
+    if ckpt is not None:
+        model = DetectionModel.from_model_config(ckpt["model_config"])
+        tokenizer, processor = tokenizer_from_dict(ckpt["tokenizer"]), ImageProcessor.from_dict(ckpt["image_processor"])
+        template, pad_id, weights = ChatTemplate(**ckpt["template"]), ckpt["special_tokens"]["pad"], None
+    else:
+        if args.init_vqa:
+            tokenizer, llava_cfg, processor, template, pad_id, weights = read_vqa(args.init_vqa)
+        else:
+            texts = shapes_texts() if not args.train_json else \
+                [QUESTION, "USER:", "ASSISTANT:"] + [describe(r["captions"]) for r in train_items.records]
+            with rank0_first():  # trained once into the cache; the other ranks read it
+                tokenizer = SentencePieceTokenizer.train(texts, args.vocab_size, cache_dir=args.tokenizer_cache)
+            llava_cfg = make_llava_config(args, tokenizer.vocab_size)
+            processor = ImageProcessor(args.image_size, pad_to_square=True)
+            template, pad_id, weights = ChatTemplate(), None, None
+        if tokenizer.eos_id is None:
+            raise SystemExit("error: the tokenizer has no eos token; captions need one to end")
+        det_cfg = DetectionConfig(vocab_size=llava_cfg.text.vocab_size, eos_id=tokenizer.eos_id, hidden=args.hidden,
+                                  num_queries=args.num_queries, decoder_layers=args.decoder_layers,
+                                  caption_layers=args.caption_layers, adapter_bottleneck=args.adapter_bottleneck,
+                                  max_caption_len=args.max_caption_len, n_heads=4 if args.hidden % 8 else 8)
+        model = DetectionModel(llava_cfg, det_cfg)
+    if weights is not None:
+        try:  # a VQA checkpoint of another config: one line naming the missing / unexpected / mis-shaped keys
+            load_weights(model.llava, weights, f"--init-vqa {args.init_vqa}")
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+    if pad_id is None:
+        pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    return model, tokenizer, processor, template, pad_id
+
+
+# --- optimisation --------------------------------------------------------------------------------
 def param_groups(model, lrs, weight_decay, patterns=GROUP_PATTERNS):
     """One optimizer group per name pattern. A trainable parameter matching no group or two is a KeyError.
     A group with lr 0 is frozen (requires_grad False) and left out of the optimizer."""
@@ -203,87 +297,36 @@ def param_groups(model, lrs, weight_decay, patterns=GROUP_PATTERNS):
     return groups, {g: [n for n, _ in ps] for g, ps in members.items()}
 
 
-def lr_factor(step, total, warmup, min_ratio):
-    if step < warmup:
-        return (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def group_grad_norms(optimizer):
-    sq = {}
-    for g in optimizer.param_groups:
-        for p in g["params"]:
-            if p.grad is not None:
-                sq[g["group"]] = sq.get(g["group"], 0.0) + float(p.grad.detach().float().pow(2).sum())
-    return {f"gnorm_{k}": math.sqrt(v) for k, v in sq.items()}
-
-
-# --- losses --------------------------------------------------------------------------------------
-def count_one_process(n):
-    return n.clamp(min=1)
-
-
 def count_all_ranks(n):
     """The token count normaliser under torchrun: the count over all ranks / world size, so that DDP /
     FSDP2's mean of the ranks' gradients is the gradient of the loss over every rank's tokens."""
     return all_reduce_sum(n.float()).clamp(min=1) / get_world_size()
 
 
-def lm_losses(logits, labels, student_mask, normaliser=count_one_process):
-    """Token-weighted LM loss over all answer tokens, and its split into teacher and student answers."""
-    logp = logits[:, :-1].float()
-    tgt = labels[:, 1:]
-    ce = torch.nn.functional.cross_entropy(logp.reshape(-1, logp.size(-1)), tgt.reshape(-1), ignore_index=-100,
-                                           reduction="none").view_as(tgt)
-    valid = tgt != -100
-    student = valid & student_mask[:, 1:]
-    teacher = valid & ~student_mask[:, 1:]
-    mean = lambda m: (ce * m).sum() / normaliser(m.sum())  # noqa: E731
-    return mean(valid), {"teacher_lm": mean(teacher).detach(), "student_lm": mean(student).detach(),
-                         "n_teacher_tokens": int(teacher.sum()), "n_student_tokens": int(student.sum())}
+def mean_over_ranks(values, world):
+    """The logged values as floats; under torchrun the ranks' mean of each loss (each rank's part is already
+    normalised by the all-rank counts) and the sum of each token count n_*. Collective."""
+    if world == 1:
+        return {k: float(v) for k, v in values.items()}
+    vec = all_reduce_sum(torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in values.values()]))
+    return {k: float(v) if k.startswith("n_") else float(v) / world for k, v in zip(values, vec)}
 
 
-class AllRanksCriterion(SetCriterion):
-    """SetCriterion under torchrun: boxes normalised by the all-reduced box count (reduce_num_boxes, as
-    DETR), and the caption cross-entropy by the all-reduced caption token count instead of this rank's."""
+# --- run state, NaN/Inf guard, checkpoints, evaluation ---------------------------------------------
+@dataclasses.dataclass
+class Progress:
+    """Where the run stands: with the weights, optimizer, scaler and RNG, all --resume needs to go on exactly."""
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0   # steps taken in this epoch (under torchrun each took one batch per rank)
+    lr_scale: float = 1.0     # the NaN/Inf guard's cut of every learning rate
+    best: float = -1.0        # best validation mAP@.5 (best.pt)
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.reduce_num_boxes = all_reduce_mean
-
-    def layer_losses(self, out, targets, indices, num_boxes, caption_fn=None):
-        losses = super().layer_losses(out, targets, indices, num_boxes, None)
-        if caption_fn is not None and self.weights["loss_caption"] != 0:
-            device = out["logits"].device
-            batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]).to(device)
-            query_idx = torch.cat([q for q, _ in indices]).to(device)
-            captions = torch.cat([t["captions"][j] for t, (_, j) in zip(targets, indices)]).to(device)
-            n_tokens = count_all_ranks((captions != -100).sum())
-            if len(captions):
-                cap_logits = caption_fn(out["hidden"][batch_idx, query_idx], captions)  # (M, L, V)
-                losses["loss_caption"] = F.cross_entropy(cap_logits.float().flatten(0, 1), captions.flatten(),
-                                                         ignore_index=-100, reduction="sum") / n_tokens
-            else:  # a zero that still touches the caption decoder (every rank's gradients have one layout)
-                losses["loss_caption"] = out["hidden"].sum() * 0.0
-        return losses
-
-
-def group_grad_norms_sharded(optimizer):
-    """group_grad_norms for FSDP2's sharded gradients: squares summed over each rank's shard, then ranks."""
-    keys, sq = [], []
-    for g in optimizer.param_groups:
-        grads = [p.grad for p in g["params"] if p.grad is not None]
-        if grads:
-            keys.append(g["group"])
-            # replicated (unsharded 0-dim) gradients count once: / world before the sum over ranks
-            sq.append(sum(x.to_local().float().pow(2).sum().cpu() if hasattr(x, "to_local")
-                          else x.float().pow(2).sum().cpu() / get_world_size() for x in grads))
-    total = all_reduce_sum(torch.stack(sq).double()) if sq else []
-    out = {}
-    for k, v in zip(keys, total):  # a name may cover several groups (with and without weight decay)
-        out[k] = out.get(k, 0.0) + float(v)
-    return {f"gnorm_{k}": math.sqrt(v) for k, v in out.items()}
+    def improved(self, res):
+        if res["map50"] <= self.best:
+            return False
+        self.best = res["map50"]
+        return True
 
 
 def to_cpu(obj):
@@ -297,202 +340,78 @@ def to_cpu(obj):
     return copy.deepcopy(obj)
 
 
-def to_device(batch, device):
-    out = dict(batch)
-    for k in ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values", "det_image_index",
-              "memory_index", "memory_mask", "student_mask"):
-        if out.get(k) is not None:
-            out[k] = out[k].to(device, non_blocking=True)
-    out["targets"] = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
-    return out
+class NanGuard:
+    """A step whose loss or gradient norm is NaN/Inf is skipped and every lr multiplied by --nan-lr-factor;
+    after --nan-patience such steps in a row, the model and optimizer go back to the last good state (a CPU
+    snapshot taken every --good-state-every steps). Each event is a line of events.jsonl."""
+
+    def __init__(self, args, fresh, is_main):
+        self.lr_factor, self.patience, self.every = args.nan_lr_factor, args.nan_patience, args.good_state_every
+        self.path, self.is_main = os.path.join(args.out, "events.jsonl"), is_main
+        self.good, self.bad_streak = None, 0
+        if fresh and is_main:
+            open(self.path, "w").close()
+
+    def snapshot(self, model, optimizer, step):
+        if self.good is None or step % self.every == 0:
+            self.good = {"model": to_cpu(model.state_dict()), "optimizer": to_cpu(optimizer.state_dict()), "step": step}
+
+    def good_step(self):
+        self.bad_streak = 0
+
+    def bad_step(self, progress, model, optimizer, loss, grad_norm):
+        self.bad_streak += 1
+        progress.lr_scale *= self.lr_factor
+        self.log(event="nonfinite_skip", step=progress.step, loss=float(loss.detach()),
+                 grad_norm=grad_norm_value(grad_norm), lr_scale=progress.lr_scale, bad_streak=self.bad_streak)
+        if self.bad_streak >= self.patience:
+            model.load_state_dict(self.good["model"])
+            optimizer.load_state_dict(self.good["optimizer"])
+            self.log(event="restore_good_state", step=progress.step, restored_step=self.good["step"],
+                     lr_scale=progress.lr_scale)
+            self.bad_streak = 0
+
+    def log(self, **event):
+        if self.is_main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(event) + "\n")
+            tqdm.write(f"guard: {event}")
 
 
-def compute_losses(model, criterion, batch, autocast, lm_weight, det_on=True, normaliser=count_one_process,
-                   forward=None):
-    """forward: the model's forward when this runs as the wrapped model's forward (torchrun)."""
-    with autocast:
-        logits, _, head_out = (forward or model)(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                                    batch["position_ids"], batch["det_image_index"], batch["memory_index"],
-                                    batch["memory_mask"])
-    lm, lm_parts = lm_losses(logits, batch["labels"], batch["student_mask"], normaliser)
-    head_out = [{k: v.float() for k, v in o.items()} for o in head_out]
-    det, det_parts, _ = criterion(head_out, batch["targets"], caption_fn=model.head.caption_logits)
-    total = lm_weight * lm + (det if det_on else 0.0)
-    parts = {"lm": lm.detach(), "det": det.detach(), **lm_parts, **det_parts}
-    return total, parts
+def save_checkpoint(path, model, optimizer, scaler, progress, args, tokenizer, meta):
+    """last.pt / best.pt: the full weights gathered on rank 0, the one-process layout (collective under torchrun);
+    with --dist fsdp, last.pt also as the sharded folder (each rank its shards) for --resume."""
+    last = os.path.basename(path) == "last.pt"
+    save_train_state(path, model, optimizer, kind="detect", model_config=unwrap_model(model).model_config(),
+                     tokenizer=tokenizer, step=progress.step, args=vars(args),
+                     train={**dataclasses.asdict(progress), "scaler": scaler.state_dict()}, meta=meta,
+                     sharded_dir=os.path.join(args.out, "last_sharded") if last else None)
 
 
-# --- evaluation ----------------------------------------------------------------------------------
-@torch.no_grad()
-def predict(model, batch, autocast, topk):
-    """-> per sample: dict(scores (k,), boxes (k, 4) normalised cxcywh, captions [str]) of the top-k queries."""
-    with autocast:
-        logits, _, head_out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                                    batch["position_ids"], batch["det_image_index"], batch["memory_index"],
-                                    batch["memory_mask"])
-    out = head_out[-1]
-    scores = out["logits"].float().sigmoid()
-    k = min(topk, scores.shape[1])
-    top = scores.topk(k, dim=1).indices                                                # (S, k)
-    states = torch.gather(out["hidden"].float(), 1, top[..., None].expand(-1, -1, out["hidden"].shape[-1]))
-    with autocast:
-        tokens = model.head.caption.generate(states.flatten(0, 1).to(out["hidden"].dtype))  # (S*k, L)
-    tokens = tokens.view(len(top), k, -1).cpu()
-    preds = []
-    for i in range(len(top)):
-        preds.append({"scores": torch.gather(scores[i], 0, top[i]).cpu(),
-                      "boxes": torch.gather(out["boxes"][i].float(), 0, top[i][:, None].expand(-1, 4)).cpu(),
-                      "tokens": tokens[i]})
-    return preds, logits
-
-
-def decode_caption(tokenizer, ids, eos_id):
-    ids = [int(t) for t in ids if t >= 0]
-    if eos_id in ids:
-        ids = ids[:ids.index(eos_id)]
-    return tokenizer.decode(ids).strip()
-
-
-def match_by_score(gt_boxes, det_boxes, det_scores, iou_threshold=0.5):
-    """COCO-style greedy matching: detections in descending score each take the free target of highest
-    IoU >= threshold. Boxes xyxy. Returns [(target index, detection index)]."""
-    if len(gt_boxes) == 0 or len(det_boxes) == 0:
-        return []
-    iou, _ = box_iou(gt_boxes, det_boxes)  # (G, D)
-    free, pairs = torch.ones(len(gt_boxes), dtype=torch.bool), []
-    for d in det_scores.argsort(descending=True).tolist():
-        cand = iou[:, d].masked_fill(~free, -1.0)
-        g = int(cand.argmax())
-        if cand[g] >= iou_threshold:
-            free[g] = False
-            pairs.append((g, d))
-    return pairs
-
-
-def evaluate(model, loader, tokenizer, categories, autocast, device, topk, eos_id, draw_threshold=0.3, n_draw=0):
-    """COCO mAP@[.5:.95] / mAP@.5 (class-aware: the category is the decoded caption; and class-agnostic),
-    caption accuracy over the targets matched to a detection (COCO-style: by score, IoU >= 0.5)."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    model.eval()
-    cat_id = {c: i + 1 for i, c in enumerate(categories)}
-    images, gts, dets, drawn = [], [], [], []
-    n_matched = n_correct = n_gt = 0
-    lm_sum, lm_count = {"lm": 0.0, "teacher_lm": 0.0, "student_lm": 0.0}, {"lm": 0, "teacher_lm": 0, "student_lm": 0}
-    for batch in loader:
-        frames, gt_caps = batch["meta"]["det_frame"], batch["meta"]["det_caption_text"]
-        image_ids = batch["meta"]["image_id"]
-        dev_batch = to_device(batch, device)
-        preds, logits = predict(model, dev_batch, autocast, topk)
-        lm, lm_parts = lm_losses(logits, dev_batch["labels"], dev_batch["student_mask"])
-        nt, ns = lm_parts["n_teacher_tokens"], lm_parts["n_student_tokens"]
-        for key, value, n in (("lm", lm, nt + ns), ("teacher_lm", lm_parts["teacher_lm"], nt),
-                              ("student_lm", lm_parts["student_lm"], ns)):
-            lm_sum[key] += float(value) * n  # token-weighted over the whole validation set
-            lm_count[key] += n
-        for i, pr in enumerate(preds):
-            img_id = len(images) + 1
-            side, ox, oy = frames[i]
-            w, h = side - 2 * ox, side - 2 * oy
-            images.append({"id": img_id, "width": w, "height": h, "orig": image_ids[i]})
-            gt_xywh = denormalise_boxes(batch["targets"][i]["boxes"], frames[i])
-            for b, c in zip(gt_xywh.tolist(), gt_caps[i]):
-                gts.append({"id": len(gts) + 1, "image_id": img_id, "bbox": b, "area": b[2] * b[3], "iscrowd": 0,
-                            "category_id": cat_id.setdefault(c, len(cat_id) + 1)})
-            captions = [decode_caption(tokenizer, t, eos_id) for t in pr["tokens"]]
-            det_xywh = denormalise_boxes(pr["boxes"], frames[i])
-            for b, s, c in zip(det_xywh.tolist(), pr["scores"].tolist(), captions):
-                dets.append({"image_id": img_id, "bbox": b, "score": s, "caption": c,
-                             "category_id": cat_id.get(c, 0)})
-            # caption accuracy on matched boxes
-            n_gt += len(gt_caps[i])
-            for g, d in match_by_score(box_cxcywh_to_xyxy(batch["targets"][i]["boxes"]),
-                                       box_cxcywh_to_xyxy(pr["boxes"]), pr["scores"]):
-                n_matched += 1
-                n_correct += captions[d] == gt_caps[i][g]
-            if len(drawn) < n_draw:
-                drawn.append((batch["pixel_values"][int(batch["det_image_index"][i])], pr, captions,
-                              batch["targets"][i]["boxes"], draw_threshold))
-    model.train()
-
-    def coco_map(class_aware):
-        gt = COCO()
-        cats = [{"id": i, "name": c} for c, i in cat_id.items()] if class_aware else [{"id": 1, "name": "object"}]
-        gt.dataset = {"images": [{k: v for k, v in im.items() if k != "orig"} for im in images], "categories": cats,
-                      "annotations": [dict(a, category_id=a["category_id"] if class_aware else 1) for a in gts]}
-        with contextlib.redirect_stdout(io.StringIO()):
-            gt.createIndex()
-            if not gts:
-                return 0.0, 0.0
-            dt_list = [dict(d, category_id=d["category_id"] if class_aware else 1) for d in dets
-                       if not class_aware or d["category_id"] > 0]
-            if not dt_list:
-                return 0.0, 0.0
-            dt = gt.loadRes([{k: v for k, v in d.items() if k != "caption"} for d in dt_list])
-            ev = COCOeval(gt, dt, "bbox")
-            ev.evaluate()
-            ev.accumulate()
-            ev.summarize()
-        return float(ev.stats[0]), float(ev.stats[1])
-
-    m, m50 = coco_map(True)
-    ma, ma50 = coco_map(False)
-    return {"map": m, "map50": m50, "map_agnostic": ma, "map50_agnostic": ma50,
-            "caption_acc": n_correct / max(1, n_matched), "matched_recall": n_matched / max(1, n_gt),
-            **{k: lm_sum[k] / max(1, lm_count[k]) for k in lm_sum}, "n_val_images": len(images)}, drawn
-
-
-def draw_predictions(drawn, png_path, scale=4):
-    """Validation images with predicted boxes (score >= threshold) + captions in colour, targets in white."""
-    from PIL import Image, ImageDraw
-    from utils.image_processing import denormalize
-    tiles = []
-    for pix, pr, captions, gt_boxes, thr in drawn:
-        img = Image.fromarray(denormalize(pix.float().cpu()))
-        side = img.width * scale
-        img = img.resize((side, side), Image.NEAREST)
-        d = ImageDraw.Draw(img)
-        for b in box_cxcywh_to_xyxy(gt_boxes.cpu()).mul(side).tolist():
-            d.rectangle(b, outline=(255, 255, 255), width=1)
-        for b, s, c in zip(box_cxcywh_to_xyxy(pr["boxes"]).mul(side).tolist(), pr["scores"].tolist(), captions):
-            if s >= thr:
-                d.rectangle(b, outline=(255, 0, 255), width=2)
-                d.text((b[0] + 2, b[1] + 2), f"{c} {s:.2f}", fill=(255, 255, 255))
-        tiles.append(img)
-    if not tiles:
-        return None
-    cols = min(4, len(tiles))
-    rows = -(-len(tiles) // cols)
-    w = tiles[0].width
-    grid = Image.new("RGB", (cols * w, rows * w), (0, 0, 0))
-    for k, t in enumerate(tiles):
-        grid.paste(t, ((k % cols) * w, (k // cols) * w))
-    grid.save(png_path)
-    return png_path
+def evaluate_and_log(model, val_loader, tokenizer, categories, autocast, device, args, metrics, step):
+    """Validation on rank 0 with the plain model (FSDP2: a gathered copy) while the other ranks wait (collective):
+    a metrics row, predictions.png and eval.json. Returns the results on every rank."""
+    t0 = time.time()
+    raw = unwrap_model(model)
+    plain = plain_model_on_rank0(model, lambda: DetectionModel.from_model_config(raw.model_config()))
+    res = None
+    if plain is not None:
+        res, drawn = evaluate(plain, val_loader, tokenizer, categories, autocast, device, args.eval_topk,
+                              raw.head.config.eos_id, args.draw_threshold, n_draw=args.num_sample_images)
+        res["eval_seconds"] = time.time() - t0
+        metrics.log(step=step, **{f"val_{k}": v for k, v in res.items()})
+        draw_predictions(drawn, os.path.join(args.out, "predictions.png"))
+        with open(os.path.join(args.out, "eval.json"), "w") as f:
+            json.dump({"step": step, **res}, f, indent=1)
+    res = broadcast_object(res)
+    if plain is not None:
+        tqdm.write(f"eval @ {step}: mAP {res['map']:.3f}  mAP@.5 {res['map50']:.3f}  (agnostic "
+                   f"{res['map50_agnostic']:.3f})  caption acc {res['caption_acc']:.3f}  "
+                   f"recall {res['matched_recall']:.3f}")
+    return res
 
 
 # --- main ----------------------------------------------------------------------------------------
-def build_items(args):
-    if args.train_json:
-        if not args.train_images:
-            raise SystemExit("error: --train-json needs --train-images")
-        try:
-            train = CocoDetectionDataset(args.train_json, args.train_images, strict=args.strict)
-            val_json, val_images = args.val_json or args.train_json, args.val_images or args.train_images
-            val = CocoDetectionDataset(val_json, val_images, strict=args.strict)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}")
-        stats = {"train": train.stats, "val": val.stats}
-        categories = sorted(set(train.categories) | set(val.categories))
-        return train, val, categories, stats
-    train = ShapesDataset(args.shapes_train, seed=args.seed, image_size=args.image_size,
-                          max_objects=args.shapes_max_objects, turns_per_sample=args.shapes_turns)
-    val = ShapesDataset(args.shapes_val, seed=args.seed + 10_000, image_size=args.image_size,
-                        max_objects=args.shapes_max_objects, turns_per_sample=args.shapes_turns)
-    return train, val, list(CATEGORIES), {}
-
-
 def main(argv=None):
     try:
         return train(get_args(argv))
@@ -501,222 +420,112 @@ def main(argv=None):
 
 
 def train(args):
-    info = setup_script(args.dist, pick_device(args.device))  # one process unless torchrun + --dist
+    # --- set-up: one process unless torchrun + --dist
+    info = setup_script(args.dist, pick_device(args.device))
     device, world = info.device, info.world_size
     say = print if info.is_main else (lambda *a, **k: None)
-    write = tqdm.write if info.is_main else (lambda *a, **k: None)
     autocast, dtype_name = setup_precision(device, args.dtype)
     seed_everything(args.seed)
+    torch.autograd.set_detect_anomaly(args.detect_anomaly)
     os.makedirs(args.out, exist_ok=True)
+    last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
+
+    # --- data
     train_items, val_items, categories, data_stats = build_items(args)
     if data_stats:
         say(f"COCO data: {json.dumps(data_stats)}")
 
-    # --- model + tokenizer: resume > init-vqa > new
-    resume, template, pad_id = None, ChatTemplate(), None
-    sharded = bool(args.resume) and os.path.isdir(args.resume)  # --dist fsdp's last_sharded folder
-    if sharded:
-        meta = os.path.join(args.resume, f"rank{info.rank}.pt")
-        if args.dist != "fsdp" or not os.path.isfile(meta):
-            raise SystemExit(f"error: --resume {args.resume} is a sharded checkpoint folder: it needs --dist fsdp on "
-                             f"the number of processes that wrote it (or resume from the full last.pt)")
+    # --- model + tokenizer: --resume > --init-vqa > new
+    ckpt = None
     if args.resume:
-        if sharded:
-            resume = torch.load(meta, weights_only=True)  # everything but the weights and optimizer state
-        else:
-            try:
-                resume = load_checkpoint(args.resume, expect_kind="detect")
-            except (ValueError, FileNotFoundError) as e:
-                raise SystemExit(f"error: {e}")
-        tokenizer = tokenizer_from_dict(resume["tokenizer"])
-        model = DetectionModel.from_model_config(resume["model_config"])
-        processor = ImageProcessor.from_dict(resume["image_processor"])
-        template, pad_id = ChatTemplate(**resume["template"]), resume["special_tokens"]["pad"]
-    else:
-        det_kwargs = dict(hidden=args.hidden, num_queries=args.num_queries, decoder_layers=args.decoder_layers,
-                          caption_layers=args.caption_layers, adapter_bottleneck=args.adapter_bottleneck,
-                          max_caption_len=args.max_caption_len, n_heads=4 if args.hidden % 8 else 8)
-        if args.init_vqa:
-            try:
-                vqa = load_checkpoint(args.init_vqa, expect_kind="vqa")
-            except (ValueError, FileNotFoundError) as e:
-                raise SystemExit(f"error: {e}")
-            tokenizer = tokenizer_from_dict(vqa["tokenizer"])
-            mc = vqa["model_config"]
-            llava_cfg = LlavaConfig.from_dict(mc.get("llava", mc))
-            processor = (ImageProcessor.from_dict(vqa["image_processor"]) if "image_processor" in vqa
-                         else ImageProcessor(llava_cfg.vision.image_size, pad_to_square=True))
-            if processor.crop_size != processor.size:
-                raise SystemExit(f"error: {args.init_vqa}: its image processor crops ({processor.size} -> "
-                                 f"{processor.crop_size}); detection boxes need the whole (padded) image")
-            template = ChatTemplate(**vqa["template"]) if "template" in vqa else template
-            pad_id = vqa.get("special_tokens", {}).get("pad")
-        else:
-            texts = shapes_texts() if not args.train_json else \
-                [QUESTION, "USER:", "ASSISTANT:"] + [describe(r["captions"]) for r in train_items.records]
-            with rank0_first():  # trained once into the cache; the other ranks read it
-                tokenizer = SentencePieceTokenizer.train(texts, args.vocab_size, cache_dir=args.tokenizer_cache)
-            llava_cfg = make_llava_config(args, tokenizer.vocab_size)
-            processor = ImageProcessor(args.image_size, pad_to_square=True)
-        if tokenizer.eos_id is None:
-            raise SystemExit("error: the tokenizer has no eos token; captions need one to end")
-        det_cfg = DetectionConfig(vocab_size=llava_cfg.text.vocab_size, eos_id=tokenizer.eos_id, **det_kwargs)
-        model = DetectionModel(llava_cfg, det_cfg)
-        if args.init_vqa:
-            sd = {k[len("llava."):] if k.startswith("llava.") else k: v for k, v in vqa["model"].items()}
-            try:
-                model.llava.load_state_dict(sd)
-            except RuntimeError as e:
-                raise SystemExit(f"error: {args.init_vqa} does not fit the LLaVA model it describes: {e}")
-            del vqa
+        try:
+            ckpt = load_train_state(args.resume, kind="detect", dist_mode=args.dist, rank=info.rank)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}")
+    model, tokenizer, processor, template, pad_id = build_model(args, ckpt, train_items)
     model.to(device)
-    cfg = model.llava.config
-    if pad_id is None:
-        pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    n_img = model.llava.num_image_tokens
-    eos_id = model.head.config.eos_id
-    max_caption_len = model.head.config.max_caption_len
-    max_len = min(args.max_len, cfg.text.max_seq_len)  # a VQA checkpoint may have a shorter context
+    llava_cfg, head_cfg, n_img = model.llava.config, model.head.config, model.llava.num_image_tokens
+    max_len = min(args.max_len, llava_cfg.text.max_seq_len)  # a VQA checkpoint may have a shorter context
     say(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
-          f"(head {sum(p.numel() for p in model.head.parameters()) / 1e6:.2f}M), {n_img} image tokens, "
-          f"device {device}, {dtype_name}")
-
-    def loader(items, order=None):
-        """order: the sample indices to visit (training: the epoch's permutation from its resume point)."""
-        ds = DetectionSamples(items, tokenizer, processor, cfg.image_token_id, n_img, max_len,
-                              max_caption_len, eos_id, template)
-        base = PackCollator(pad_id, max_len) if args.pack else PadCollator(pad_id)
-        return DataLoader(ds, batch_size=args.batch_size, sampler=order, num_workers=args.num_workers,
-                          collate_fn=DetectionCollator(base, cfg.image_token_id, n_img), drop_last=order is not None)
-
-    val_loader = loader(val_items)
+        f"(head {sum(p.numel() for p in model.head.parameters()) / 1e6:.2f}M), {n_img} image tokens, "
+        f"device {device}, {dtype_name}")
+    # what generate.py reads besides the weights (top-level entries of the checkpoint)
+    meta = {"image_processor": processor.to_dict(), "template": template.to_dict(),
+            "special_tokens": {"image": llava_cfg.image_token_id, "pad": pad_id}, "categories": categories}
+    train_set, val_set = (DetectionSamples(items, tokenizer, processor, llava_cfg.image_token_id, n_img, max_len,
+                                           head_cfg.max_caption_len, head_cfg.eos_id, template)
+                          for items in (train_items, val_items))
+    val_loader = make_loader(val_set, args, pad_id)
     steps_per_epoch = len(train_items) // (args.batch_size * world)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     if total_steps <= 0:
-        raise SystemExit(f"error: no training steps ({len(train_items)} training samples, --batch-size {args.batch_size})")
+        raise SystemExit(f"error: no training steps ({len(train_items)} training samples, "
+                         f"--batch-size {args.batch_size})")
 
-    lrs = {g: getattr(args, f"lr_{g}") for g in GROUP_PATTERNS}
-    criterion = (AllRanksCriterion if info.enabled else SetCriterion)(
-        HungarianMatcher(args.cost_obj, args.cost_bbox, args.cost_giou), args.w_obj, args.w_bbox, args.w_giou,
-        args.w_caption, aux_loss=not args.no_aux_loss)
-    if info.enabled:
-        if resume is not None and not sharded:  # the full weights go in before wrapping (FSDP2 shards them)
-            model.load_state_dict(resume["model"])
-        # forward + losses (caption head included) run as the wrapped model's forward, so DDP / FSDP2 see
-        # every parameter the loss touches
-        model.train_losses = types.MethodType(
-            lambda self, batch, det_on: compute_losses(self, criterion, batch, autocast, args.lm_weight, det_on,
-                                                       count_all_ranks, forward=type(self).forward.__get__(self)),
-            model)
-        model = wrap_model(model, args.dist, block_types=(VitBlock, LlamaBlock, DecoderLayer),
-                           forward_methods=("train_losses",),
-                           mixed_precision=torch.bfloat16 if args.dist == "fsdp" and dtype_name == "bfloat16" else None,
-                           activation_checkpointing=args.activation_checkpointing,
-                           # unused ViT blocks past the feature layer; the head while --detection-freeze-epochs
-                           **(dict(find_unused_parameters=True) if args.dist == "ddp" else {}))
-    elif args.activation_checkpointing:
-        model = wrap_model(model, block_types=(VitBlock, LlamaBlock, DecoderLayer), activation_checkpointing=True)
+    # --- loss, wrapping, optimizer, resume
+    # under torchrun the box and token counts that normalise the losses are those of all ranks (DETR's num_boxes)
+    normaliser = count_all_ranks if info.enabled else None
+    criterion = SetCriterion(HungarianMatcher(args.cost_obj, args.cost_bbox, args.cost_giou), args.w_obj, args.w_bbox,
+                             args.w_giou, args.w_caption, aux_loss=not args.no_aux_loss,
+                             num_boxes_reducer=all_reduce_mean if info.enabled else None, caption_normaliser=normaliser)
+    # model.losses (forward + both losses, caption head included) goes through DDP / FSDP2's hooks like forward,
+    # so they see every parameter the loss touches; in one process only activation checkpointing applies
+    model = wrap_model(model, args.dist, block_types=(VitBlock, LlamaBlock, DecoderLayer), forward_methods=("losses",),
+                       mixed_precision=torch.bfloat16 if args.dist == "fsdp" and dtype_name == "bfloat16" else None,
+                       activation_checkpointing=args.activation_checkpointing,
+                       # unused ViT blocks past the feature layer; the head while --detection-freeze-epochs
+                       **(dict(find_unused_parameters=True) if args.dist == "ddp" else {}))
     raw = unwrap_model(model)
+    lrs = {g: getattr(args, f"lr_{g}") for g in GROUP_PATTERNS}
     # a parameter in no group or in two is a KeyError naming it: a model edit that the patterns must follow
     groups, _ = param_groups(raw, lrs, args.weight_decay)
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler("cuda", enabled=dtype_name == "float16")
+    run = Progress()
+    if ckpt is not None:
+        try:  # weights (full file or sharded folder) + optimizer + this rank's RNG, into the wrapped model
+            state = restore_train_state(ckpt, model, optimizer, rank=info.rank, world_size=world, source=args.resume)
+        except ValueError as e:
+            raise SystemExit(f"error: --resume: {e}")
+        scaler.load_state_dict(state.pop("scaler"))
+        run = Progress(**state)
+        say(f"resumed from {args.resume} at step {run.step} (epoch {run.epoch}, batch {run.batch_in_epoch})")
+        del ckpt, state
+    metrics = MetricsLogger(args.out, resume_step=run.step if args.resume else None,
+                            tensorboard=args.tensorboard, enabled=info.is_main)
+    guard = NanGuard(args, fresh=not args.resume, is_main=info.is_main)
+    save = functools.partial(save_checkpoint, model=model, optimizer=optimizer, scaler=scaler, progress=run,
+                             args=args, tokenizer=tokenizer, meta=meta)
+    run_eval = functools.partial(evaluate_and_log, model, val_loader, tokenizer, categories, autocast, device, args,
+                                 metrics)
 
-    step, epoch, batch_in_epoch, lr_scale, best, bad_streak = 0, 0, 0, 1.0, -1.0, 0
-    if resume is not None:
-        if sharded:
-            load_sharded(args.resume, model, optimizer)
-        elif is_fsdp(model):
-            load_full_state_dict(model, resume["model"], optimizer, resume["optimizer"])
-        else:
-            raw.load_state_dict(resume["model"])
-            optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
-        t = resume["train"]
-        step, epoch, batch_in_epoch, lr_scale, best = t["step"], t["epoch"], t["batch_in_epoch"], t["lr_scale"], t["best"]
-        set_rng_state(resume["rng"])
-        say(f"resumed from {args.resume} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
-        del resume
-    metrics = (MetricsLog(os.path.join(args.out, "metrics.jsonl"), resume_step=step if args.resume else None)
-               if info.is_main else None)
-    events_path = os.path.join(args.out, "events.jsonl")
-    if not args.resume and info.is_main:
-        open(events_path, "w").close()
-
-    def log_event(**e):
-        if info.is_main:
-            with open(events_path, "a") as f:
-                f.write(json.dumps(e) + "\n")
-        write(f"guard: {e}")
-
-    def checkpoint(path):
-        """Full weights gathered on rank 0, the one-process layout (collective under torchrun)."""
-        model_sd, optim_sd = gather_full_state_dict(model, optimizer)
-        meta = {"kind": "detect", "model_config": raw.model_config(), "tokenizer": tokenizer.to_dict(),
-                "image_processor": processor.to_dict(), "template": template.to_dict(),
-                "special_tokens": {"image": cfg.image_token_id, "pad": pad_id}, "categories": categories,
-                "scaler": scaler.state_dict(), "train": {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                                                         "lr_scale": lr_scale, "best": best},
-                "rng": rng_state(), "args": vars(args)}
-        if is_fsdp(model) and os.path.basename(path) == "last.pt":  # also each rank's shards, for --resume
-            save_sharded(os.path.join(args.out, "last_sharded"), model, optimizer, extra=meta)
-        if info.is_main:
-            save_atomic({**meta, "model": model_sd, "optimizer": optim_sd}, path)
-
-    def run_eval():
-        nonlocal best
-        t0 = time.time()
-        # on rank 0, with the plain model (FSDP2: a gathered copy); the other ranks wait for the result
-        plain = plain_model_on_rank0(model, lambda: DetectionModel.from_model_config(raw.model_config()))
-        res = None
-        if plain is not None:
-            res, drawn = evaluate(plain, val_loader, tokenizer, categories, autocast, device, args.eval_topk, eos_id,
-                                  args.draw_threshold, n_draw=args.num_sample_images)
-            res["eval_seconds"] = time.time() - t0
-            metrics.log(step=step, **{f"val_{k}": v for k, v in res.items()})
-            draw_predictions(drawn, os.path.join(args.out, "predictions.png"))
-            with open(os.path.join(args.out, "eval.json"), "w") as f:
-                json.dump({"step": step, **res}, f, indent=1)
-        res = broadcast_object(res)
-        write(f"eval @ {step}: mAP {res['map']:.3f}  mAP@.5 {res['map50']:.3f}  (agnostic {res['map50_agnostic']:.3f})"
-                   f"  caption acc {res['caption_acc']:.3f}  recall {res['matched_recall']:.3f}")
-        if res["map50"] > best:
-            best = res["map50"]
-            checkpoint(os.path.join(args.out, "best.pt"))
-        return res
-
+    # --- training loop
     inject = {int(s) for s in args.inject_nan_steps.split(",") if s.strip()}
-    good_state = None
     model.train()
     t_start = time.time()
-    pbar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, disable=not info.is_main)
-    stop_at = min(total_steps, step + args.stop_after) if args.stop_after else total_steps
-    done = step >= stop_at
+    pbar = tqdm(total=total_steps, initial=run.step, desc="train", dynamic_ncols=True, disable=not info.is_main)
+    stop_at = min(total_steps, run.step + args.stop_after) if args.stop_after else total_steps
+    done = run.step >= stop_at
     while not done:
-        det_frozen = epoch < args.detection_freeze_epochs
+        det_frozen = run.epoch < args.detection_freeze_epochs
         for g in optimizer.param_groups:  # frozen head: no gradients at all (lr-0 groups are not in the optimizer)
             if g["group"] in HEAD_GROUPS:
                 for p in g["params"]:
                     p.requires_grad_(not det_frozen)
-        # the epoch's order depends on (seed, epoch) only, so a resume continues it exactly
-        order = torch.randperm(len(train_items), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        rest = order[batch_in_epoch * args.batch_size * world:].tolist()
-        if info.enabled:  # rank r: every world-th sample, so the ranks' k-th batches are one process's k-th
-            rest = rest[:len(rest) // world * world][info.rank::world]
-        for bi, batch in enumerate(loader(train_items, rest), start=batch_in_epoch):
-            if good_state is None or step % args.good_state_every == 0:
-                good_state = {"model": to_cpu(raw.state_dict()), "optimizer": to_cpu(optimizer.state_dict()),
-                              "step": step}
+        # the epoch's order depends on (seed, epoch) only, so a resume continues it exactly; rank r takes every
+        # world-th sample, so the ranks' k-th batches together are one process's k-th batch
+        order = torch.randperm(len(train_items), generator=torch.Generator().manual_seed(args.seed * 1000 + run.epoch))
+        rest = stripe(order[run.batch_in_epoch * args.batch_size * world:].tolist(), info.rank, world)
+        for bi, batch in enumerate(make_loader(train_set, args, pad_id, rest), start=run.batch_in_epoch):
+            if run.step == 0 and info.is_main:  # what the model learns, once: a wrong label mask shows here
+                tqdm.write(first_sample_text(tokenizer, batch))
+            guard.snapshot(raw, optimizer, run.step)
             batch = to_device(batch, device)
-            f = lr_factor(step, total_steps, args.warmup_steps, args.min_lr_ratio) * lr_scale
+            lr_factor = warmup_cosine(run.step, args.warmup_steps, total_steps, args.min_lr_ratio) * run.lr_scale
             for g in optimizer.param_groups:
-                frozen = det_frozen and g["group"] in HEAD_GROUPS
-                g["lr"] = 0.0 if frozen else g["base_lr"] * f
-            if info.enabled:
-                total, parts = model.train_losses(batch, not det_frozen)
-            else:
-                total, parts = compute_losses(model, criterion, batch, autocast, args.lm_weight, det_on=not det_frozen)
-            if step in inject:
+                g["lr"] = 0.0 if det_frozen and g["group"] in HEAD_GROUPS else g["base_lr"] * lr_factor
+            total, parts = model.losses(batch, criterion, autocast, args.lm_weight, not det_frozen, normaliser)
+            if run.step in inject:
                 total = total * float("nan")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
@@ -726,80 +535,64 @@ def train(args):
             finite = bool(torch.isfinite(total)) and (bool(torch.isfinite(gnorm)) or dtype_name == "float16")
             if info.enabled:  # every rank takes the same branch (the skip, the restore)
                 finite = float(all_reduce_sum(float(not finite))) == 0
-            if not finite:
-                # NaN/Inf guard: skip the step, lower the learning rate; after K in a row go back to the good state
+            log_now = run.step % args.log_every == 0
+            if finite:
+                guard.good_step()
+                norms = group_norms(optimizer) if log_now else {}  # the clipped gradients; a collective
+                scaler.step(optimizer)
+                scaler.update()
+            else:
                 optimizer.zero_grad(set_to_none=True)
-                bad_streak += 1
-                lr_scale *= args.nan_lr_factor
-                log_event(event="nonfinite_skip", step=step, loss=float(total.detach()), grad_norm=grad_norm_value(gnorm),
-                          lr_scale=lr_scale, bad_streak=bad_streak)
+                guard.bad_step(run, raw, optimizer, total, gnorm)
                 if dtype_name == "float16":
                     scaler.update()
-                if bad_streak >= args.nan_patience:
-                    raw.load_state_dict(good_state["model"])
-                    optimizer.load_state_dict(good_state["optimizer"])
-                    log_event(event="restore_good_state", step=step, restored_step=good_state["step"], lr_scale=lr_scale)
-                    bad_streak = 0
-                step += 1
-                batch_in_epoch = bi + 1
-                pbar.update(1)
-                if step >= stop_at:
-                    done = True
-                    break
-                continue
-            bad_streak = 0
-            norms = ((group_grad_norms_sharded if is_fsdp(model) else group_grad_norms)(optimizer)
-                     if step % args.log_every == 0 else {})
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            batch_in_epoch = bi + 1
+            run.step += 1
+            run.batch_in_epoch = bi + 1
             pbar.update(1)
-            if (step - 1) % args.log_every == 0 or step == total_steps:
-                values = {"loss": total.detach(), **parts}
-                if info.enabled:  # ranks' means (each rank's part is already normalised by global counts)
-                    vec = all_reduce_sum(torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu()
-                                                      for v in values.values()]))
-                    values = {k: float(v) if k.startswith("n_") else float(v) / world for k, v in zip(values, vec)}
-                row = {"step": step, "epoch": epoch, "loss": float(values["loss"]), "grad_norm": grad_norm_value(gnorm),
-                       "lr_scale": lr_scale, **{k: float(v) for k, v in values.items() if k != "loss"}, **norms,
-                       **{f"lr_{g['group']}": g["lr"] for g in optimizer.param_groups},
-                       "elapsed_s": time.time() - t_start}
-                if metrics is not None:
-                    metrics.log(**row)
-                pbar.set_postfix(loss=f"{row['loss']:.3f}", lm=f"{row['lm']:.3f}", det=f"{row['det']:.3f}")
-            if args.eval_every and step % args.eval_every == 0:
-                run_eval()
-            if step % args.save_every == 0:
-                checkpoint(os.path.join(args.out, "last.pt"))
-            if step >= stop_at:
+            if finite:
+                if log_now or run.step == total_steps:
+                    values = mean_over_ranks({"loss": total.detach(), **parts}, world)
+                    # lr_<group> every row; gnorm_ / wnorm_<group> on --log-every steps (group_norms)
+                    metrics.log(**{"step": run.step, "epoch": run.epoch, **values,
+                                   "grad_norm": grad_norm_value(gnorm), "lr_scale": run.lr_scale,
+                                   **{f"lr_{g['group']}": g["lr"] for g in optimizer.param_groups}, **norms,
+                                   **memory_stats(device), "elapsed_s": time.time() - t_start})
+                    pbar.set_postfix(loss=f"{values['loss']:.3f}", lm=f"{values['lm']:.3f}", det=f"{values['det']:.3f}")
+                if args.eval_every and run.step % args.eval_every == 0 and run.improved(run_eval(run.step)):
+                    save(best_path)
+                if run.step % args.save_every == 0:
+                    save(last_path)
+            if run.step >= stop_at:
                 done = True
                 break
         else:
-            epoch += 1
-            batch_in_epoch = 0
-            if not args.eval_every and epoch < args.epochs:
-                run_eval()
-            if epoch >= args.epochs and not args.max_steps:
+            run.epoch += 1
+            run.batch_in_epoch = 0
+            if not args.eval_every and run.epoch < args.epochs and run.improved(run_eval(run.step)):
+                save(best_path)
+            if run.epoch >= args.epochs and not args.max_steps:
                 done = True
     pbar.close()
     train_seconds = time.time() - t_start
-    if step < total_steps:  # --stop-after: an interruption, to be resumed
-        checkpoint(os.path.join(args.out, "last.pt"))
-        say(f"stopped at step {step} of {total_steps} after {train_seconds:.0f}s; resume with --resume "
-              f"{os.path.join(args.out, 'last.pt')}")
+
+    # --- save
+    if run.step < total_steps:  # --stop-after: an interruption, to be resumed
+        save(last_path)
+        metrics.close()
+        say(f"stopped at step {run.step} of {total_steps} after {train_seconds:.0f}s; resume with --resume {last_path}")
         cleanup_distributed()
         return None
-    res = run_eval()
-    checkpoint(os.path.join(args.out, "last.pt"))
+    res = run_eval(run.step)
+    if run.improved(res):
+        save(best_path)
+    save(last_path)
     cleanup_distributed()
-    if not info.is_main:
-        return res
-    plot_metrics(metrics.path, os.path.join(args.out, "metrics.png"),
-                 groups=[["loss", "lm", "det"], ["teacher_lm", "student_lm"], list(LOSS_KEYS),
-                         [f"gnorm_{g}" for g in GROUP_PATTERNS], ["val_map", "val_map50", "val_caption_acc"], ["val_lm", "val_teacher_lm", "val_student_lm"]])
-    say(f"done: {step} steps in {train_seconds:.0f}s; mAP {res['map']:.3f}, mAP@.5 {res['map50']:.3f}, "
-          f"caption accuracy {res['caption_acc']:.3f} -> {args.out}")
+    metrics.plot(groups=[["loss", "lm", "det"], ["teacher_lm", "student_lm"], list(LOSS_KEYS),
+                         [f"gnorm_{g}" for g in GROUP_PATTERNS], ["val_map", "val_map50", "val_caption_acc"],
+                         ["val_lm", "val_teacher_lm", "val_student_lm"]])
+    metrics.close()
+    say(f"done: {run.step} steps in {train_seconds:.0f}s; mAP {res['map']:.3f}, mAP@.5 {res['map50']:.3f}, "
+        f"caption accuracy {res['caption_acc']:.3f} -> {args.out}")
     return res
 
 

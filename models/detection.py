@@ -19,8 +19,10 @@ teacher-forced in training (SetCriterion calls `caption_logits` on the matched q
 inference (`generate_captions`).
 
 `DetectionModel` holds `.llava` (a models.llava.LlavaModel, so the VQA weights keep their keys under
-`llava.`) and `.head`. Both the language-model loss and the detection loss reach the vision tower.
+`llava.`) and `.head`. Both the language-model loss and the detection loss reach the vision tower;
+`DetectionModel.losses` is the training loss of a batch (models/detection_loss.py's lm_losses + SetCriterion).
 """
+import contextlib
 import math
 from dataclasses import dataclass, asdict
 
@@ -28,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.detection_loss import lm_losses
 from models.llava import LlavaConfig, LlavaModel
 
 
@@ -339,3 +342,24 @@ class DetectionModel(nn.Module):
             return logits, hidden, None
         text = hidden.flatten(0, 1)[memory_index]  # (S, L, Dt)
         return logits, hidden, self.head(feats[det_image_index], text, memory_mask)
+
+    def losses(self, batch, criterion, autocast=contextlib.nullcontext(), lm_weight=1.0, det_on=True,
+               normaliser=None):
+        """The training loss of a DetectionCollator batch: lm_weight * LM + (the set criterion's total if det_on).
+        Returns (total, parts: lm, det, teacher_lm, student_lm, token counts, per-component detection losses).
+
+        A method rather than a function around the model so that a training script can route it through DDP /
+        FSDP2 (utils.distributed.wrap_model(..., forward_methods=("losses",))): the wrapper then sees every
+        parameter the loss touches, the caption decoder's (called inside the criterion) included.
+        normaliser: the LM token count -> divisor (see lm_losses); the criterion carries its own."""
+        # the class's forward, not self(...): while DDP routes this method it stands in for self.forward
+        forward = type(self).forward
+        with autocast:
+            logits, _, head_out = forward(self, batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                                          batch["position_ids"], batch["det_image_index"], batch["memory_index"],
+                                          batch["memory_mask"])
+        lm, lm_parts = lm_losses(logits, batch["labels"], batch["student_mask"], normaliser)
+        head_out = [{k: v.float() for k, v in o.items()} for o in head_out]
+        det, det_parts, _ = criterion(head_out, batch["targets"], caption_fn=self.head.caption_logits)
+        total = lm_weight * lm + (det if det_on else 0.0)
+        return total, {"lm": lm.detach(), "det": det.detach(), **lm_parts, **det_parts}

@@ -58,9 +58,43 @@ def test_normalised_by_number_of_boxes():
         tgt[b, qs] = 1
     assert torch.allclose(parts["loss_obj"], sigmoid_focal_loss(outs[-1]["logits"], tgt).sum() / 3)
     # a distributed run divides by the all-reduced mean box count instead
-    crit.reduce_num_boxes = lambda n: n * 2
-    _, parts2, _ = crit(outs, tg)
+    crit2 = SetCriterion(HungarianMatcher(), aux_loss=False, num_boxes_reducer=lambda n: n * 2)
+    _, parts2, _ = crit2(outs, tg)
     assert torch.allclose(parts2["loss_bbox"], parts["loss_bbox"] / 2)
+
+
+def test_reducers_get_the_counts_and_divide_by_their_result():
+    """num_boxes_reducer sees this batch's box count (once a forward, aux layers included); caption_normaliser
+    sees each layer's caption token count: every loss is divided by what they return (under torchrun: the
+    counts over all ranks)."""
+    V, L, D = 11, 3, 8
+    head = torch.nn.Linear(D, V)
+
+    def caption_fn(states, tokens):
+        return head(states)[:, None].expand(-1, tokens.shape[1], -1)
+    outs, tg = make_outputs(layers=2, D=D), targets(2, 1, L=L, V=V)
+    seen_boxes, seen_tokens = [], []
+
+    def boxes(n):
+        seen_boxes.append(float(n))
+        return torch.tensor(6.0)
+
+    def tokens(n):
+        seen_tokens.append(int(n))
+        return torch.tensor(7.0)
+    plain = SetCriterion(HungarianMatcher())
+    reduced = SetCriterion(HungarianMatcher(), num_boxes_reducer=boxes, caption_normaliser=tokens)
+    _, p0, _ = plain(outs, tg, caption_fn)
+    _, p1, _ = reduced(outs, tg, caption_fn)
+    assert seen_boxes == [3.0] and seen_tokens == [3 * L, 3 * L]  # every caption is L tokens here
+    for k in ("loss_obj", "loss_bbox", "loss_giou"):
+        assert torch.allclose(p1[k], p0[k] * 3 / 6), k
+    assert torch.allclose(p1["loss_caption"], p0["loss_caption"] * 3 * L / 7)  # token mean -> sum / 7
+    # the reduced count is clamped to >= 1, as the local one
+    tiny = SetCriterion(HungarianMatcher(), aux_loss=False, num_boxes_reducer=lambda n: n * 0.01)
+    _, p2, _ = tiny(outs[-1:], tg)
+    _, p3, _ = SetCriterion(HungarianMatcher(), aux_loss=False)(outs[-1:], tg)
+    assert torch.allclose(p2["loss_bbox"], p3["loss_bbox"] * 3)
 
 
 def test_empty_image_trains_objectness_down():

@@ -1,4 +1,5 @@
-"""train_detect.py end to end on tiny configs: a run, exact resume, parameter groups, NaN guard, COCO input."""
+"""train_detect.py end to end on tiny configs: a run, exact resume, parameter groups, NaN guard, COCO input,
+the monitoring (first sample shown once, TensorBoard); utils/detect_eval.py's matching."""
 import json
 import os
 
@@ -8,6 +9,7 @@ from PIL import Image
 
 import train_detect
 from utils.coco import load_coco_detection
+from utils.detect_eval import match_by_score
 from utils.metrics import read_jsonl
 
 TINY = ["--vision", "tiny", "--text", "tiny", "--image-size", "32", "--hidden", "32", "--num-queries", "4",
@@ -21,8 +23,11 @@ def run(tmp_path, name, *extra):
     return out, res
 
 
-def test_tiny_run_then_exact_resume(tmp_path):
+def test_tiny_run_then_exact_resume(tmp_path, capsys):
     out, res = run(tmp_path, "full", "--max-steps", "3")
+    # the first training sample is shown once, its learned tokens (the answers) in [[...]]
+    shown = capsys.readouterr().out
+    assert shown.count("first training sample:") == 1 and "[[" in shown
     for f in ("last.pt", "best.pt", "metrics.jsonl", "metrics.png", "predictions.png", "eval.json"):
         assert os.path.exists(os.path.join(out, f)), f
     assert set(res) >= {"map", "map50", "caption_acc"} and 0 <= res["map50"] <= 1
@@ -43,7 +48,9 @@ def test_tiny_run_then_exact_resume(tmp_path):
     # boundary: the same weights as straight through
     part, none = run(tmp_path, "part", "--max-steps", "3", "--stop-after", "1")
     assert none is None
+    capsys.readouterr()
     run(tmp_path, "part", "--max-steps", "3", "--resume", os.path.join(part, "last.pt"))
+    assert "first training sample:" not in capsys.readouterr().out  # a resumed run goes on where it was
     a = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     b = torch.load(os.path.join(part, "last.pt"), weights_only=True)
     assert a["train"]["step"] == b["train"]["step"] == 3 and b["train"]["epoch"] == 1
@@ -51,6 +58,12 @@ def test_tiny_run_then_exact_resume(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
     steps = [r["step"] for r in read_jsonl(os.path.join(part, "metrics.jsonl")) if "loss" in r]
     assert steps == sorted(set(steps))  # the log holds each step once after resuming
+
+
+def test_tensorboard_writes_events(tmp_path):
+    pytest.importorskip("tensorboard")
+    run(tmp_path, "tb", "--max-steps", "1", "--tensorboard", str(tmp_path / "tb"))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
 
 
 def test_param_groups_keyerror_and_freeze():
@@ -144,7 +157,7 @@ def test_tiny_run_on_coco_with_detection_freeze(tmp_path):
     assert res["n_val_images"] == 3 and 0 <= res["map"] <= 1
     # one step an epoch: step 1 (epoch 0) has the head frozen, step 2 (epoch 1) trains it
     first, second = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if "loss" in r]
-    assert first["lr_detection"] == first["lr_adapter"] == 0 and "gnorm_detection" not in first
+    assert first["lr_detection"] == first["lr_adapter"] == 0 and first.get("gnorm_detection", 0.0) == 0
     assert first["lr_llm"] > 0 and first["gnorm_vision"] > 0
     assert second["lr_detection"] > 0 and second["gnorm_detection"] > 0 and second["gnorm_adapter"] > 0
 
@@ -175,6 +188,14 @@ def test_init_from_vqa_checkpoint_with_frozen_vqa_groups(tmp_path):
         assert torch.equal(ck["model"]["llava." + k], v), k
     with pytest.raises(SystemExit, match="holds a 'detect' model, expected vqa"):
         run(tmp_path, "wrong", "--init-vqa", os.path.join(out, "last.pt"), "--max-steps", "1")
+    # weights that do not fit the config the checkpoint states: one line naming the keys
+    bad = str(tmp_path / "bad_vqa.pt")
+    sd = dict(vqa.state_dict(), extra=torch.zeros(1))
+    sd["projector.linear_1.weight"] = sd["projector.linear_1.weight"][:, :1]
+    save_atomic(dict(torch.load(path, weights_only=True), model=sd), bad)
+    with pytest.raises(SystemExit, match=r"error: --init-vqa .*bad_vqa.pt does not fit LlavaModel: unexpected \(1\): "
+                                         r"extra; mis-shaped, checkpoint vs model \(1\): projector.linear_1.weight"):
+        run(tmp_path, "bad", "--init-vqa", bad, "--max-steps", "1")
 
 
 def test_missing_and_corrupt_images_end_in_one_message(tmp_path):
@@ -193,7 +214,7 @@ def test_match_by_score_is_greedy_by_score():
     gt = torch.tensor([[0, 0, 10, 10], [20, 20, 30, 30.]])
     det = torch.tensor([[0, 0, 10, 9], [0, 0, 10, 10], [21, 21, 30, 30], [50, 50, 60, 60.]])
     # the higher-scoring of two overlapping detections takes the target, even with a lower IoU
-    pairs = train_detect.match_by_score(gt, det, torch.tensor([0.9, 0.8, 0.7, 0.95]))
+    pairs = match_by_score(gt, det, torch.tensor([0.9, 0.8, 0.7, 0.95]))
     assert sorted(pairs) == [(0, 0), (1, 2)]
-    assert train_detect.match_by_score(gt, det[3:], torch.tensor([0.9])) == []
-    assert train_detect.match_by_score(gt[:0], det, torch.rand(4)) == []
+    assert match_by_score(gt, det[3:], torch.tensor([0.9])) == []
+    assert match_by_score(gt[:0], det, torch.rand(4)) == []

@@ -17,13 +17,21 @@ collators of utils/chat.py take, plus detection targets passed through as metada
 """
 import torch
 
-from utils.chat import encode_conversation, IGNORE
+from utils.chat import encode_conversation, IGNORE, IMAGE_TAG
+
+# the detection prompt and the answer it trains, for shapes and COCO alike
+QUESTION = "List the objects in the image."
+
+
+def describe(captions):
+    """The assistant's answer listing the objects, in the order given (shapes: the order of drawing)."""
+    return ", ".join(captions) + "." if captions else "There are no objects."
 
 
 def to_conversation(item):
     turns = []
     for t in item["turns"]:
-        turns.append({"from": "human", "value": "<image>\n" + t["question"]})
+        turns.append({"from": "human", "value": IMAGE_TAG + "\n" + t["question"]})
         turns.append({"from": "gpt", "value": t["response"]})
     return turns
 
@@ -119,3 +127,17 @@ class DetectionCollator:
         b["memory_index"], b["memory_mask"], b["student_mask"] = memory_index, memory_mask, student_mask
         b["targets"] = [{"boxes": bx, "captions": c} for bx, c in zip(b["meta"]["det_boxes"], b["meta"]["det_captions"])]
         return b
+
+
+BATCH_TENSORS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values", "det_image_index",
+                 "memory_index", "memory_mask", "student_mask")
+
+
+def to_device(batch, device):
+    """A DetectionCollator batch with its tensors (and the targets') on `device`; the metadata stays."""
+    out = dict(batch)
+    for k in BATCH_TENSORS:
+        if out.get(k) is not None:
+            out[k] = out[k].to(device, non_blocking=True)
+    out["targets"] = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
+    return out
