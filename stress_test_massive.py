@@ -26,7 +26,7 @@ import torch
 
 from models.coeus import COEUS_CONFIGS, Coeus, coeus_config
 from models.llama import Llama, LlamaConfig
-from utils.runtime import peak_rss_bytes, pick_device
+from utils.runtime import CompiledOrEager, peak_rss_bytes, pick_device
 
 DEFAULT_LENGTHS = "1000,5000,10000,20000,30000"
 MAX_LENGTHS = "100000,300000,1000000"
@@ -77,11 +77,12 @@ def measure(mode, T, args, device, dtype):
         fn = lambda: model.prefill(ids, last_only=True)  # noqa: E731
     elif mode == "step":
         n = min(T, args.step_tokens)
+        step = CompiledOrEager(model.step, "the recurrent step", dynamic=False) if args.compile else model.step
 
         def fn():
             state = model.init_state(args.batch_size)
             for t in range(n):
-                _, state = model.step(ids[:, t], state, compile=args.compile)
+                _, state = step(ids[:, t], state)
     else:
         raise SystemExit(f"error: unknown mode {mode!r}")
     base_rss = _current_rss()

@@ -24,7 +24,7 @@ import torch
 
 from models.coeus import COEUS_CONFIGS, Coeus, CoeusConfig, coeus_config
 from utils.checkpoint import load_checkpoint
-from utils.runtime import peak_rss_bytes, pick_device
+from utils.runtime import CompiledOrEager, peak_rss_bytes, pick_device
 
 
 def parse_args(argv=None):
@@ -128,8 +128,9 @@ def main(argv=None):
     t0 = time.time()
     # warm-up outside the measured region: allocator pools, compile
     warm = model.init_state(B)
+    step = CompiledOrEager(model.step, "the recurrent step", dynamic=False) if args.compile else model.step
     if args.mode == "step":
-        model.step(tokens(0, 1)[:, 0], warm, compile=args.compile)
+        step(tokens(0, 1)[:, 0], warm)
     else:
         model.prefill(tokens(0, min(seg, N)), warm, last_only=True)
     del warm
@@ -142,7 +143,7 @@ def main(argv=None):
             n = min(n, 97)  # the checked prefix goes in odd pieces, so the check crosses carried states
         ids = tokens(pos, n)
         if args.mode == "step":
-            logits, state = model.step(ids[:, 0], state, compile=args.compile)
+            logits, state = step(ids[:, 0], state)
             if pos < P:
                 streamed_prefix.append(logits[:, None])
         else:

@@ -8,19 +8,18 @@
     torchrun --standalone --nproc_per_node=2 train_coeus.py --dist ddp     # 2 GPUs, each --batch-size rows
     torchrun --standalone --nproc_per_node=2 train_coeus.py --dist fsdp --resume checkpoints/coeus/last_sharded
 
-Writes into --out: last.pt (every eval, for --resume), best.pt (best val loss), metrics.jsonl,
-metrics.png and samples.txt (--dist fsdp also last_sharded/, a torch.distributed.checkpoint folder that
---resume takes on the same number of GPUs; last.pt is always the full, plain single-GPU layout). Checkpoints hold kind ("coeus" | "llama"), model_config, model, tokenizer,
-optimizer, step, rng, batch generator state, best_val and args.
-The Llama baseline has no dropout (models/llama.py has none); --dropout applies to Coeus only.
+Writes into --out: last.pt (every eval, for --resume), best.pt (best val loss), metrics.jsonl, metrics.png
+and samples.txt (--dist fsdp also last_sharded/, a torch.distributed.checkpoint folder that --resume takes on
+the same number of GPUs; last.pt is always the full, plain single-GPU layout). Checkpoints follow
+utils/checkpoint.py's schema; this script's `train` entry holds the batch generator state, best_val and the
+EMA weights (last.pt only). The Llama baseline has no dropout (models/llama.py has none); --dropout applies
+to Coeus only.
 """
 import argparse
 import contextlib
 import dataclasses
-import math
 import os
 import time
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -28,14 +27,14 @@ from tqdm import tqdm
 
 from models.coeus import COEUS_CONFIGS, Coeus, CoeusBlock, coeus_config
 from models.llama import Block as LlamaBlock, Llama, LlamaConfig
+from utils.checkpoint import check_same_config, load_train_state, restore_train_state, save_train_state
+from utils.decoding import CoeusLM, Decoder, LlamaLM, decode_tokens
+from utils.distributed import (all_reduce_mean, all_reduce_sum, cleanup_distributed, grad_norm_value, grad_sync,
+                               plain_model_on_rank0, setup_script, shard_slice, wrap_model)
 from utils.ema import EMA
-from utils.distributed import (all_gather_object, all_reduce_mean, all_reduce_sum, cleanup_distributed,
-                               gather_full_state_dict, grad_norm_value, grad_sync, is_fsdp, load_full_state_dict,
-                               load_sharded, plain_model_on_rank0, save_sharded, setup_script, shard_slice,
-                               wrap_model)
-from utils.checkpoint import check_same_config, load_checkpoint, rng_state, save_atomic, set_rng_state
-from utils.metrics import MetricsLog, plot_metrics
-from utils.runtime import pick_device, seed_everything, setup_precision
+from utils.metrics import MetricsLogger, add_monitoring_args, describe_sample, group_norms, memory_stats
+from utils.runtime import CompiledBlocks, pick_device, seed_everything, setup_precision, warmup_cosine
+from utils.sampling import SamplerConfig
 from utils.text_data import DataError, build_tokenizer, encode_splits, full_windows, get_batch, load_corpus
 from utils.tokenizer import tokenizer_from_dict
 
@@ -106,6 +105,7 @@ def parse_args(argv=None):
                    "DistributedDataParallel; fsdp: FSDP2 fully_shard per block (bf16 mixed precision when --dtype "
                    "is bf16) plus a sharded checkpoint folder")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    add_monitoring_args(p)
     args = p.parse_args(argv)
     if args.ema and not 0 < args.ema < 1:
         p.error(f"--ema must be in (0, 1) (or 0 = off), got {args.ema}")
@@ -132,50 +132,97 @@ def build_model(args, vocab_size):
 def lr_at(step, elapsed, args, t_start=0.0):
     """Warmup, then cosine to --min-lr over the steps, or with --lr-by-time over the seconds from t_start
     (the end of compilation) to --max-time."""
-    if step < args.warmup_iters:
-        return args.lr * (step + 1) / (args.warmup_iters + 1)
+    progress = None
     if args.lr_by_time and args.max_time:
-        progress = min(1.0, max(0.0, elapsed - t_start) / max(1e-9, args.max_time - t_start))
-    else:
-        progress = min(1.0, (step - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters))
-    return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
+        progress = (elapsed - t_start) / max(1e-9, args.max_time - t_start)
+    return args.lr * warmup_cosine(step, args.warmup_iters, args.max_iters, args.min_lr / args.lr, progress)
 
 
 def make_optimizer(model, args, device):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": args.weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=device.startswith("cuda"))
 
 
-def compile_blocks(model, data, args, autocast, device):
-    """Regional compilation: every block gets torch.compile; dynamo lifts each block's parameters into
-    graph inputs, so ONE graph serves all layers and compile time does not grow with depth (the whole
-    model compiled as one graph took 192 s on CPU for nano, the block 72 s). Both graphs a run needs are
-    built here, on a throwaway batch (RNG restored, grads dropped): training (forward + backward) and
-    evaluation (eval mode, no grad: dropout off is a different graph). Eager if compilation fails."""
-    t = time.time()
-    rng = rng_state()
-    for layer in model.layers:
-        # an instance attribute shadows the class's forward
-        layer.forward = torch.compile(layer.forward, mode=args.compile_mode)
+def load_data(args, ckpt):
+    """The corpus, its tokenizer (the checkpoint's on --resume) and the encoded splits; bad input -> one line."""
     try:
+        corpus = load_corpus(args.data, errors="replace" if args.replace_invalid else "strict")
+        tok = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt else \
+            build_tokenizer(args.tokenizer, corpus, vocab_size=args.vocab_size)
+        data = encode_splits(corpus, tok)
+    except (DataError, RuntimeError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    for split, d in data.items():
+        if len(d) <= args.block_size + 1:
+            raise SystemExit(f"error: {corpus['source']}: the {split} split has {len(d)} tokens, fewer than one block "
+                             f"of {args.block_size + 1}; use a longer text or a smaller --block-size")
+    return corpus, tok, data
+
+
+def check_resume_config(ckpt, cfg, path):
+    """--resume with flags that describe another model: one line naming the fields. Through the dataclass, so
+    fields added since the checkpoint was written take their defaults."""
+    try:
+        saved = dataclasses.asdict(type(cfg)(**ckpt["model_config"]))
+        check_same_config(saved, dataclasses.asdict(cfg), path)
+    except TypeError as e:
+        raise SystemExit(f"error: --resume {path}: its model config does not fit {type(cfg).__name__} ({e})")
+    except ValueError as e:
+        raise SystemExit(f"error: --resume: {e}")
+
+
+def compile_blocks(model, data, args, autocast, device):
+    """Regional compilation (utils.runtime.CompiledBlocks). Both graphs a run needs are built here, on a
+    throwaway batch: training (forward + backward) and evaluation (eval mode, no grad: dropout off is a
+    different graph). Eager if compilation fails."""
+    compiled = CompiledBlocks(model.layers, enabled=not args.no_compile, what="the blocks", mode=args.compile_mode)
+
+    def throwaway_step():
         x, _ = get_batch(data["train"], args.block_size, args.batch_size, torch.Generator().manual_seed(0), device)
         with autocast:
             model(x).float().mean().backward()
         model.eval()
         with torch.no_grad(), autocast:
             model(x)
-        msg = f"compiled in {time.time() - t:.1f}s (one graph per block for training, one for evaluation)"
-    except Exception as e:
-        warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); running eagerly")
-        for layer in model.layers:
-            del layer.forward  # back to the class's eager forward
-        msg = "eager"
+    msg = compiled.warm_up(throwaway_step)
     model.train()
     model.zero_grad(set_to_none=True)
-    set_rng_state(rng)
     return msg
+
+
+def next_batch(data, args, batch_gen, device, world):
+    """This rank's slice of the global micro-batch (every rank draws the same one from the same generator)."""
+    x, y = get_batch(data["train"], args.block_size, args.batch_size * world, batch_gen, device)
+    if world > 1:
+        x, y = x[shard_slice(len(x))], y[shard_slice(len(y))]
+    return x, y
+
+
+def train_step(model, opt, ema, data, args, batch_gen, autocast, device, world, norms=False):
+    """One optimizer step over --grad-accum micro-batches. Returns (mean loss, clipped grad norm, group norms or
+    {}): the per-group norms are read before the gradients are freed, on log steps only (a collective)."""
+    loss_sum = 0.0
+    for micro in range(args.grad_accum):
+        x, y = next_batch(data, args, batch_gen, device, world)
+        torch.compiler.cudagraph_mark_step_begin()  # --compile-mode reduce-overhead: a new iteration (else no-op)
+        # every rank has the same number of target tokens, so DDP / FSDP2's mean of the ranks' gradients is
+        # the gradient of the global mean loss
+        with grad_sync(model, sync=micro == args.grad_accum - 1):
+            with autocast:
+                logits = model(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            (loss / args.grad_accum).backward()
+        loss_sum = loss_sum + loss.detach()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+    per_group = group_norms(opt) if norms else {}
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update()
+    return loss_sum / args.grad_accum, norm, per_group
 
 
 @torch.no_grad()
@@ -226,45 +273,34 @@ def full_split_loss(model, tokens, args, autocast, device, world_size=1):
 @torch.no_grad()
 @torch.compiler.set_stance("force_eager")  # the compiled blocks are for fixed training shapes
 def sample(model, tok, prompt_ids, n_tokens, args, device, autocast):
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    """Plain multinomial sampling (temperature 1) through generate.py's decoding engine (KV cache or recurrent
+    state). Seeded by --seed in a forked RNG, so sampling never moves the training RNG."""
+    lm = CoeusLM(model) if isinstance(model, Coeus) else LlamaLM(model)
+    if lm.context is not None:  # the Llama's cache holds its training context
+        n_tokens = min(n_tokens, lm.context - len(prompt_ids))
+    if n_tokens <= 0:
+        return tok.decode(prompt_ids)
+    decoder = Decoder(lm, SamplerConfig(temperature=1.0, top_k=0, top_p=1.0))
     ids = torch.tensor([prompt_ids], device=device)
-    with autocast:
-        if isinstance(model, Coeus):
-            logits, state = model.prefill(ids, last_only=True)
-            out = []
-            for _ in range(n_tokens):
-                nxt = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=gen)[:, 0]
-                out.append(nxt)
-                logits, state = model.step(nxt, state)
-            new = torch.stack(out, 1)[0].tolist()
-        else:
-            for _ in range(n_tokens):
-                logits = model(ids[:, -args.block_size:])[:, -1]
-                nxt = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=gen)
-                ids = torch.cat([ids, nxt], 1)
-            new = ids[0, len(prompt_ids):].tolist()
-    return tok.decode(prompt_ids + new)
+    with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):
+        torch.manual_seed(args.seed)
+        decoder.setup(1, len(prompt_ids) + n_tokens, device)
+        with autocast:
+            new = torch.cat(list(decode_tokens(decoder, decoder.decode_one, ids, n_tokens, sync_every=0)), 1)
+    if isinstance(model, Llama):
+        model.clear_cache()
+    return tok.decode(prompt_ids + new[0].tolist())
 
 
-def load_resume(args, rank):
-    """--resume: a full checkpoint file, or (--dist fsdp) a sharded folder whose rank{r}.pt holds everything
-    but the weights and optimizer state. Returns (checkpoint dict, sharded?)."""
-    if os.path.isdir(args.resume):
-        if args.dist != "fsdp":
-            raise SystemExit(f"error: --resume {args.resume} is a sharded checkpoint folder: it needs --dist fsdp "
-                             f"on the same number of processes (or resume from the full last.pt)")
-        meta = os.path.join(args.resume, f"rank{rank}.pt")
-        if not os.path.isfile(meta):
-            raise SystemExit(f"error: --resume: {meta} missing (saved by fewer processes, or not a checkpoint of "
-                             f"this script)")
-        ckpt = torch.load(meta, weights_only=True)
-        if ckpt.get("kind") != args.model:
-            raise SystemExit(f"error: --resume: {args.resume} holds a {ckpt.get('kind')!r} model, not {args.model!r}")
-        return ckpt, True
-    try:
-        return load_checkpoint(args.resume, expect_kind=args.model), False
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: --resume: {e}")
+def log_sample(model, tok, prompt, args, device, autocast, step):
+    """A sample into --out/samples.txt, on rank 0 from a plain copy of the (maybe sharded) model: collective."""
+    plain = plain_model_on_rank0(model, lambda: build_model(args, tok.vocab_size)[0])
+    if plain is None:
+        return
+    text = sample(plain.eval(), tok, prompt, args.sample_tokens, args, device, autocast)
+    plain.train()
+    with open(os.path.join(args.out, "samples.txt"), "a") as f:
+        f.write(f"--- step {step} ---\n{text}\n")
 
 
 def main(argv=None):
@@ -273,53 +309,28 @@ def main(argv=None):
     device, world = info.device, info.world_size
     autocast, dtype_name = setup_precision(device, args.dtype)
     seed_everything(args.seed)  # the same on every rank: the same model init and batch draws
+    torch.autograd.set_detect_anomaly(args.detect_anomaly)
     os.makedirs(args.out, exist_ok=True)
     write = tqdm.write if info.is_main else (lambda *a, **k: None)
+    last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
 
-    # --- data ---
-    try:
-        corpus = load_corpus(args.data, errors="replace" if args.replace_invalid else "strict")
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
-    ckpt, sharded = load_resume(args, info.rank) if args.resume else (None, False)
-    try:
-        if ckpt:
-            tok = tokenizer_from_dict(ckpt["tokenizer"])
-        else:
-            tok = build_tokenizer(args.tokenizer, corpus, vocab_size=args.vocab_size)
-        data = encode_splits(corpus, tok)
-    except (DataError, RuntimeError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    for split, d in data.items():
-        if len(d) <= args.block_size + 1:
-            raise SystemExit(f"error: {corpus['source']}: the {split} split has {len(d)} tokens, fewer than one block "
-                             f"of {args.block_size + 1}; use a longer text or a smaller --block-size")
-
-    # --- model, optimiser, resume ---
+    # --- data and model ---
+    ckpt = None
+    if args.resume:
+        try:
+            ckpt = load_train_state(args.resume, kind=args.model, dist_mode=args.dist, rank=info.rank)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: --resume: {e}")
+    corpus, tok, data = load_data(args, ckpt)
     model, cfg = build_model(args, tok.vocab_size)
     model.to(device)
+    if ckpt:
+        check_resume_config(ckpt, cfg, args.resume)
     if info.enabled:  # dropout masks differ between ranks (the init above was the same everywhere)
         torch.manual_seed(args.seed + 1000 * info.rank)
-    batch_gen = torch.Generator().manual_seed(args.seed)
-    start, best_val = 0, float("inf")
-    if ckpt:
-        try:  # through the dataclass: fields added since the checkpoint was written take their defaults
-            saved = dataclasses.asdict(type(cfg)(**ckpt["model_config"]))
-            check_same_config(saved, dataclasses.asdict(cfg), args.resume)
-        except TypeError as e:
-            raise SystemExit(f"error: --resume {args.resume}: its model config does not fit {type(cfg).__name__} ({e})")
-        except ValueError as e:
-            raise SystemExit(f"error: --resume: {e}")
-        if not sharded:
-            model.load_state_dict(ckpt["model"])
-        start, best_val = ckpt["step"], ckpt["best_val"]
-        rngs = ckpt.get("rng_ranks")
-        set_rng_state(rngs[info.rank] if rngs and len(rngs) == world else ckpt["rng"])
-        batch_gen.set_state(ckpt["batch_gen"])
-    n_params = sum(p.numel() for p in model.parameters())
-    write(f"{args.model}: {n_params / 1e6:.2f}M parameters | data {corpus['source']}: {len(data['train']):,} train / "
-          f"{len(data['val']):,} val tokens | vocab {tok.vocab_size} ({tok.kind}) | {device} {dtype_name}"
-          + (f" | {args.dist} x {world} processes" if info.enabled else ""))
+    write(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | data "
+          f"{corpus['source']}: {len(data['train']):,} train / {len(data['val']):,} val tokens | vocab "
+          f"{tok.vocab_size} ({tok.kind}) | {device} {dtype_name}" + (f" | {args.dist} x {world}" if info.enabled else ""))
 
     t0 = time.time()  # the time budget counts compilation too
     if not args.no_compile:
@@ -328,98 +339,66 @@ def main(argv=None):
                        mixed_precision=torch.bfloat16 if args.dist == "fsdp" and dtype_name == "bfloat16" else None,
                        activation_checkpointing=args.activation_checkpointing)
     opt = make_optimizer(model, args, device)
-    if ckpt and sharded:
-        load_sharded(args.resume, model, opt)
-    elif ckpt and is_fsdp(model):
-        load_full_state_dict(model, ckpt["model"], opt, ckpt["optimizer"])
-    elif ckpt:
-        opt.load_state_dict(ckpt["optimizer"])
     ema = EMA(model.parameters(), args.ema) if args.ema else None
-    if ema is not None and ckpt:
-        if ckpt.get("ema") is None:
-            raise SystemExit(f"error: --resume {args.resume}: the checkpoint has no EMA weights; resume without --ema "
-                             f"or start a new run")
-        ema.load_state_dict(ckpt["ema"])
-    log = (MetricsLog(os.path.join(args.out, "metrics.jsonl"), resume_step=start - 1 if ckpt else None)
-           if info.is_main else None)
+
+    # --- resume ---
+    batch_gen = torch.Generator().manual_seed(args.seed)
+    start, best_val = 0, float("inf")
+    if ckpt:
+        try:
+            state = restore_train_state(ckpt, model, opt, rank=info.rank, world_size=world, source=args.resume)
+        except ValueError as e:  # weights of another model: which keys are missing / unexpected / mis-shaped
+            raise SystemExit(f"error: --resume: {e}")
+        start, best_val = ckpt["step"], state["best_val"]
+        batch_gen.set_state(state["batch_gen"])
+        if ema is not None:
+            if state.get("ema") is None:
+                raise SystemExit(f"error: --resume {args.resume}: the checkpoint has no EMA weights; resume without "
+                                 f"--ema or start a new run")
+            ema.load_state_dict(state["ema"])
+    log = MetricsLogger(args.out, resume_step=start - 1 if ckpt else None, tensorboard=args.tensorboard,
+                        enabled=info.is_main)
+    if not ckpt:  # what the model is trained on, once: every token of a row is a target here
+        x, _ = get_batch(data["train"], args.block_size, 1, torch.Generator().manual_seed(args.seed))
+        write(describe_sample(tok, x[0].tolist(), max_tokens=120))
     try:
         prompt = tok.encode("\n") or data["val"][:1].tolist()
     except ValueError:  # a char vocabulary without newline
         prompt = data["val"][:1].tolist()
 
-    def log_row(**row):
-        if log is not None:
-            log.log(**row)
-
-    def state(step, rng):
-        return {"kind": args.model, "model_config": dataclasses.asdict(cfg), "tokenizer": tok.to_dict(),
-                "step": step, "rng": rng, "batch_gen": batch_gen.get_state(), "best_val": best_val,
-                "args": vars(args)}
-
     def save(path, step, last=False):
-        """The full checkpoint (gathered on rank 0: collective). last (last.pt, for --resume): also the EMA state
-        and, with --dist fsdp, the sharded folder; best.pt is written while the model holds the EMA weights."""
-        model_sd, opt_sd = gather_full_state_dict(model, opt)
-        rngs = all_gather_object(rng_state()) if info.enabled else None
-        if info.is_main:
-            ckpt = {"kind": args.model, "model_config": dataclasses.asdict(cfg), "model": model_sd,
-                    "tokenizer": tok.to_dict(), "optimizer": opt_sd, "step": step, "rng": rng_state(),
-                    "batch_gen": batch_gen.get_state(), "best_val": best_val, "args": vars(args),
-                    "ema": ema.state_dict() if ema is not None and last else None}
-            if info.enabled:
-                ckpt["rng_ranks"] = rngs
-            save_atomic(ckpt, path)
-        if last and is_fsdp(model):
-            save_sharded(os.path.join(args.out, "last_sharded"), model, opt, extra=state(step, rng_state()))
-
-    def next_batch():
-        """This rank's slice of the global micro-batch (every rank draws the same one)."""
-        x, y = get_batch(data["train"], args.block_size, args.batch_size * world, batch_gen, device)
-        if info.enabled:
-            x, y = x[shard_slice(len(x))], y[shard_slice(len(y))]
-        return x, y
-
-    def train_step():
-        loss_sum = 0.0
-        for micro in range(args.grad_accum):
-            x, y = next_batch()
-            torch.compiler.cudagraph_mark_step_begin()  # --compile-mode reduce-overhead: a new iteration (else no-op)
-            # every rank has the same number of target tokens, so DDP / FSDP2's mean of the ranks' gradients
-            # is the gradient of the global mean loss
-            with grad_sync(model, sync=micro == args.grad_accum - 1):
-                with autocast:
-                    logits = model(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                (loss / args.grad_accum).backward()
-            loss_sum = loss_sum + loss.detach()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update()
-        return loss_sum / args.grad_accum, norm
+        """last.pt (for --resume) also holds the EMA state and, with --dist fsdp, the sharded folder; best.pt
+        is written while the model holds the EMA weights. Collective."""
+        save_train_state(path, model, opt, kind=args.model, model_config=dataclasses.asdict(cfg), tokenizer=tok,
+                         step=step, args=vars(args),
+                         train={"batch_gen": batch_gen.get_state(), "best_val": best_val,
+                                "ema": ema.state_dict() if ema is not None and last else None},
+                         sharded_dir=os.path.join(args.out, "last_sharded") if last else None)
 
     def same_everywhere(x):
         """Rank 0's number (wall clock) on every rank: the ranks must agree on when to stop and on the lr."""
         return float(all_reduce_sum(x if info.is_main else 0.0)) if info.enabled else x
 
-    def averaged():
-        return ema.applied() if ema is not None else contextlib.nullcontext()
+    def evaluate_and_save(step, final):
+        """Evaluate (with --ema: the averaged weights), log, keep best.pt, sample; then last.pt."""
+        nonlocal best_val
+        with ema.applied() if ema is not None else contextlib.nullcontext():
+            model.eval()
+            losses = evaluate(model, data, args, autocast, device, world)
+            model.train()
+            improved = losses["val"] < best_val
+            best_val = min(best_val, losses["val"])
+            log.log(step=step, train_eval_loss=losses["train"], val_loss=losses["val"], best_val=best_val,
+                    elapsed_s=time.time() - t0)
+            write(f"step {step}: train {losses['train']:.4f} val {losses['val']:.4f} (best {best_val:.4f}) "
+                  f"at {time.time() - t0:.1f}s")
+            if improved and step > 0:
+                save(best_path, step)
+            if args.sample_tokens and step > 0 and not final:  # no sample after the last step
+                log_sample(model, tok, prompt, args, device, autocast, step)
+        save(last_path, step, last=True)
 
-    def evaluate_and_log(step):
-        """Evaluate both splits, log the row and print it; returns (best_val, improved)."""
-        model.eval()
-        losses = evaluate(model, data, args, autocast, device, world)
-        model.train()
-        improved = losses["val"] < best_val
-        best = min(best_val, losses["val"])
-        log_row(step=step, train_eval_loss=losses["train"], val_loss=losses["val"], best_val=best,
-                elapsed_s=time.time() - t0)
-        write(f"step {step}: train {losses['train']:.4f} val {losses['val']:.4f} (best {best:.4f}) "
-              f"at {time.time() - t0:.1f}s")
-        return best, improved
-
-    elapsed = 0.0
+    # --- training loop ---
     t_start = same_everywhere(time.time() - t0)  # compilation done: the time-based schedule spans the seconds left
     bar = tqdm(range(start, args.max_iters), initial=start, total=args.max_iters,
                disable=args.no_progress or not info.is_main, dynamic_ncols=True)
@@ -430,42 +409,31 @@ def main(argv=None):
         stop = out_of_time or (args.stop_at is not None and step >= args.stop_at)
         # with a time budget the step-0 evaluation (loss ~ln(vocab)) is skipped: its seconds go to training
         if (step % args.eval_interval == 0 and not (step == 0 and args.max_time)) or stop:
-            with averaged():  # with --ema: evaluate, sample and keep as best the averaged weights
-                best_val, improved = evaluate_and_log(step)
-                if improved and step > 0:
-                    save(os.path.join(args.out, "best.pt"), step)
-                if args.sample_tokens and step > 0:
-                    plain = plain_model_on_rank0(model, lambda: build_model(args, tok.vocab_size)[0])
-                    if plain is not None:
-                        text = sample(plain.eval(), tok, prompt, args.sample_tokens, args, device, autocast)
-                        plain.train()
-                        with open(os.path.join(args.out, "samples.txt"), "a") as f:
-                            f.write(f"--- step {step} ---\n{text}\n")
-            save(os.path.join(args.out, "last.pt"), step, last=True)
+            evaluate_and_save(step, final=False)
             if stop:
                 write(f"stopping at step {step} ({'--max-time' if out_of_time else '--stop-at'}); "
-                      f"continue with --resume {os.path.join(args.out, 'last.pt')}")
+                      f"continue with --resume {last_path}")
                 break
         lr = lr_at(step, elapsed, args, t_start)
         for gr in opt.param_groups:
             gr["lr"] = lr
-        loss, norm = train_step()
-        if step % args.log_interval == 0:
+        logging = step % args.log_interval == 0
+        loss, norm, per_group = train_step(model, opt, ema, data, args, batch_gen, autocast, device, world, logging)
+        if logging:
             loss_f = float(all_reduce_mean(loss)) if info.enabled else loss.item()
-            log_row(step=step, train_loss=loss_f, lr=lr, grad_norm=grad_norm_value(norm), elapsed_s=time.time() - t0)
+            log.log(step=step, train_loss=loss_f, lr=lr, grad_norm=grad_norm_value(norm), elapsed_s=time.time() - t0,
+                    **per_group, **memory_stats(device))
             bar.set_postfix(loss=f"{loss_f:.4f}", lr=f"{lr:.2e}")
     else:
         step = args.max_iters
         if args.max_iters > start:
-            with averaged():
-                best_val, improved = evaluate_and_log(step)
-                if improved:
-                    save(os.path.join(args.out, "best.pt"), step)
-        save(os.path.join(args.out, "last.pt"), step, last=True)
+            evaluate_and_save(step, final=True)
+        else:
+            save(last_path, step, last=True)
     bar.close()
-    if info.is_main:
-        plot_metrics(log.path, os.path.join(args.out, "metrics.png"),
-                     groups=[["train_loss", "train_eval_loss", "val_loss"], ["lr"], ["grad_norm"]])
+    log.plot(groups=[["train_loss", "train_eval_loss", "val_loss"], ["lr"], ["grad_norm"],
+                     ["gnorm_decay", "gnorm_no_decay"], ["wnorm_decay", "wnorm_no_decay"]])
+    log.close()
     write(f"best val loss {best_val:.4f}; {time.time() - t0:.1f}s; checkpoints in {args.out}")
     cleanup_distributed()
     return best_val

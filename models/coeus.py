@@ -31,8 +31,7 @@ keys and values (slot = position % W), plus the shared position counter. `step` 
 runs the parallel form chunk by chunk carrying that state.
 """
 import math
-import warnings
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -215,8 +214,6 @@ class Coeus(nn.Module):
             # the global branch starts switched off (ReZero-style) and is mixed in as it learns: with a unit
             # gain its normalised output drowned the local branch at init and slowed early training
             nn.init.zeros_(layer.mixer.global_norm.weight)
-        self.compile_step = False  # step()'s default: set True to torch.compile the decode step
-        self._compiled_step = None
 
     @staticmethod
     def _init_weights(m):
@@ -271,24 +268,10 @@ class Coeus(nn.Module):
         return self.lm_head(self.norm(x)), self._stack(caches)
 
     @torch.no_grad()
-    def step(self, token_ids, state, compile=None):
-        """One token per row: token_ids (B,) -> logits (B, V) fp32, new state.
-
-        compile=True (default: self.compile_step) uses torch.compile (static shapes, no host sync in the
-        step) with an eager fallback if the toolchain is missing."""
-        if compile is None:
-            compile = self.compile_step
-        if not compile:
-            logits, state = self._step(token_ids, state)
-            return logits.float(), state
-        if self._compiled_step is None:
-            self._compiled_step = torch.compile(self._step, dynamic=False)
-        try:
-            logits, state = self._compiled_step(token_ids, state)
-        except Exception as e:  # pragma: no cover - depends on the machine's compiler
-            warnings.warn(f"compiled step failed ({type(e).__name__}: {str(e).splitlines()[0]}); running eagerly")
-            self._compiled_step = self._step
-            logits, state = self._step(token_ids, state)
+    def step(self, token_ids, state):
+        """One token per row: token_ids (B,) -> logits (B, V) fp32, new state. Static shapes and no host sync,
+        so it compiles whole (callers wrap it in utils.runtime.CompiledOrEager)."""
+        logits, state = self._step(token_ids, state)
         return logits.float(), state
 
     @torch.no_grad()
@@ -312,6 +295,3 @@ class Coeus(nn.Module):
             return outs[-1][:, -1], state
         return torch.cat(outs, 1), state
 
-
-def config_dict(cfg):
-    return asdict(cfg)

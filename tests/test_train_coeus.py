@@ -47,7 +47,7 @@ def test_tiny_run_writes_everything_and_checkpoint_rebuilds(tmp_path):
     ckpt = load_checkpoint(out / "best.pt", expect_kind="coeus")
     model = Coeus(CoeusConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
-    assert ckpt["best_val"] == best and best < 4.0 and losses[7] < losses[0]
+    assert ckpt["train"]["best_val"] == best and best < 4.0 and losses[7] < losses[0]
 
 
 def test_resume_is_exact(tmp_path):
@@ -74,15 +74,15 @@ def test_ema_resume_is_exact_and_best_holds_the_averaged_weights(tmp_path):
     strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]  # noqa: E731
     assert strip(rows["a"]) == strip(rows["b"])  # train and (EMA) val losses, bit for bit
     last = load_checkpoint(tmp_path / "a" / "last.pt", expect_kind="coeus")
-    assert last["ema"]["updates"] == 8
+    assert last["train"]["ema"]["updates"] == 8
     shadow = dict(zip([n for n, _ in Coeus(CoeusConfig(**last["model_config"])).named_parameters()],
-                      last["ema"]["shadow"]))
+                      last["train"]["ema"]["shadow"]))
     assert any(not torch.equal(shadow[n], w) for n, w in last["model"].items() if n in shadow)  # raw != average
     best = load_checkpoint(tmp_path / "a" / "best.pt", expect_kind="coeus")
     if best["step"] == 8:  # best at the end: best.pt's weights are exactly the final average
         assert all(torch.equal(shadow[n], w) for n, w in best["model"].items() if n in shadow)
     val = [r["val_loss"] for r in rows["a"] if "val_loss" in r]
-    assert best["best_val"] == min(val)
+    assert best["train"]["best_val"] == min(val)
 
 
 def test_full_windows_cover_every_target_once():
@@ -230,3 +230,15 @@ def test_resume_of_a_checkpoint_written_before_new_config_fields(tmp_path):
     torch.save(ckpt, path)
     train_coeus.main(tiny_args(data, tmp_path / "old", "--resume", str(path)))
     assert sorted(train_losses(tmp_path / "old")) == list(range(8))
+
+
+def test_resume_with_weights_that_do_not_fit_is_one_line(tmp_path):
+    data = corpus_file(tmp_path)
+    train_coeus.main(tiny_args(data, tmp_path / "r", "--max-iters", "1"))
+    path = tmp_path / "r" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    key = next(k for k in ckpt["model"] if k.endswith("norm.weight"))
+    del ckpt["model"][key]
+    torch.save(ckpt, path)
+    msg = run_error(tiny_args(data, tmp_path / "r", "--resume", str(path)))
+    assert f"does not fit Coeus: missing (1): {key}" in msg and str(path) in msg
