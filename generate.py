@@ -10,7 +10,7 @@
 
 Checkpoint kinds: "llama" and "coeus" (train_coeus.py), "vqa" (train_vqa.py), "detect" (train_detect.py,
 its LLaVA side), and Hugging Face folders (LlamaForCausalLM / LlavaForConditionalGeneration) read through
-models/hf_weights.py.
+models/hf_weights.py; utils/load_model.py loads them all.
 
 How it is fast (gpt-fast's recipe, in utils/decoding.py): the prompt runs once (prefill) into a static KV
 cache (Llama) or the recurrent state (Coeus); then each token is one call of a fixed-shape decode step,
@@ -22,139 +22,16 @@ import argparse
 import json
 import os
 import sys
-import time
-from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
 
-from models.gemv import kernels_by_default
 from utils.checkpoint import load_checkpoint
-from utils.decoding import CoeusLM, Decoder, LlamaLM, decode_tokens, make_step, warn_on_tie_overflow
+from utils.decoding import (Decoder, Session, Streamer, decode_tokens, inference_lm, make_step,
+                            warn_on_tie_overflow)
 from utils.lm_metrics import degeneration_metrics, perplexity, words
+from utils.load_model import fail, load_model
 from utils.runtime import pick_device, seed_everything
 from utils.sampling import SamplerConfig
-
-KINDS = ("llama", "coeus", "vqa", "detect")
-
-
-# --- loading -------------------------------------------------------------------------------------------
-
-@dataclass
-class Loaded:
-    kind: str
-    lm: nn.Module                   # LlamaLM or CoeusLM
-    tokenizer: object
-    llava: nn.Module = None         # the LlavaModel for VQA / detection checkpoints
-    extras: dict = field(default_factory=dict)  # image processor, chat template, image token id
-
-
-def _fail(msg):
-    raise SystemExit(f"error: {msg}")
-
-
-def load_model(path, device="cpu", dtype=torch.float32, tokenizer_path=None):
-    """A checkpoint file of this project or an HF folder -> Loaded. Bad input ends in one clear line."""
-    from utils.tokenizer import SentencePieceTokenizer, tokenizer_from_dict
-    if os.path.isdir(path):
-        return _load_hf_folder(path, device, dtype, tokenizer_path)
-    try:
-        ckpt = load_checkpoint(path)
-    except (FileNotFoundError, ValueError) as e:
-        _fail(str(e))
-    kind, mc = ckpt["kind"], ckpt.get("model_config")
-    if kind not in KINDS:
-        _fail(f"{path} holds a model of kind {kind!r}; generate.py reads {', '.join(KINDS)} checkpoints "
-              "or a Hugging Face folder")
-    llava, extras = None, {}
-    try:
-        if kind == "llama":
-            from models.llama import Llama, LlamaConfig
-            model = Llama(LlamaConfig(**mc))
-            model.load_state_dict(ckpt["model"])
-        elif kind == "coeus":
-            from models.coeus import Coeus, CoeusConfig
-            model = Coeus(CoeusConfig(**mc))
-            model.load_state_dict(ckpt["model"])
-        else:
-            from models.llava import LlavaConfig, LlavaModel
-            if kind == "detect":  # the detection model wraps a LlavaModel as `llava.`
-                mc = mc["llava"]
-                state = {k[len("llava."):]: v for k, v in ckpt["model"].items() if k.startswith("llava.")}
-            else:
-                state = ckpt["model"]
-            llava = LlavaModel(LlavaConfig.from_dict(mc))
-            llava.load_state_dict(state)
-            model = llava.language_model
-            extras = _vqa_extras(ckpt, llava)
-    except (TypeError, KeyError, RuntimeError) as e:
-        _fail(f"{path}: the '{kind}' checkpoint does not fit its model ({type(e).__name__}: "
-              f"{str(e).splitlines()[0]})")
-    if tokenizer_path:
-        tok = SentencePieceTokenizer.from_file(tokenizer_path)
-    elif "tokenizer" in ckpt:
-        tok = tokenizer_from_dict(ckpt["tokenizer"])
-    else:
-        _fail(f"{path} carries no tokenizer; pass --tokenizer PATH (a sentencepiece .model)")
-    return _finish(kind, model, tok, llava, extras, device, dtype, path)
-
-
-def _vqa_extras(ckpt, llava):
-    from utils.chat import ChatTemplate
-    from utils.image_processing import ImageProcessor
-    extras = {"image_token_id": ckpt.get("special_tokens", {}).get("image", llava.config.image_token_id),
-              "template": ChatTemplate(**ckpt["template"]) if "template" in ckpt else ChatTemplate()}
-    size = llava.config.vision.image_size if hasattr(llava.config.vision, "image_size") else 336
-    extras["processor"] = (ImageProcessor.from_dict(ckpt["image_processor"]) if "image_processor" in ckpt
-                           else ImageProcessor(size))
-    return extras
-
-
-def _load_hf_folder(path, device, dtype, tokenizer_path):
-    from models.hf_weights import load_pretrained, read_config, detect_family, tokenizer_model_path
-    from utils.tokenizer import SentencePieceTokenizer
-    try:
-        family = detect_family(read_config(path))
-        if family not in ("llama", "llava"):
-            _fail(f"{path} is a {family!r} model; generate.py reads LlamaForCausalLM and LLaVA folders")
-        model = load_pretrained(path, dtype=torch.float32, device="cpu")
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        _fail(f"{path}: {e}")
-    tok_path = tokenizer_path or tokenizer_model_path(path)
-    if tok_path is None:
-        _fail(f"{path} has no tokenizer.model; pass --tokenizer PATH (a sentencepiece .model)")
-    tok = SentencePieceTokenizer.from_file(tok_path)
-    if family == "llava":
-        from utils.chat import ChatTemplate
-        from utils.image_processing import ImageProcessor
-        extras = {"image_token_id": model.config.image_token_id, "template": ChatTemplate(),
-                  "processor": ImageProcessor(model.config.vision.image_size)}
-        return _finish("vqa", model.language_model, tok, model, extras, device, dtype, path)
-    return _finish("llama", model, tok, None, {}, device, dtype, path)
-
-
-def check_vocab(tok, model_vocab, image_token_id=None, source=""):
-    """The tokenizer must index the model's rows: at most the model's vocabulary (an image placeholder past
-    it excepted), and the model at most padded up to a multiple of 128 beyond it."""
-    n = tok.vocab_size
-    if image_token_id is not None and image_token_id >= model_vocab and image_token_id == n - 1:
-        n -= 1  # the <image> placeholder is never embedded (see models/llava.py)
-    padded = -(-n // 128) * 128
-    if n > model_vocab or model_vocab > padded:
-        _fail(f"{source}: the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {model_vocab} "
-              "(a tokenizer of another model?)")
-    return n
-
-
-def _finish(kind, model, tok, llava, extras, device, dtype, source):
-    is_coeus = type(model).__name__ == "Coeus"
-    n = check_vocab(tok, model.config.vocab_size, extras.get("image_token_id"), source)
-    extras["n_tokens"] = n
-    target = llava if llava is not None else model
-    target.to(device=device, dtype=dtype).eval()
-    # generate never trains or saves: fused projections; batch-1 steps on CUDA through models/gemv.py's kernels
-    lm = CoeusLM(model) if is_coeus else LlamaLM(model, fuse=True, gemv=kernels_by_default(device))
-    return Loaded(kind, lm, tok, llava, extras)
 
 
 # --- prompts -------------------------------------------------------------------------------------------
@@ -164,15 +41,15 @@ def encode_prompt(loaded, text, image=None):
     tok = loaded.tokenizer
     if loaded.llava is None:
         if image is not None:
-            _fail("--image needs a VQA (or detection) checkpoint")
+            fail("--image needs a VQA (or detection) checkpoint")
         try:
             ids = tok.encode(text)
         except ValueError as e:
-            _fail(f"cannot encode the prompt: {e}")
+            fail(f"cannot encode the prompt: {e}")
         if tok.bos_id is not None:
             ids = [tok.bos_id] + ids
         if not ids:
-            _fail("the prompt is empty and the tokenizer has no BOS token to start from; give --prompt")
+            fail("the prompt is empty and the tokenizer has no BOS token to start from; give --prompt")
         return ids, None
     from utils.chat import IMAGE_TAG, encode_conversation
     ex = loaded.extras
@@ -183,17 +60,17 @@ def encode_prompt(loaded, text, image=None):
             img = Image.open(image)
             img.load()
         except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-            _fail(f"cannot read image {image}: {e}")
+            fail(f"cannot read image {image}: {e}")
         pixels = ex["processor"](img)[None]
         if IMAGE_TAG not in text:
             text = IMAGE_TAG + "\n" + text
     elif IMAGE_TAG in text:
-        _fail(f"the prompt holds {IMAGE_TAG} but no --image was given")
+        fail(f"the prompt holds {IMAGE_TAG} but no --image was given")
     try:
         enc = encode_conversation([{"from": "human", "value": text}], tok, ex["image_token_id"],
                                   loaded.llava.num_image_tokens, max_len=10 ** 9, template=ex["template"])
     except ValueError as e:
-        _fail(f"cannot encode the prompt: {e}")
+        fail(f"cannot encode the prompt: {e}")
     return enc["input_ids"], pixels
 
 
@@ -202,124 +79,12 @@ def fit_context(ids, max_new_tokens, context, truncate_left, has_image=False):
     if context is None or len(ids) + max_new_tokens <= context:
         return ids
     if max_new_tokens >= context:
-        _fail(f"--max-new-tokens {max_new_tokens} does not fit the model's context of {context} tokens")
+        fail(f"--max-new-tokens {max_new_tokens} does not fit the model's context of {context} tokens")
     if not truncate_left or has_image:
-        _fail(f"the prompt is {len(ids)} tokens; with --max-new-tokens {max_new_tokens} that is "
-              f"{len(ids) + max_new_tokens}, over the model's context of {context} tokens "
-              f"(shorten it, lower --max-new-tokens{'' if has_image else ', or pass --truncate-left'})")
+        fail(f"the prompt is {len(ids)} tokens; with --max-new-tokens {max_new_tokens} that is "
+             f"{len(ids) + max_new_tokens}, over the model's context of {context} tokens "
+             f"(shorten it, lower --max-new-tokens{'' if has_image else ', or pass --truncate-left'})")
     return ids[len(ids) + max_new_tokens - context:]
-
-
-# --- running one prompt --------------------------------------------------------------------------------
-
-class Session:
-    """A loaded model with its decoder and compiled step, reused across prompts (interactive mode): cache and
-    buffers keep one size while prompts fit, so the step is compiled once."""
-
-    def __init__(self, loaded, sampler, device, compile_mode="auto"):
-        self.loaded, self.device, self.sampler = loaded, device, sampler
-        self.decoder = Decoder(loaded.lm, sampler, loaded.extras.get("n_tokens")).to(device)
-        self.step = make_step(self.decoder, device, compile_mode)
-        self.capacity, self.batch = 0, None
-
-    def _setup(self, batch, need):
-        # one size for every prompt that fits, so the compiled step is compiled once: the whole context for
-        # Llama (masked slots cost little next to the weights), multiples of 1024 for Coeus' token buffer
-        context = self.loaded.lm.context
-        cap = context if context else max(self.capacity, -(-need // 1024) * 1024)
-        if cap != self.capacity or batch != self.batch:
-            self.decoder.setup(batch, cap, self.device)
-            self.capacity, self.batch = cap, batch
-
-    @torch.no_grad()
-    def generate(self, ids, num_samples=1, max_new_tokens=200, pixels=None, stop=(), sync_every=16,
-                 on_text=None, ignore_eos=False):
-        """ids: one prompt (list of ints), decoded num_samples times as one batch. Returns dict(texts,
-        token_ids (per sample, up to EOS), new_tokens (kept, all samples), steps, prefill_and_first_chunk_s,
-        total_s). on_text(str) receives sample 0's text as it grows (streaming)."""
-        tok, dev = self.loaded.tokenizer, self.device
-        prompt = torch.tensor([ids], dtype=torch.long, device=dev).expand(num_samples, -1).contiguous()
-        self._setup(num_samples, len(ids) + max_new_tokens)
-        embeds = None
-        if pixels is not None:
-            embeds = self.loaded.llava.embed(prompt, pixels.to(dev).expand(num_samples, -1, -1, -1))
-        eos = None if ignore_eos else tok.eos_id
-        rows = [Row(tok, ids, eos, stop) for _ in range(num_samples)]
-        t0 = time.perf_counter()
-        t_first = None
-        for chunk in decode_tokens(self.decoder, self.step, prompt, max_new_tokens, sync_every, embeds):
-            chunk = chunk.tolist()  # the one host sync per chunk
-            if t_first is None:
-                t_first = time.perf_counter()
-            for row, new in zip(rows, chunk):
-                row.add(new)
-            if on_text is not None:
-                on_text(rows[0].stream_text())
-            if all(r.done for r in rows):
-                break
-        if _is_cuda(dev):
-            torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        warn_on_tie_overflow(self.decoder)
-        if on_text is not None:
-            on_text(rows[0].text())
-        return dict(texts=[r.text() for r in rows], token_ids=[r.ids for r in rows],
-                    new_tokens=sum(len(r.ids) for r in rows), steps=max(r.steps for r in rows),
-                    prefill_and_first_chunk_s=t_first - t0, total_s=t1 - t0)
-
-
-def _is_cuda(dev):
-    return str(dev).startswith("cuda")
-
-
-class Row:
-    """One sample on the host: its new tokens up to EOS, its text up to the first stop string."""
-
-    def __init__(self, tok, prompt_ids, eos, stop):
-        self.tok, self.eos, self.stop = tok, eos, [s for s in stop if s]
-        # decode with a little of the prompt in front so sentencepiece keeps the first word's space
-        self.prefix = [i for i in prompt_ids[-8:] if 0 <= i < tok.vocab_size]
-        self.prefix_text = tok.decode(self.prefix)
-        self.ids, self.done, self.steps, self._text = [], False, 0, ""
-
-    def add(self, new):
-        self.steps += len(new)
-        if self.done:
-            return
-        if self.eos is not None and self.eos in new:
-            new, self.done = new[:new.index(self.eos)], True
-        self.ids += new
-        text = self.tok.decode(self.prefix + self.ids)
-        text = text[len(self.prefix_text):] if text.startswith(self.prefix_text) else self.tok.decode(self.ids)
-        cut = [text.find(s) for s in self.stop if s in text]
-        if cut:
-            text, self.done = text[:min(cut)], True
-        self._text = text
-
-    def stream_text(self):
-        """What is safe to show now: hold back a possible stop-string start and a half-decoded character."""
-        if self.done:
-            return self._text
-        hold = max((len(s) - 1 for s in self.stop), default=0)
-        text = self._text[:len(self._text) - hold] if hold else self._text
-        return text.rstrip("\ufffd")
-
-    def text(self):
-        return self._text
-
-
-class Streamer:
-    """Prints the growing text of sample 0 (only what is new since the last call)."""
-
-    def __init__(self, out=None):
-        self.out, self.shown = out, ""
-
-    def __call__(self, text):
-        if text.startswith(self.shown):
-            out = self.out or sys.stdout
-            out.write(text[len(self.shown):])
-            out.flush()
-            self.shown = text
 
 
 # --- evaluation ----------------------------------------------------------------------------------------
@@ -328,7 +93,7 @@ def eval_text(args, loaded, ckpt_args):
     """The validation text: --eval-file, else the checkpoint's own data split through utils/text_data.py."""
     if args.eval_file:
         if not os.path.isfile(args.eval_file):
-            _fail(f"--eval-file not found: {args.eval_file}")
+            fail(f"--eval-file not found: {args.eval_file}")
         with open(args.eval_file, encoding="utf-8", errors="replace") as f:
             return f.read(), args.eval_file
     from utils.text_data import DataError, load_corpus
@@ -336,7 +101,7 @@ def eval_text(args, loaded, ckpt_args):
     try:
         corpus = load_corpus(spec, errors="replace", val_fraction=(ckpt_args or {}).get("val_fraction", 0.1))
     except DataError as e:
-        _fail(f"{e} (the checkpoint's --data; give --eval-file PATH instead)")
+        fail(f"{e} (the checkpoint's --data; give --eval-file PATH instead)")
     return corpus[args.eval_split], f"{corpus['source']} [{args.eval_split}]"
 
 
@@ -348,18 +113,18 @@ def run_eval(args, loaded, device, ckpt_args=None):
     try:
         ids = tok.encode(text)
     except ValueError as e:
-        _fail(f"cannot tokenize the evaluation text {source}: {e}")
+        fail(f"cannot tokenize the evaluation text {source}: {e}")
     lm = loaded.lm
     block = args.eval_block or min(lm.context or 256, 256)
     try:
         ppl = perplexity(lambda x: lm.full_logits(x), ids, block, args.batch_size, device, args.eval_max_tokens)
     except ValueError as e:
-        _fail(f"{source}: {e} (lower --eval-block)")
+        fail(f"{source}: {e} (lower --eval-block)")
     # degeneration: N prompts cut from the split, each followed by its human continuation
     P, M, N = args.eval_prompt_len, args.max_new_tokens, args.eval_samples
     span = P + M
     if len(ids) < span:
-        _fail(f"the evaluation text has {len(ids)} tokens, fewer than --eval-prompt-len + --max-new-tokens = {span}")
+        fail(f"the evaluation text has {len(ids)} tokens, fewer than --eval-prompt-len + --max-new-tokens = {span}")
     starts = torch.linspace(0, len(ids) - span, N).long().tolist()
     prompts = torch.tensor([ids[s:s + P] for s in starts], dtype=torch.long, device=device)
     human = [ids[s + P:s + span] for s in starts]
@@ -481,14 +246,16 @@ def main(argv=None):
     try:
         sampler = sampler_from_args(args).validate()
     except ValueError as e:
-        _fail(str(e))
+        fail(str(e))
     if args.max_new_tokens < 1 or args.num_samples < 1:
-        _fail("--max-new-tokens and --num-samples must be >= 1")
+        fail("--max-new-tokens and --num-samples must be >= 1")
     device = pick_device(args.device)
-    dtype = {"auto": torch.bfloat16 if _is_cuda(device) else torch.float32, "float32": torch.float32,
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     seed_everything(args.seed)
     loaded = load_model(args.ckpt, device, dtype, args.tokenizer)
+    # generate never trains or saves: fused projections, and on CUDA batch-1 steps through kernels/ (tuned here)
+    loaded.lm = inference_lm(loaded.lm, device)
     if args.eval:
         ckpt_args = None
         if os.path.isfile(args.ckpt):
@@ -547,7 +314,7 @@ def main(argv=None):
         return results
     if args.prompt_file:
         if not os.path.isfile(args.prompt_file):
-            _fail(f"--prompt-file not found: {args.prompt_file}")
+            fail(f"--prompt-file not found: {args.prompt_file}")
         with open(args.prompt_file, encoding="utf-8") as f:
             text = f.read()
     elif args.prompt is not None:

@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.decoding import CoeusLM, Decoder, LlamaLM, make_step  # noqa: E402
-from models.gemv import kernels_by_default, pdl_enabled  # noqa: E402
+from kernels.launch import kernels_by_default, pdl_enabled  # noqa: E402
 from models.llama import Llama, llama_config  # noqa: E402
+from utils.decoding import CoeusLM, Decoder, LlamaLM, make_step  # noqa: E402
 from utils.sampling import SamplerConfig  # noqa: E402
 
 # HBM bandwidth in TB/s by GPU name (vendor data sheets)
@@ -152,7 +152,7 @@ def main(argv=None):
     p.add_argument("--no-fuse", action="store_true",
                    help="keep q/k/v and gate/up as separate matmuls (default: fused for decoding)")
     p.add_argument("--gemv", default="auto", choices=["auto", "on", "off", "both"],
-                   help="one-row matmuls through models/gemv.py's Triton kernel (auto: on CUDA with Triton); both: "
+                   help="one-row matmuls through kernels/gemv.py's Triton kernel (auto: on CUDA with Triton); both: "
                         "time without it first, then with it, in the same run")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights, prompt and sampling")
     p.add_argument("--out", default=None, help="write the results as JSON here")

@@ -9,14 +9,12 @@ attention_mask convention (B, T) integer tensor, 0 = padding, and any positive v
 a query sees a key only if both carry the same id (and the key is not in the future). A plain 0/1
 padding mask is the one-segment case; packed rows give each sample its own id.
 """
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-
-from models.fused_decode import can_run_fused_layers, fused_layers
 
 
 @dataclass
@@ -96,9 +94,6 @@ class KVCache(nn.Module):
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        # blocks of the cache done with a decode step, per KV head: the batch-1 attention kernel's
-        # (models/decode_attention.py) last block merges them all and sets this back to zero
-        self.register_buffer("arrivals", torch.zeros(n_kv_heads, dtype=torch.int32, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
         # input_pos: (T,) absolute positions of the new tokens, shared by the batch
@@ -306,6 +301,19 @@ class Llama(nn.Module):
 
     def hidden(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, input_pos=None):
         """The final-norm hidden states (B, T, dim): forward without the head. Same arguments as forward."""
+        x, cos, sin, mask = self.layer_inputs(input_ids, inputs_embeds, attention_mask, position_ids, input_pos)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, input_pos)
+        return self.norm(x)
+
+    def layer_inputs(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
+                     input_pos=None):
+        """What every layer is called with: x (B, T, dim) the embeddings, cos/sin (B, T, head_dim) and the mask
+        (B|1, 1, T, L) bool or None. Same arguments as forward; a caller running the layers its own way (the
+        fused decode step of utils/decoding.py's LlamaLM) then finishes with norm and lm_head."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         use_cache = input_pos is not None
@@ -316,15 +324,7 @@ class Llama(nn.Module):
             position_ids = base[None].expand(B, T)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         mask = self._build_mask(attention_mask, input_pos, B, T, x.device)
-        if not torch.is_grad_enabled() and can_run_fused_layers(self.layers, x, input_pos):
-            # batch-1 decoding through the Triton kernels of models/gemv.py: five launches a layer
-            return self.norm(fused_layers(self.layers, x, cos, sin, mask, input_pos))
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, input_pos)
-        return self.norm(x)
+        return x, cos, sin, mask
 
     def loss(self, input_ids=None, labels=None, inputs_embeds=None, attention_mask=None, position_ids=None,
              chunk_size=4096):
@@ -415,6 +415,3 @@ def fused_linear_cross_entropy(h, weight, targets, ignore_index=-100, chunk_size
     all N x V logits. Equals F.cross_entropy(F.linear(h, weight).float(), targets) (0 when every target is ignored)."""
     return _FusedLinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_size)
 
-
-def config_dict(cfg):
-    return asdict(cfg)

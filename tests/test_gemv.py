@@ -1,10 +1,11 @@
-"""models/gemv.py and models/decode_attention.py: the batch-1 decode kernels in Triton's CPU interpreter against
-float64 references and against the unfused decoding path, and the nn.Linear fallback that CPU decoding keeps
-(the GPU timings are benchmarks/bench_decode.py's)."""
+"""kernels/gemv.py, kernels/decode_attention.py and kernels/fused_decode.py: the batch-1 decode kernels in Triton's
+CPU interpreter against float64 references and against the unfused decoding path, and the nn.Linear fallback that
+CPU decoding keeps (the GPU timings are benchmarks/bench_decode.py's)."""
 import torch
 import torch.nn as nn
 
-from models.gemv import DecodeLinear, triton_available
+from kernels.gemv import DecodeLinear
+from kernels.launch import triton_available
 from models.llama import Llama, llama_config
 from tests.triton_interpreter import needs_triton, run_in_interpreter
 from utils.decoding import Decoder, LlamaLM, decode_tokens, make_step
@@ -20,7 +21,7 @@ CASES = [(64, 128, (1, 16, 64, 4)), (64, 128, (4, 8, 32, 4)), (37, 100, (3, 8, 3
 def test_gemv_kernels_match_float64_references():
     out = run_in_interpreter(f"""
         import torch
-        from models.gemv import launch_gemv_partials, launch_gemv_residual, launch_gemv_swiglu
+        from kernels.gemv import launch_gemv_partials, launch_gemv_residual, launch_gemv_swiglu
         from models.llama import RMSNorm
         torch.manual_seed(0)
         nan = float("nan")
@@ -81,7 +82,7 @@ def test_attention_kernel_matches_float64_reference():
     # to arrive); visible slots at random (a padding mask), and a block that sees nothing
     out = run_in_interpreter("""
         import torch
-        import models.decode_attention as da
+        import kernels.decode_attention as da
         from models.llama import apply_rope, rope_cos_sin
         torch.manual_seed(0)
         for H, Hkv, D, L, S, p, block in [(4, 2, 16, 80, 2, 9, 64), (4, 2, 16, 80, 1, 70, 64), (8, 2, 32, 64, 3, 0, 64),
@@ -121,8 +122,8 @@ def test_attention_kernel_matches_float64_reference():
 def test_compiled_decoding_through_the_kernels_equals_nn_linear():
     out = run_in_interpreter("""
         import torch
-        from models.fused_decode import can_run_fused_layers
-        from models.gemv import DecodeLinear, gemv
+        from kernels.fused_decode import can_run_fused_layers
+        from kernels.gemv import DecodeLinear, gemv
         from models.llama import Llama, llama_config
         from utils.decoding import Decoder, LlamaLM, decode_tokens, make_step
         from utils.sampling import SamplerConfig
@@ -146,6 +147,7 @@ def test_compiled_decoding_through_the_kernels_equals_nn_linear():
             dec.setup(1, 40, "cpu")
             one = model.embed_tokens(prompt[:, :1])
             assert can_run_fused_layers(model.layers, one, torch.tensor([9])) == gemv_on  # five kernels a layer
+            assert (lm.arrivals is not None) == gemv_on  # LlamaLM's fused step switched on with the cache
             step = make_step(dec, "cpu", "on")
             toks.append(torch.cat(list(decode_tokens(dec, step, prompt, 10)), 1))
             assert step.is_compiled()
@@ -157,12 +159,14 @@ def test_compiled_decoding_through_the_kernels_equals_nn_linear():
 
 @needs_triton
 def test_fused_layers_equal_the_unfused_blocks():
-    # one decode step through models/fused_decode.py (five kernels a layer) against the same step through
-    # models.llama's Blocks (nn.Linear arithmetic, the cache read back by torch), from the same prefilled cache
+    # one decode step of LlamaLM through kernels/fused_decode.py (five kernels a layer) against the same step
+    # through models.llama's Blocks (nn.Linear arithmetic, the cache read back by torch), from the same prefilled
+    # cache
     out = run_in_interpreter("""
         import torch
-        from models.fused_decode import can_run_fused_layers
-        from models.gemv import DecodeLinear
+        import utils.decoding as decoding
+        from kernels.fused_decode import can_run_fused_layers
+        from kernels.gemv import DecodeLinear
         from models.llama import Llama, llama_config
         from utils.decoding import LlamaLM
         torch.manual_seed(0)
@@ -170,22 +174,26 @@ def test_fused_layers_equal_the_unfused_blocks():
         for name, p in model.named_parameters():
             if "norm" in name:  # away from 1, so that a norm weight applied wrongly shows
                 p.data.uniform_(0.5, 1.5)
-        LlamaLM(model, fuse=True, gemv=True)
-        model.setup_cache(1, 40)
-        tok, pos = torch.tensor([[5]]), torch.tensor([9])
+        lm = LlamaLM(model, fuse=True, gemv=True)
+        lm.setup(1, 40)
+        calls, fused_layers = [], decoding.fused_layers
+        decoding.fused_layers = lambda *a: calls.append(1) or fused_layers(*a)  # counts LlamaLM's fused steps
+        tok, pos = torch.tensor([5]), torch.tensor([9])
         with torch.no_grad():
-            model(torch.randint(0, 512, (1, 9)), input_pos=torch.arange(9))
+            lm.prefill(torch.randint(0, 512, (1, 9)))
             caches = [(l.self_attn.kv_cache.k.clone(), l.self_attn.kv_cache.v.clone()) for l in model.layers]
             DecodeLinear.kernel_devices = ("cpu",)
-            assert can_run_fused_layers(model.layers, model.embed_tokens(tok), pos)
-            fused = model(tok, input_pos=pos).double()
+            assert can_run_fused_layers(model.layers, model.embed_tokens(tok[:, None]), pos)
+            fused = lm.step(tok, pos).double()
+            assert calls == [1] and not lm.arrivals.any()  # through the kernels, the counters left at zero
             fused_caches = [(l.self_attn.kv_cache.k.clone(), l.self_attn.kv_cache.v.clone()) for l in model.layers]
             DecodeLinear.kernel_devices = ()
-            assert not can_run_fused_layers(model.layers, model.embed_tokens(tok), pos)
+            assert not can_run_fused_layers(model.layers, model.embed_tokens(tok[:, None]), pos)
             for layer, (k, v) in zip(model.layers, caches):
                 layer.self_attn.kv_cache.k.copy_(k)
                 layer.self_attn.kv_cache.v.copy_(v)
-            ref = model(tok, input_pos=pos).double()
+            ref = lm.step(tok, pos).double()
+            assert calls == [1]  # the reference through the Blocks
         err = ((fused - ref).abs().max() / ref.abs().max()).item()
         assert err < 5e-3, err
         for layer, (k, v) in zip(model.layers, fused_caches):

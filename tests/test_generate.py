@@ -1,4 +1,5 @@
-"""generate.py on tiny models built here: cached decoding equals full recompute, the CLI, bad input, --eval."""
+"""generate.py on tiny models built here: cached decoding equals full recompute (utils/decoding.py), the CLI, bad
+input (utils/load_model.py), --eval."""
 import io
 import json
 
@@ -8,7 +9,8 @@ from transformers.generation.logits_process import (LogitsProcessorList, NoRepea
                                                     RepetitionPenaltyLogitsProcessor)
 
 import generate
-from utils.decoding import CoeusLM, Decoder, LlamaLM, decode_tokens, full_recompute_greedy
+from utils.decoding import CoeusLM, Decoder, LlamaLM, Row, decode_tokens, full_recompute_greedy
+from utils.load_model import load_model
 from models.coeus import Coeus, coeus_config
 from models.llama import Llama, llama_config
 from models.llava import LlavaConfig, LlavaModel
@@ -91,7 +93,7 @@ def test_decode_step_traces_as_one_graph():
 def test_compiled_prefill_follows_prompt_lengths_and_a_failed_compile_falls_back():
     """make_step compiles the prefill on CUDA with dynamic shapes: prompts of other lengths give the eager logits;
     a function the compiler refuses runs eagerly, with a warning, from then on."""
-    from utils.decoding import CompiledOrEager
+    from utils.runtime import CompiledOrEager
     lm = LlamaLM(tiny_llama())
     lm.setup(1, 32)
     torch._dynamo.reset()
@@ -147,10 +149,10 @@ def test_cli_coeus_greedy_matches_reference(tmp_path, capsys):
 
 def test_stop_string_and_eos():
     tok = CharTokenizer.train("abcdef")
-    row = generate.Row(tok, [0], eos=tok.stoi["d"], stop=())
+    row = Row(tok, [0], eos=tok.stoi["d"], stop=())
     row.add([1, 2, 3, 4])
     assert row.done and row.ids == [1, 2] and row.text() == "bc"
-    row = generate.Row(tok, [0], eos=None, stop=["cd"])
+    row = Row(tok, [0], eos=None, stop=["cd"])
     row.add([1, 2])
     assert not row.done and row.stream_text() == "b"  # "c" held back: it may start "cd"
     row.add([3, 4])
@@ -216,6 +218,18 @@ def test_tokenizer_vocab_mismatch(tmp_path):
         generate.main(["--ckpt", ck])
 
 
+def test_loading_only_loads_and_the_decoder_fuses(tmp_path):
+    """load_model keeps the checkpoint's parameters (a training script may start from them); inference_lm, when the
+    decoder is built, fuses the projections in place (and on CUDA would put the kernels in and tune them)."""
+    from utils.decoding import inference_lm
+    model = tiny_llama()
+    loaded = load_model(save(tmp_path, "llama", model))
+    assert list(loaded.lm.model.state_dict()) == list(model.state_dict())
+    lm = inference_lm(loaded.lm, "cpu")
+    assert lm.model is loaded.lm.model and lm.model.layers[0].self_attn.qkv_proj is not None
+    assert lm.gemv_report is None and lm.arrivals is None  # no kernels off CUDA
+
+
 def test_missing_and_corrupt_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="not found"):
         generate.main(["--ckpt", str(tmp_path / "nope.pt")])
@@ -244,7 +258,7 @@ def test_vqa_decoding_with_image_equals_full_recompute(tmp_path):
     Image.new("RGB", (40, 30), (200, 30, 30)).save(img)
     res = generate.main(["--ckpt", ck, "--image", str(img), "--prompt", "Speak?", "--greedy",
                          "--max-new-tokens", "12", "--quiet"])
-    loaded = generate.load_model(ck)
+    loaded = load_model(ck)
     ids, pixels = generate.encode_prompt(loaded, "Speak?", str(img))
     assert ids.count(tok.token_id("<image>")) == model.num_image_tokens
     x = torch.tensor([ids])

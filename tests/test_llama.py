@@ -174,3 +174,21 @@ def test_fused_projections_and_grouped_decode_attention_match():
         for t in range(5, 24):
             steps.append(fused(ids[:, t:t + 1], input_pos=torch.tensor([t])))
     assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
+
+
+def test_layer_inputs_then_the_layers_are_forward():
+    """layer_inputs is forward's first half (what a caller running the layers its own way needs, e.g. the fused
+    decode step of utils/decoding.py's LlamaLM): the Blocks on it, then norm and lm_head, give forward's logits."""
+    torch.manual_seed(0)
+    model = Llama(llama_config("tiny")).eval()
+    ids = torch.randint(0, 512, (2, 9))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[0, :3] = 0  # left padding in row 0
+    with torch.no_grad():
+        model.setup_cache(2, 40)
+        ref = model(ids, attention_mask=mask, input_pos=torch.arange(9))
+        x, cos, sin, m = model.layer_inputs(ids, attention_mask=mask, input_pos=torch.arange(9))
+        assert x.shape == (2, 9, 64) and cos.shape == sin.shape == (2, 9, 16) and m.shape == (2, 1, 9, 40)
+        for layer in model.layers:
+            x = layer(x, cos, sin, m, torch.arange(9))
+        assert torch.equal(model.lm_head(model.norm(x)), ref)

@@ -1,17 +1,17 @@
-"""models/topk.py: the two top-k kernels in Triton's CPU interpreter against torch.topk and a stable sort (the
+"""kernels/topk.py: the two top-k kernels in Triton's CPU interpreter against torch.topk and a stable sort (the
 tie rule), and the torch.topk fallback that CPU tensors keep, compiled and eager."""
 import os
 
 import torch
 
-from models.topk import topk, triton_topk_available
+from kernels.topk import topk, triton_topk_available
 from tests.triton_interpreter import needs_triton, run_in_interpreter
 
 # the checks, run in the interpreter: values exactly torch.topk's (NaN where it has NaN), indices those of a
 # stable descending sort (of equal values the lower indices, first), hence unique and gathering the values
 CHECK = """
     import torch
-    import models.topk as T
+    import kernels.topk as T
     T.MIN_VOCAB = 1  # the kernels at every size here (the op leaves small vocabularies to torch.topk)
 
     def check(x, k, case):

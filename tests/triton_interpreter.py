@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from models.gemv import triton_available
+from kernels.launch import triton_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

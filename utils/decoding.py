@@ -1,22 +1,29 @@
 """The decoding engine of generate.py: prefill once, then one fixed-shape step per token (gpt-fast's recipe).
 
     lm = LlamaLM(llama) | CoeusLM(coeus)          # one interface over a KV cache and a recurrent state
+    lm = inference_lm(lm, device)                 # fused projections; on CUDA the kernels/ path, tuned here
     dec = Decoder(lm, SamplerConfig(...)); dec.setup(batch, capacity, device)
     step = make_step(dec, device)                 # torch.compile(mode="reduce-overhead") on CUDA
     for chunk in decode_tokens(dec, step, prompt_ids, max_new_tokens, sync_every=16): ...
+    Session(loaded, sampler, device).generate(ids, ...)   # all of that for one prompt after another, as text
 
 Everything `Decoder.decode_one` touches has a fixed shape and address (Llama's static KV cache, Coeus'
 state kept in buffers, the sampler's ContextState), so on CUDA the step becomes one CUDA graph; sampling
 stays on the device (utils/sampling.py), so the token loop never waits for the host.
-`full_recompute_greedy` is the slow reference the tests hold the cached decoding to.
+`full_recompute_greedy` is the slow reference the tests hold the cached decoding to; `greedy_generate` is
+the plain batched, left-padded greedy decoder of train_vqa.py's evaluation.
 """
+import sys
+import time
 import warnings
 
 import torch
 import torch.nn as nn
 
-from models.fused_decode import KINDS as FUSED_KINDS
-from models.gemv import use_gemv
+from kernels.fused_decode import KINDS as FUSED_KINDS, can_run_fused_layers, fused_layers, new_arrivals
+from kernels.gemv import use_gemv
+from kernels.launch import kernels_by_default
+from utils.runtime import CompiledOrEager
 from utils.sampling import TIE_SLACK, ContextState, SamplerConfig, choose
 
 
@@ -27,14 +34,19 @@ class LlamaLM(nn.Module):
 
     fuse=True concatenates the q/k/v and gate/up weights of the model in place (Llama.fuse_projections):
     fewer kernels per token, same outputs; only for a model that is no longer trained or saved.
-    gemv=True sends its one-row matmuls (batch-1 decoding on CUDA) to the Triton kernels of models/gemv.py,
-    tuned here for each weight shape (`gemv_report`); with fuse=True too, a decode step's layers run as five
-    kernels each (models/fused_decode.py)."""
+    gemv=True sends its one-row matmuls (batch-1 decoding on CUDA) to the Triton kernels of kernels/gemv.py,
+    tuned here for each weight shape (`gemv_report`); with fuse=True too, a batch-1 step's layers run as five
+    kernels each (kernels/fused_decode.py) instead of the model's Blocks."""
 
     def __init__(self, model, fuse=False, gemv=False):
         super().__init__()
         self.model = model.fuse_projections() if fuse else model
         self.gemv_report = use_gemv(self.model, kinds=FUSED_KINDS if fuse else None) if gemv else None
+        # the fused layers need q/k/v and gate/up fused and every projection a DecodeLinear of its kind
+        self.layer_kernels = fuse and self.gemv_report is not None
+        # their attention kernel's arrival counters, allocated with the KV cache; a buffer, so that a CUDA graph
+        # of the step finds them at one address
+        self.register_buffer("arrivals", None, persistent=False)
         self.context = model.config.max_seq_len
         self.vocab_size = model.config.vocab_size
         self._shape = None
@@ -42,22 +54,43 @@ class LlamaLM(nn.Module):
     def setup(self, batch, capacity):
         if self._shape != (batch, capacity) or self.model.cache_len == 0:  # (cleared from outside)
             self.model.setup_cache(batch, capacity)
+            if self.layer_kernels:
+                self.arrivals = new_arrivals(self.model.layers)
             self._shape = (batch, capacity)
 
     def prefill(self, input_ids, inputs_embeds=None):
         """(B, T) prompt -> logits of its last position (B, V); fills cache slots 0..T-1."""
         T = input_ids.shape[1]
         pos = torch.arange(T, device=input_ids.device)
+        return self._last_logits(input_ids, inputs_embeds, pos)
+
+    def step(self, tok, pos):
+        """tok (B,) at absolute position pos (1,) -> logits (B, V)."""
+        return self._last_logits(tok[:, None], None, pos)
+
+    def _last_logits(self, input_ids, inputs_embeds, pos):
+        """Logits (B, V) of the last of these tokens, which go into the cache at pos: a batch-1 one-token call
+        through the fused layers where they can run (half precision, kernels ready on this device)."""
+        if self.arrivals is not None and not torch.is_grad_enabled():
+            x, cos, sin, mask = self.model.layer_inputs(input_ids, inputs_embeds, input_pos=pos)
+            if can_run_fused_layers(self.model.layers, x, pos):
+                h = fused_layers(self.model.layers, x, cos, sin, mask, pos, self.arrivals)  # (1, 1, dim)
+                return self.model.lm_head(self.model.norm(h))[:, -1]
         if inputs_embeds is not None:
             return self.model(inputs_embeds=inputs_embeds, input_pos=pos)[:, -1]
         return self.model(input_ids, input_pos=pos)[:, -1]
 
-    def step(self, tok, pos):
-        """tok (B,) at absolute position pos (1,) -> logits (B, V)."""
-        return self.model(tok[:, None], input_pos=pos)[:, -1]
-
     def full_logits(self, input_ids):
         return self.model(input_ids)
+
+
+def inference_lm(lm, device):
+    """The adapter to decode with on device: a LlamaLM's model gets fused projections (it is then no longer
+    trained or saved) and, on CUDA with Triton, its batch-1 steps go through kernels/, tuned now for each
+    weight shape; a CoeusLM stays as it is."""
+    if isinstance(lm, LlamaLM):
+        return LlamaLM(lm.model, fuse=True, gemv=kernels_by_default(device))
+    return lm
 
 
 class CoeusLM(nn.Module):
@@ -190,28 +223,6 @@ def make_step(decoder, device, compile_mode="auto", tune=False):
     return step
 
 
-class CompiledOrEager:
-    """torch.compile(fn, **kw) that falls back to fn, with a warning, for good once compiling it fails."""
-
-    def __init__(self, fn, what, **compile_kw):
-        self.eager, self.what = fn, what
-        self.compiled = self.fn = torch.compile(fn, **compile_kw)
-
-    def is_compiled(self):
-        return self.fn is self.compiled
-
-    def __call__(self, *args):
-        if self.fn is self.eager:
-            return self.eager(*args)
-        try:
-            return self.fn(*args)
-        except Exception as e:  # pragma: no cover - depends on the machine's compiler
-            warnings.warn(f"torch.compile of {self.what} failed ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}); running it eagerly")
-            self.fn = self.eager
-            return self.eager(*args)
-
-
 @torch.no_grad()
 def decode_tokens(decoder, step, prompt_ids, max_new_tokens, sync_every=16, inputs_embeds=None):
     """Generator of new-token chunks: yields (B, n) LongTensors (on device) every sync_every tokens and at
@@ -240,3 +251,163 @@ def full_recompute_greedy(lm, prompt_ids, max_new_tokens):
         nxt = lm.full_logits(ids)[:, -1].float().argmax(-1)
         ids = torch.cat([ids, nxt[:, None]], 1)
     return ids[:, prompt_ids.shape[1]:]
+
+
+# --- text in, text out: one prompt after another ------------------------------------------------------------
+
+class Session:
+    """A loaded model (utils/load_model.py's Loaded) with its decoder and compiled step, reused across prompts
+    (generate.py's interactive mode): cache and buffers keep one size while prompts fit, so the step is compiled
+    once."""
+
+    def __init__(self, loaded, sampler, device, compile_mode="auto"):
+        self.loaded, self.device, self.sampler = loaded, device, sampler
+        self.decoder = Decoder(loaded.lm, sampler, loaded.extras.get("n_tokens")).to(device)
+        self.step = make_step(self.decoder, device, compile_mode)
+        self.capacity, self.batch = 0, None
+
+    def _setup(self, batch, need):
+        # one size for every prompt that fits, so the compiled step is compiled once: the whole context for
+        # Llama (masked slots cost little next to the weights), multiples of 1024 for Coeus' token buffer
+        context = self.loaded.lm.context
+        cap = context if context else max(self.capacity, -(-need // 1024) * 1024)
+        if cap != self.capacity or batch != self.batch:
+            self.decoder.setup(batch, cap, self.device)
+            self.capacity, self.batch = cap, batch
+
+    @torch.no_grad()
+    def generate(self, ids, num_samples=1, max_new_tokens=200, pixels=None, stop=(), sync_every=16,
+                 on_text=None, ignore_eos=False):
+        """ids: one prompt (list of ints), decoded num_samples times as one batch. Returns dict(texts,
+        token_ids (per sample, up to EOS), new_tokens (kept, all samples), steps, prefill_and_first_chunk_s,
+        total_s). on_text(str) receives sample 0's text as it grows (streaming)."""
+        tok, dev = self.loaded.tokenizer, self.device
+        prompt = torch.tensor([ids], dtype=torch.long, device=dev).expand(num_samples, -1).contiguous()
+        self._setup(num_samples, len(ids) + max_new_tokens)
+        embeds = None
+        if pixels is not None:
+            embeds = self.loaded.llava.embed(prompt, pixels.to(dev).expand(num_samples, -1, -1, -1))
+        eos = None if ignore_eos else tok.eos_id
+        rows = [Row(tok, ids, eos, stop) for _ in range(num_samples)]
+        t0 = time.perf_counter()
+        t_first = None
+        for chunk in decode_tokens(self.decoder, self.step, prompt, max_new_tokens, sync_every, embeds):
+            chunk = chunk.tolist()  # the one host sync per chunk
+            if t_first is None:
+                t_first = time.perf_counter()
+            for row, new in zip(rows, chunk):
+                row.add(new)
+            if on_text is not None:
+                on_text(rows[0].stream_text())
+            if all(r.done for r in rows):
+                break
+        if str(dev).startswith("cuda"):
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        warn_on_tie_overflow(self.decoder)
+        if on_text is not None:
+            on_text(rows[0].text())
+        return dict(texts=[r.text() for r in rows], token_ids=[r.ids for r in rows],
+                    new_tokens=sum(len(r.ids) for r in rows), steps=max(r.steps for r in rows),
+                    prefill_and_first_chunk_s=t_first - t0, total_s=t1 - t0)
+
+
+class Row:
+    """One sample on the host: its new tokens up to EOS, its text up to the first stop string."""
+
+    def __init__(self, tok, prompt_ids, eos, stop):
+        self.tok, self.eos, self.stop = tok, eos, [s for s in stop if s]
+        # decode with a little of the prompt in front so sentencepiece keeps the first word's space
+        self.prefix = [i for i in prompt_ids[-8:] if 0 <= i < tok.vocab_size]
+        self.prefix_text = tok.decode(self.prefix)
+        self.ids, self.done, self.steps, self._text = [], False, 0, ""
+
+    def add(self, new):
+        self.steps += len(new)
+        if self.done:
+            return
+        if self.eos is not None and self.eos in new:
+            new, self.done = new[:new.index(self.eos)], True
+        self.ids += new
+        text = self.tok.decode(self.prefix + self.ids)
+        text = text[len(self.prefix_text):] if text.startswith(self.prefix_text) else self.tok.decode(self.ids)
+        cut = [text.find(s) for s in self.stop if s in text]
+        if cut:
+            text, self.done = text[:min(cut)], True
+        self._text = text
+
+    def stream_text(self):
+        """What is safe to show now: hold back a possible stop-string start and a half-decoded character."""
+        if self.done:
+            return self._text
+        hold = max((len(s) - 1 for s in self.stop), default=0)
+        text = self._text[:len(self._text) - hold] if hold else self._text
+        return text.rstrip("\ufffd")
+
+    def text(self):
+        return self._text
+
+
+class Streamer:
+    """Prints the growing text of sample 0 (only what is new since the last call)."""
+
+    def __init__(self, out=None):
+        self.out, self.shown = out, ""
+
+    def __call__(self, text):
+        if text.startswith(self.shown):
+            out = self.out or sys.stdout
+            out.write(text[len(self.shown):])
+            out.flush()
+            self.shown = text
+
+
+# --- batched greedy decoding without the engine: train_vqa.py's evaluation ----------------------------------
+
+@torch.no_grad()
+def greedy_generate(model, prompts, pixel_values, eos_id, pad_id, max_new_tokens, autocast):
+    """Batched greedy decoding with the decoder's static KV cache (train_vqa.py's evaluation).
+
+    model: a models.llava.LlavaModel, or a plain models.llama.Llama (then pixel_values is None).
+    prompts: list of id lists (left-padded here); pixel_values: their images in order.
+    The prompt (with image features) is prefilled once; each new token is one cached decode step.
+    Returns a list of generated id lists (without the prompt, cut at eos).
+    """
+    lm = getattr(model, "language_model", model)
+    device = lm.embed_tokens.weight.device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, P), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, P + max_new_tokens), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        mask[i, P - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask[:, :P].cumsum(1) - 1).clamp(min=0)  # (B, P) RoPE positions ignore the left padding
+    lengths = mask[:, :P].sum(1)
+    lm.setup_cache(B, P + max_new_tokens)
+    try:
+        with autocast:
+            if hasattr(model, "embed"):
+                emb = model.embed(ids, None if pixel_values is None else pixel_values.to(device))
+            else:
+                emb = lm.embed_tokens(ids)
+            logits = lm(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
+                        input_pos=torch.arange(P, device=device))
+        out = torch.empty((B, 0), dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for i in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1)  # (B,)
+            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+            out = torch.cat([out, nxt[:, None]], 1)
+            done |= nxt == eos_id
+            if bool(done.all()) or i == max_new_tokens - 1:
+                break
+            with autocast:
+                logits = lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=(lengths + i)[:, None],
+                            input_pos=torch.tensor([P + i], device=device))
+    finally:
+        lm.clear_cache()
+    result = []
+    for row in out.tolist():
+        result.append(row[:row.index(eos_id)] if eos_id in row else row)
+    return result

@@ -30,7 +30,7 @@ from dataclasses import dataclass, asdict
 import torch
 import torch.nn as nn
 
-from models.topk import topk
+from kernels.topk import topk
 
 NEG_INF = -float("inf")
 
@@ -246,7 +246,7 @@ def top_k_top_p_candidates(logits, cfg: SamplerConfig):
         logits = temperature(logits, cfg.temperature)
     k = min(max(cfg.top_k, cfg.min_tokens_to_keep), V)
     K = min(k + TIE_SLACK, V)
-    # (B, K), descending; on CUDA two Triton kernels (models/topk.py: ~10 us where torch.topk takes ~45 in a
+    # (B, K), descending; on CUDA two Triton kernels (kernels/topk.py: ~10 us where torch.topk takes ~45 in a
     # decode step on an H200), whose ties go to the lower index
     vals, idx = topk(logits, K)
     kth = vals[:, k - 1:k]

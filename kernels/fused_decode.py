@@ -1,7 +1,8 @@
 """The layers of a batch-1 Llama decode step as five Triton kernels a layer (CUDA; Triton's interpreter in tests).
 
+    arrivals = new_arrivals(model.layers)                               # once the KV caches are set up
     if can_run_fused_layers(model.layers, x, input_pos):
-        x = fused_layers(model.layers, x, cos, sin, mask, input_pos)   # (1, 1, dim) -> (1, 1, dim)
+        x = fused_layers(model.layers, x, cos, sin, mask, input_pos, arrivals)  # (1, 1, dim) -> (1, 1, dim)
 
 Each layer is, with h the residual stream and ss the parts of its sum of squares:
 
@@ -13,17 +14,17 @@ Each layer is, with h the residual stream and ss the parts of its sum of squares
 
 so neither the RMSNorms nor the residual adds have kernels of their own: the compiled step without this ran
 seven kernels a layer, and each small kernel costs ~2 us on an H200 where a whole token has ~1 ms. On Hopper
-the five are programmatic dependent launches, each scheduled while the one before finishes (models/gemv.py).
+the five are programmatic dependent launches, each scheduled while the one before finishes (kernels/launch.py).
 The arithmetic and its roundings are models/llama.py's Block (RMSNorm statistics in fp32, every module's
 output rounded to the model's dtype); tests/test_gemv.py holds the two to each other.
 """
 import torch
 
-from models.decode_attention import attention_step
-from models.gemv import DecodeLinear, gemv_partials, gemv_residual, gemv_swiglu
+from kernels.decode_attention import attention_step
+from kernels.gemv import DecodeLinear, gemv_partials, gemv_residual, gemv_swiglu
 
 
-# what each projection runs as here: the kind of kernel models.gemv.use_gemv tunes it for
+# what each projection runs as here: the kind of kernel kernels.gemv.use_gemv tunes it for
 KINDS = {"qkv_proj": "normed", "o_proj": "residual", "gate_up_proj": "swiglu", "down_proj": "residual"}
 
 
@@ -46,18 +47,26 @@ def can_run_fused_layers(layers, x, input_pos):
     return True
 
 
-def fused_layers(layers, x, cos, sin, mask, input_pos):
+def new_arrivals(layers):
+    """The attention kernel's arrival counters, (n_layers, n_kv_heads) int32 zeros on the KV caches' device: of
+    a layer's blocks of the cache, the last to finish a step merges them all and sets its row back to zero."""
+    attn = layers[0].self_attn
+    return torch.zeros(len(layers), attn.n_kv_heads, dtype=torch.int32, device=attn.kv_cache.k.device)
+
+
+def fused_layers(layers, x, cos, sin, mask, input_pos, arrivals):
     """x (1, 1, dim) -> the residual stream after the last layer, (1, 1, dim); every layer's KV cache gets this
-    token's key and value at input_pos. cos/sin (1, 1, D) and mask (1, 1, 1, L) bool as models.llama builds them."""
+    token's key and value at input_pos. cos/sin (1, 1, D) and mask (1, 1, 1, L) bool as models.llama builds them
+    (Llama.layer_inputs), arrivals from new_arrivals(layers)."""
     h = x.reshape(-1)                                  # (dim,)
     ss = h.float().pow(2).sum().view(1)                # the first RMSNorm's statistic; later ones come from the GEMVs
-    for layer in layers:
+    for i, layer in enumerate(layers):
         attn, mlp, norm1, norm2 = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
         cache = attn.kv_cache
         # configurations indexed, not unpacked: dynamo cannot iterate a module attribute's tuple here
         c = attn.qkv_proj.gemv_config
         qkv = gemv_partials(h, attn.qkv_proj.weight, c[0], c[1], c[2], c[3], ss, norm1.weight, norm1.eps)
-        a = attention_step(qkv, cos, sin, cache.k, cache.v, mask, input_pos, cache.arrivals, attn.n_heads)
+        a = attention_step(qkv, cos, sin, cache.k, cache.v, mask, input_pos, arrivals[i], attn.n_heads)
         c = attn.o_proj.gemv_config
         h, ss = gemv_residual(a, attn.o_proj.weight, h, c[1], c[2], c[3])
         c = mlp.gate_up_proj.gemv_config

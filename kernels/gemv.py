@@ -12,8 +12,9 @@ products accumulated per tile, and come in four kinds, each a torch.library.cust
     gemv_residual(x, W, h)              # (h + W x, the parts of its sum of squares): the residual add in the
                                         # epilogue, and the statistic the next RMSNorm prologue needs
 
-so a Llama layer needs no norm, add or activation kernel of its own (models/fused_decode.py). On Hopper the
-kernels are programmatic dependent launches (_pdl_begin): each is scheduled while the one before finishes.
+so a Llama layer needs no norm, add or activation kernel of its own (kernels/fused_decode.py). On Hopper the
+kernels are programmatic dependent launches (kernels/launch.py): each is scheduled while the one before
+finishes.
 
     use_gemv(model, kinds={"o_proj": "residual", ...})  # bias-free nn.Linears become DecodeLinears, tuned
     y = gemv(x, weight)                                   # x (..., K) with one row -> (..., N), x's dtype
@@ -24,31 +25,13 @@ Triton, DecodeLinear is nn.Linear. tests/test_gemv.py runs the kernels in Triton
 float64 references.
 """
 import functools
-import os
 import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - CPU-only installs without Triton
-    triton = None
-try:  # programmatic dependent launch (Hopper and later): a kernel starts while the one before it finishes
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover - older Triton
-    gdc_launch_dependents = gdc_wait = None
-
-
-def triton_available():
-    return triton is not None
-
-
-def kernels_by_default(device):
-    """Whether batch-1 decoding on this device should go through these kernels: CUDA with Triton."""
-    return str(device).startswith("cuda") and triton is not None
+from kernels.launch import launch_options, pdl_begin, tl, triton
 
 
 if triton is not None:
@@ -58,15 +41,6 @@ if triton is not None:
         i = tl.arange(0, N_SS)
         ss = tl.load(ss_ptr + i, mask=i < n_ss, other=0.0)
         return tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
-
-    @triton.jit
-    def _pdl_begin(PDL: tl.constexpr):
-        # programmatic dependent launch: let the next kernel's programs be scheduled now (they wait in their own
-        # _pdl_begin), and wait until the previous kernel, whose outputs this one reads, has finished. Its launch
-        # and ramp-up then overlap the previous kernel's tail (~2 us a kernel on an H200 otherwise)
-        if PDL:
-            gdc_launch_dependents()
-            gdc_wait()
 
     @triton.jit
     def _rows_dot_x(x_ptr, w_ptr, rows, pid_s, N, K, stride_wn, K_PER_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -104,7 +78,7 @@ if triton is not None:
                               PDL: tl.constexpr):
         # program (n, s): rows [n*BLOCK_N, (n+1)*BLOCK_N) of W times x (NORM: times RMSNorm(x)) over the s-th
         # split of the columns
-        _pdl_begin(PDL)
+        pdl_begin(PDL)
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -122,7 +96,7 @@ if triton is not None:
         # program n: rows [n*BLOCK_N, (n+1)*BLOCK_N) of residual + W x over all of K (the projection rounded to
         # the dtype, then the sum, as `h + o_proj(a)` rounds them), and the sum of their squares: the next
         # RMSNorm's statistic, finished by its consumer (_rms_scale) without a kernel of its own
-        _pdl_begin(PDL)
+        pdl_begin(PDL)
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         dtype = out_ptr.dtype.element_ty
@@ -147,7 +121,7 @@ if triton is not None:
                             NORM: tl.constexpr, N_SS: tl.constexpr, PDL: tl.constexpr):
         # W = (gate | up) stacked, (2N, K): program n does rows [n*BLOCK_N, (n+1)*BLOCK_N) of both over all of K
         # and writes silu(gate) * up, each product rounded to x's dtype first as nn.Linear's output would be
-        _pdl_begin(PDL)
+        pdl_begin(PDL)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         dtype = out_ptr.dtype.element_ty
         gate = _rows_dot_x(x_ptr, w_ptr, rows, 0, N, K, stride_wn, K, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K,
@@ -161,29 +135,6 @@ if triton is not None:
             tl.store(out_ptr + rows, h.to(dtype))
         else:
             tl.store(out_ptr + rows, h.to(dtype), mask=rows < N)
-
-
-PDL = True  # launch the kernels as programmatic dependent launches where the GPU can (_pdl_begin)
-
-
-@functools.cache
-def _pdl_on(device_index):
-    return (PDL and gdc_wait is not None and not os.environ.get("TRITON_INTERPRET")
-            and torch.cuda.get_device_capability(device_index)[0] >= 9)
-
-
-def pdl_enabled(device):
-    """Whether the decode kernels launch as programmatic dependent launches on this device (CUDA, Hopper on)."""
-    device = torch.device(device)
-    if device.type != "cuda" or triton is None:
-        return False
-    return _pdl_on(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def launch_options(x, num_warps):
-    """Keyword arguments of every decode kernel's launch on x's device (also models/decode_attention.py's)."""
-    pdl = pdl_enabled(x.device)
-    return dict(PDL=pdl, launch_pdl=pdl, num_warps=num_warps)
 
 
 def _geometry(N, K, split_k, block_n, block_k):
@@ -420,7 +371,7 @@ def use_gemv(model, tune=True, kinds=None):
     None (with a warning, the model left as it was) when Triton is missing or the kernel fails on this GPU.
 
     kinds: {attribute name: kind}, what each projection runs as in the caller's decode step (tune_gemv's
-    kinds, e.g. models/fused_decode.py's KINDS); the others are "partials"."""
+    kinds, e.g. kernels/fused_decode.py's KINDS); the others are "partials"."""
     if triton is None:
         warnings.warn("no Triton: decoding keeps nn.Linear (pip install triton; CUDA builds of PyTorch ship it)")
         return None

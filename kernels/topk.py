@@ -29,7 +29,7 @@ import os
 
 import torch
 
-from models.gemv import gdc_launch_dependents, gdc_wait, launch_options, triton
+from kernels.launch import gdc_launch_dependents, gdc_wait, launch_options, tl, triton
 
 # V = 32000, k = 114 (K_PAD 128): 16 chunks of 2048 (the last ragged), stage 2 merges 16 * 128 = 2048 keys.
 # The chain of dependent compare-exchange steps is the same for any CHUNK (28 to sort runs of 128, then 7
@@ -48,8 +48,6 @@ MAX_CHUNK = 8192       # keys a stage-1 program holds; larger vocabularies get l
 
 
 if triton is not None:
-    import triton.language as tl
-
     PAD = tl.constexpr(-2 ** 63)  # below every logit's key: masked tails and missing lists
 
     @triton.jit
@@ -104,7 +102,7 @@ if triton is not None:
         # for c < half (= ROWS / 2, stage 2's _top_run pairs list c with c + half), else descending
         c = tl.program_id(0)
         b = tl.program_id(1)
-        if PDL:  # programmatic dependent launch (models/gemv.py): stage 2 may start and wait for this one
+        if PDL:  # programmatic dependent launch (kernels/launch.py): stage 2 may start and wait for this one
             gdc_launch_dependents()
             gdc_wait()
         offs = c * CHUNK + tl.arange(0, CHUNK)

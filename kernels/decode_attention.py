@@ -8,19 +8,17 @@ flash-decoding style: each sums the partials of its G query heads (and block 0 t
 rounded to the model's dtype as the unfused path rounds them), rotates q and k, and runs an online softmax
 over its block's visible slots; block 0 also stores k and v at slot pos and starts from the new token, whose
 key and value it already holds (no read-after-write of the cache inside the kernel). The last of a head's
-blocks to finish (an arrival counter per KV head, kept in the cache and reset by that block) merges the
-blocks' (max, sum, output) triples, so the step stays one launch however long the cache.
+blocks to finish (an arrival counter per KV head, allocated zeroed by the caller and reset by that block)
+merges the blocks' (max, sum, output) triples, so the step stays one launch however long the cache.
 
-Used by models/fused_decode.py (batch-1 decoding in bf16/fp16 through models/gemv.py's kernels);
+Used by kernels/fused_decode.py (batch-1 decoding in bf16/fp16 through kernels/gemv.py's kernels);
 tests/test_gemv.py holds it to models.llama's unfused path in Triton's CPU interpreter.
 """
 import torch
 
-from models.gemv import gdc_launch_dependents, gdc_wait, launch_options, triton
+from kernels.launch import gdc_launch_dependents, gdc_wait, launch_options, tl, triton
 
 if triton is not None:
-    import triton.language as tl
-
     @triton.jit
     def _decode_attention_kernel(part_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, mask_ptr, pos_ptr, out_ptr,
                                  acc_ws_ptr, ml_ws_ptr, arrivals_ptr, n_qkv, scale, L: tl.constexpr,
@@ -31,7 +29,7 @@ if triton is not None:
         b = tl.program_id(1)                       # cache block: slots [b*BLOCK_L, (b+1)*BLOCK_L)
         G: tl.constexpr = H // HKV
         dtype = k_cache_ptr.dtype.element_ty
-        if PDL:  # programmatic dependent launch: the next kernel may be scheduled now (models/gemv.py's _pdl_begin)
+        if PDL:  # programmatic dependent launch: the next kernel may be scheduled now (kernels/launch.py)
             gdc_launch_dependents()
         pos = tl.load(pos_ptr)
         n_blocks = tl.maximum(tl.cdiv(pos, BLOCK_L), 1)  # blocks with visible slots; block 0 also takes the new token

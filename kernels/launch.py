@@ -1,0 +1,64 @@
+"""What every decode kernel shares: the Triton import guard and its launch options.
+
+On Hopper and later the kernels are programmatic dependent launches (PDL): each is scheduled while the one
+before it finishes, its launch and ramp-up overlapping that kernel's tail (~2 us a kernel on an H200
+otherwise). A kernel opts in through its PDL constexpr (pdl_begin, or the two gdc calls where its loads
+before the wait differ), and launch_options turns it on only where the GPU and Triton can.
+"""
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs without Triton
+    triton = tl = None
+try:  # programmatic dependent launch (Hopper and later): a kernel starts while the one before it finishes
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton
+    gdc_launch_dependents = gdc_wait = None
+
+
+def triton_available():
+    return triton is not None
+
+
+def kernels_by_default(device):
+    """Whether batch-1 decoding on this device should go through these kernels: CUDA with Triton."""
+    return str(device).startswith("cuda") and triton is not None
+
+
+pdl_begin = None
+if triton is not None:
+    @triton.jit
+    def pdl_begin(PDL: tl.constexpr):
+        # programmatic dependent launch: let the next kernel's programs be scheduled now (they wait in their own
+        # pdl_begin), and wait until the previous kernel, whose outputs this one reads, has finished
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
+
+
+PDL = True  # launch the kernels as programmatic dependent launches where the GPU can (pdl_begin)
+
+
+@functools.cache
+def _pdl_on(device_index):
+    return (PDL and gdc_wait is not None and not os.environ.get("TRITON_INTERPRET")
+            and torch.cuda.get_device_capability(device_index)[0] >= 9)
+
+
+def pdl_enabled(device):
+    """Whether the decode kernels launch as programmatic dependent launches on this device (CUDA, Hopper on)."""
+    device = torch.device(device)
+    if device.type != "cuda" or triton is None:
+        return False
+    return _pdl_on(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def launch_options(x, num_warps):
+    """Keyword arguments of every decode kernel's launch on x's device."""
+    pdl = pdl_enabled(x.device)
+    return dict(PDL=pdl, launch_pdl=pdl, num_warps=num_warps)

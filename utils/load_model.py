@@ -1,0 +1,138 @@
+"""Load any checkpoint this project writes, or a Hugging Face folder, for inference: model, tokenizer, extras.
+
+    loaded = load_model("checkpoints/vqa/best.pt", device="cuda", dtype=torch.bfloat16)
+    loaded.kind, loaded.lm, loaded.tokenizer, loaded.llava, loaded.extras
+
+Kinds: "llama" and "coeus" (train_coeus.py), "vqa" (train_vqa.py), "detect" (train_detect.py, its LLaVA side),
+and Hugging Face folders (LlamaForCausalLM / LlavaForConditionalGeneration) read through models/hf_weights.py.
+Loading only loads: the model keeps the checkpoint's parameters (not fused, nothing tuned), so a training
+script may start from it too; generate.py makes the decoding adapter afterwards (utils.decoding.inference_lm).
+Bad input ends in one line, `error: ...` (SystemExit).
+"""
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from utils.checkpoint import load_checkpoint
+from utils.decoding import CoeusLM, LlamaLM
+
+KINDS = ("llama", "coeus", "vqa", "detect")
+
+
+@dataclass
+class Loaded:
+    kind: str
+    lm: nn.Module                   # LlamaLM or CoeusLM, plain (utils.decoding.inference_lm: the fast one)
+    tokenizer: object
+    llava: nn.Module = None         # the LlavaModel for VQA / detection checkpoints
+    extras: dict = field(default_factory=dict)  # image processor, chat template, image token id
+
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")
+
+
+def load_model(path, device="cpu", dtype=torch.float32, tokenizer_path=None):
+    """A checkpoint file of this project or an HF folder -> Loaded. Bad input ends in one clear line."""
+    from utils.tokenizer import SentencePieceTokenizer, tokenizer_from_dict
+    if os.path.isdir(path):
+        return _load_hf_folder(path, device, dtype, tokenizer_path)
+    try:
+        ckpt = load_checkpoint(path)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    kind, mc = ckpt["kind"], ckpt.get("model_config")
+    if kind not in KINDS:
+        fail(f"{path} holds a model of kind {kind!r}; generate.py reads {', '.join(KINDS)} checkpoints "
+             "or a Hugging Face folder")
+    llava, extras = None, {}
+    try:
+        if kind == "llama":
+            from models.llama import Llama, LlamaConfig
+            model = Llama(LlamaConfig(**mc))
+            model.load_state_dict(ckpt["model"])
+        elif kind == "coeus":
+            from models.coeus import Coeus, CoeusConfig
+            model = Coeus(CoeusConfig(**mc))
+            model.load_state_dict(ckpt["model"])
+        else:
+            from models.llava import LlavaConfig, LlavaModel
+            if kind == "detect":  # the detection model wraps a LlavaModel as `llava.`
+                mc = mc["llava"]
+                state = {k[len("llava."):]: v for k, v in ckpt["model"].items() if k.startswith("llava.")}
+            else:
+                state = ckpt["model"]
+            llava = LlavaModel(LlavaConfig.from_dict(mc))
+            llava.load_state_dict(state)
+            model = llava.language_model
+            extras = _vqa_extras(ckpt, llava)
+    except (TypeError, KeyError, RuntimeError) as e:
+        fail(f"{path}: the '{kind}' checkpoint does not fit its model ({type(e).__name__}: "
+             f"{str(e).splitlines()[0]})")
+    if tokenizer_path:
+        tok = SentencePieceTokenizer.from_file(tokenizer_path)
+    elif "tokenizer" in ckpt:
+        tok = tokenizer_from_dict(ckpt["tokenizer"])
+    else:
+        fail(f"{path} carries no tokenizer; pass --tokenizer PATH (a sentencepiece .model)")
+    return _finish(kind, model, tok, llava, extras, device, dtype, path)
+
+
+def _vqa_extras(ckpt, llava):
+    from utils.chat import ChatTemplate
+    from utils.image_processing import ImageProcessor
+    extras = {"image_token_id": ckpt.get("special_tokens", {}).get("image", llava.config.image_token_id),
+              "template": ChatTemplate(**ckpt["template"]) if "template" in ckpt else ChatTemplate()}
+    size = llava.config.vision.image_size if hasattr(llava.config.vision, "image_size") else 336
+    extras["processor"] = (ImageProcessor.from_dict(ckpt["image_processor"]) if "image_processor" in ckpt
+                           else ImageProcessor(size))
+    return extras
+
+
+def _load_hf_folder(path, device, dtype, tokenizer_path):
+    from models.hf_weights import load_pretrained, read_config, detect_family, tokenizer_model_path
+    from utils.tokenizer import SentencePieceTokenizer
+    try:
+        family = detect_family(read_config(path))
+        if family not in ("llama", "llava"):
+            fail(f"{path} is a {family!r} model; generate.py reads LlamaForCausalLM and LLaVA folders")
+        model = load_pretrained(path, dtype=torch.float32, device="cpu")
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        fail(f"{path}: {e}")
+    tok_path = tokenizer_path or tokenizer_model_path(path)
+    if tok_path is None:
+        fail(f"{path} has no tokenizer.model; pass --tokenizer PATH (a sentencepiece .model)")
+    tok = SentencePieceTokenizer.from_file(tok_path)
+    if family == "llava":
+        from utils.chat import ChatTemplate
+        from utils.image_processing import ImageProcessor
+        extras = {"image_token_id": model.config.image_token_id, "template": ChatTemplate(),
+                  "processor": ImageProcessor(model.config.vision.image_size)}
+        return _finish("vqa", model.language_model, tok, model, extras, device, dtype, path)
+    return _finish("llama", model, tok, None, {}, device, dtype, path)
+
+
+def check_vocab(tok, model_vocab, image_token_id=None, source=""):
+    """The tokenizer must index the model's rows: at most the model's vocabulary (an image placeholder past
+    it excepted), and the model at most padded up to a multiple of 128 beyond it."""
+    n = tok.vocab_size
+    if image_token_id is not None and image_token_id >= model_vocab and image_token_id == n - 1:
+        n -= 1  # the <image> placeholder is never embedded (see models/llava.py)
+    padded = -(-n // 128) * 128
+    if n > model_vocab or model_vocab > padded:
+        fail(f"{source}: the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {model_vocab} "
+             "(a tokenizer of another model?)")
+    return n
+
+
+def _finish(kind, model, tok, llava, extras, device, dtype, source):
+    is_coeus = type(model).__name__ == "Coeus"
+    n = check_vocab(tok, model.config.vocab_size, extras.get("image_token_id"), source)
+    extras["n_tokens"] = n
+    target = llava if llava is not None else model
+    target.to(device=device, dtype=dtype).eval()
+    # the weights as the checkpoint has them (trainable, saveable): no fused projections, no kernels tuned
+    lm = CoeusLM(model) if is_coeus else LlamaLM(model)
+    return Loaded(kind, lm, tok, llava, extras)
