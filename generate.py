@@ -26,12 +26,15 @@ import sys
 import torch
 
 from utils.checkpoint import load_checkpoint
+from utils.data_files import open_image
 from utils.decoding import (Decoder, Session, Streamer, decode_tokens, inference_lm, make_step,
                             warn_on_tie_overflow)
 from utils.lm_metrics import degeneration_metrics, perplexity, words
 from utils.load_model import fail, load_model
+from utils.errors import DataError
 from utils.runtime import pick_device, seed_everything
 from utils.sampling import SamplerConfig
+from utils.text_data import load_corpus, read_text
 
 
 # --- prompts -------------------------------------------------------------------------------------------
@@ -55,12 +58,10 @@ def encode_prompt(loaded, text, image=None):
     ex = loaded.extras
     pixels = None
     if image is not None:
-        from PIL import Image, UnidentifiedImageError
         try:
-            img = Image.open(image)
-            img.load()
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-            fail(f"cannot read image {image}: {e}")
+            img = open_image(image)  # missing, truncated, not an image, a decompression bomb: one line
+        except DataError as e:
+            fail(str(e))
         pixels = ex["processor"](img)[None]
         if IMAGE_TAG not in text:
             text = IMAGE_TAG + "\n" + text
@@ -92,11 +93,10 @@ def fit_context(ids, max_new_tokens, context, truncate_left, has_image=False):
 def eval_text(args, loaded, ckpt_args):
     """The validation text: --eval-file, else the checkpoint's own data split through utils/text_data.py."""
     if args.eval_file:
-        if not os.path.isfile(args.eval_file):
-            fail(f"--eval-file not found: {args.eval_file}")
-        with open(args.eval_file, encoding="utf-8", errors="replace") as f:
-            return f.read(), args.eval_file
-    from utils.text_data import DataError, load_corpus
+        try:
+            return read_text(args.eval_file, errors="replace"), args.eval_file
+        except DataError as e:
+            fail(f"--eval-file: {e}")
     spec = (ckpt_args or {}).get("data") or "shakespeare"
     try:
         corpus = load_corpus(spec, errors="replace", val_fraction=(ckpt_args or {}).get("val_fraction", 0.1))
@@ -189,6 +189,8 @@ def build_parser():
     a("--tokenizer", default=None, help="sentencepiece .model to use instead of the checkpoint's tokenizer")
     a("--prompt", default=None, help="prompt text (default: the tokenizer's BOS, else a newline)")
     a("--prompt-file", default=None, help="read the prompt from this UTF-8 file")
+    a("--replace-invalid", action="store_true", help="--prompt-file: replace bytes that are not UTF-8 with U+FFFD "
+      "instead of stopping")
     a("--interactive", action="store_true", help="read prompts from stdin, one per line, until EOF")
     a("--image", default=None, help="image file for a VQA / detection checkpoint")
     a("--max-new-tokens", type=int, default=200, help="tokens to generate per sample")
@@ -313,10 +315,10 @@ def main(argv=None):
                     print(e, file=sys.stderr)
         return results
     if args.prompt_file:
-        if not os.path.isfile(args.prompt_file):
-            fail(f"--prompt-file not found: {args.prompt_file}")
-        with open(args.prompt_file, encoding="utf-8") as f:
-            text = f.read()
+        try:  # not UTF-8: one line with the byte offset, unless --replace-invalid
+            text = read_text(args.prompt_file, errors="replace" if args.replace_invalid else "strict")
+        except DataError as e:
+            fail(f"--prompt-file: {e}")
     elif args.prompt is not None:
         text = args.prompt
     else:

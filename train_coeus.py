@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from models.coeus import COEUS_CONFIGS, Coeus, CoeusBlock, coeus_config
 from models.llama import Block as LlamaBlock, Llama, LlamaConfig
-from utils.checkpoint import check_same_config, load_train_state, restore_train_state, save_train_state
+from utils.checkpoint import (check_same_config, load_train_state, prepare_out_folder, restore_train_state,
+                              save_train_state)
 from utils.decoding import CoeusLM, Decoder, LlamaLM, decode_tokens
 from utils.distributed import (all_reduce_mean, all_reduce_sum, cleanup_distributed, grad_norm_value, grad_sync,
                                plain_model_on_rank0, setup_script, shard_slice, wrap_model)
@@ -89,6 +90,8 @@ def parse_args(argv=None):
     g.add_argument("--out", default="checkpoints/coeus", help="output folder")
     g.add_argument("--resume", default=None, help="a last.pt written by this script, or (--dist fsdp) its "
                    "last_sharded folder")
+    g.add_argument("--overwrite", action="store_true", help="start a new run in an --out that already holds one "
+                   "(without it, a fresh run refuses to replace another run's last.pt)")
     g.add_argument("--stop-at", type=int, default=None, help="stop at this step after saving last.pt, as a "
                    "preemption would (the schedule still runs to --max-iters); continue with --resume")
     g = p.add_argument_group("runtime")
@@ -310,8 +313,13 @@ def main(argv=None):
     autocast, dtype_name = setup_precision(device, args.dtype)
     seed_everything(args.seed)  # the same on every rank: the same model init and batch draws
     torch.autograd.set_detect_anomaly(args.detect_anomaly)
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        stale = prepare_out_folder(args.out, bool(args.resume), args.overwrite, remove_temps=info.is_main)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     write = tqdm.write if info.is_main else (lambda *a, **k: None)
+    if stale:
+        write(f"removed {len(stale)} half-written checkpoint file(s) of an interrupted save: {', '.join(stale)}")
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
 
     # --- data and model ---

@@ -39,7 +39,8 @@ from models.llava import LlavaConfig
 from models.matcher import HungarianMatcher
 from models.vit import Block as VitBlock, vision_config
 from utils.chat import ChatTemplate, PackCollator, PadCollator
-from utils.checkpoint import load_checkpoint, load_train_state, load_weights, restore_train_state, save_train_state
+from utils.checkpoint import (load_checkpoint, load_train_state, load_weights, prepare_out_folder, restore_train_state,
+                              save_train_state)
 from utils.coco import CocoDetectionDataset
 from utils.detect_data import QUESTION, DetectionCollator, DetectionSamples, describe, to_device
 from utils.detect_eval import draw_predictions, evaluate
@@ -126,6 +127,8 @@ def get_args(argv=None):
     r = p.add_argument_group("run")
     r.add_argument("--out", default="checkpoints/detect", help="output folder")
     r.add_argument("--resume", help="resume exactly from a checkpoint of this script")
+    r.add_argument("--overwrite", action="store_true", help="start a new run in an --out that already holds one "
+                   "(without it, a fresh run refuses to replace another run's last.pt)")
     r.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast dtype (auto: bf16 on a GPU that has it, fp32 on CPU)")
@@ -188,11 +191,11 @@ def make_loader(dataset, args, pad_id, order=None):
                       drop_last=order is not None)
 
 
-def first_sample_text(tokenizer, batch):
-    """describe_sample of a batch's first sample: its span of a padded or packed row. The image placeholders
-    lie outside the vocabulary and drop out of the text."""
+def first_sample_text(tokenizer, batch, image_id):
+    """describe_sample of a batch's first sample: its span of a padded or packed row."""
     r, s, e = batch["sample_rows"][0]
-    return describe_sample(tokenizer, batch["input_ids"][r, s:e].tolist(), batch["labels"][r, s:e].tolist())
+    return describe_sample(tokenizer, batch["input_ids"][r, s:e].tolist(), batch["labels"][r, s:e].tolist(),
+                           image_id=image_id)
 
 
 # --- model ---------------------------------------------------------------------------------------
@@ -427,7 +430,12 @@ def train(args):
     autocast, dtype_name = setup_precision(device, args.dtype)
     seed_everything(args.seed)
     torch.autograd.set_detect_anomaly(args.detect_anomaly)
-    os.makedirs(args.out, exist_ok=True)
+    try:  # never over another run; half-written files of a killed save go
+        stale = prepare_out_folder(args.out, bool(args.resume), args.overwrite, remove_temps=info.is_main)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if stale:
+        say(f"removed {len(stale)} half-written checkpoint file(s) of an interrupted save: {', '.join(stale)}")
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
 
     # --- data
@@ -518,7 +526,7 @@ def train(args):
         rest = stripe(order[run.batch_in_epoch * args.batch_size * world:].tolist(), info.rank, world)
         for bi, batch in enumerate(make_loader(train_set, args, pad_id, rest), start=run.batch_in_epoch):
             if run.step == 0 and info.is_main:  # what the model learns, once: a wrong label mask shows here
-                tqdm.write(first_sample_text(tokenizer, batch))
+                tqdm.write(first_sample_text(tokenizer, batch, llava_cfg.image_token_id))
             guard.snapshot(raw, optimizer, run.step)
             batch = to_device(batch, device)
             lr_factor = warmup_cosine(run.step, args.warmup_steps, total_steps, args.min_lr_ratio) * run.lr_scale

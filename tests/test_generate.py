@@ -319,7 +319,7 @@ def test_eval_reports_greedy_sampler_and_human(tmp_path, capsys):
     assert r["perplexity"]["ppl"] > 1 and {"greedy", "sampler", "human"} <= set(r)
     assert r["greedy"]["config"]["temperature"] == 0 and r["sampler"]["config"]["temperature"] == 0.8
     assert "seq_rep_4" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--eval-file not found"):
+    with pytest.raises(SystemExit, match="--eval-file: data file not found"):
         generate.main(["--ckpt", str(ck), "--eval", "--eval-file", str(tmp_path / "missing.txt")])
 
 
@@ -369,3 +369,26 @@ def test_greedy_with_penalties_equals_transformers_generate():
         theirs = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=20,
                              min_new_tokens=20, repetition_penalty=1.3, no_repeat_ngram_size=2, pad_token_id=0)
     assert torch.equal(ours, theirs[:, 7:])
+
+
+def test_bad_prompt_file_and_bad_images_are_one_line(tmp_path):
+    from tests.bad_files import write_bad_images
+    tok = CharTokenizer.train(TEXT + "\ufffd")  # U+FFFD: what --replace-invalid puts in place of a bad byte
+    ck = save(tmp_path, "llama", tiny_llama(tok.vocab_size), tok=tok)
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("First Citizen: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--ckpt", ck, "--prompt-file", str(latin), "--max-new-tokens", "2"])
+    msg = str(e.value)
+    assert "not valid UTF-8" in msg and "offset 18" in msg and "--replace-invalid" in msg and "\n" not in msg
+    res = generate.main(["--ckpt", ck, "--prompt-file", str(latin), "--replace-invalid", "--max-new-tokens", "2",
+                         "--quiet", "--truncate-left"])
+    assert res[0]["new_tokens"] == 2
+    model, tok = tiny_llava()
+    vqa = save(tmp_path, "vqa", model, tok=tok, model_config=model.config.to_dict(), name="vqa.pt")
+    reasons = {"missing": "image not found", "bomb": "decompression bomb"}
+    for kind, path in write_bad_images(tmp_path / "bad").items():
+        with pytest.raises(SystemExit) as e:
+            generate.main(["--ckpt", vqa, "--image", str(path), "--prompt", "Speak?", "--max-new-tokens", "2"])
+        msg = str(e.value)
+        assert msg.startswith("error: ") and str(path) in msg and reasons.get(kind, "cannot read image") in msg, msg

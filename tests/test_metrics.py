@@ -58,3 +58,6 @@ def test_describe_sample_marks_the_learned_tokens():
     assert text.splitlines()[0] == "first training sample: 17 tokens, 7 learned; learned tokens in [[...]]:"
     assert text.splitlines()[1] == "question? [[answer.]]"
     assert "(first 4 of 17)" in describe_sample(tok, ids, labels, max_tokens=4)
+    with_image = [99] * 3 + ids
+    assert describe_sample(tok, with_image, [-100] * 13 + ids[10:], image_id=99).splitlines()[1] == \
+        "<image x3>question? [[answer.]]"

@@ -242,3 +242,16 @@ def test_resume_with_weights_that_do_not_fit_is_one_line(tmp_path):
     torch.save(ckpt, path)
     msg = run_error(tiny_args(data, tmp_path / "r", "--resume", str(path)))
     assert f"does not fit Coeus: missing (1): {key}" in msg and str(path) in msg
+
+
+def test_fresh_run_never_overwrites_another_and_stale_temps_go(tmp_path):
+    data = corpus_file(tmp_path)
+    out = tmp_path / "run"
+    train_coeus.main(tiny_args(data, out, "--max-iters", "1"))
+    before = (out / "last.pt").read_bytes()
+    msg = run_error(tiny_args(data, out, "--max-iters", "1"))
+    assert "already holds a run" in msg and "--resume" in msg and "--overwrite" in msg
+    assert (out / "last.pt").read_bytes() == before  # nothing written
+    (out / ".tmp-killed.pt").write_bytes(b"half a checkpoint")  # what a save killed mid-write leaves
+    train_coeus.main(tiny_args(data, out, "--max-iters", "1", "--overwrite"))
+    assert not (out / ".tmp-killed.pt").exists() and (out / "last.pt").read_bytes() != before

@@ -218,3 +218,33 @@ def test_match_by_score_is_greedy_by_score():
     assert sorted(pairs) == [(0, 0), (1, 2)]
     assert match_by_score(gt, det[3:], torch.tensor([0.9])) == []
     assert match_by_score(gt[:0], det, torch.rand(4)) == []
+
+
+def test_coco_paths_outside_the_folder_and_bombs_are_refused(tmp_path):
+    from tests.bad_files import bomb_png_bytes
+    path, img_dir = write_coco(tmp_path)
+    data = json.loads(open(path).read())
+    (tmp_path / "secret.png").write_bytes(open(os.path.join(img_dir, "0.png"), "rb").read())
+    data["images"][1]["file_name"] = "../secret.png"
+    escaping = tmp_path / "escape.json"
+    escaping.write_text(json.dumps(data))
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "escape", "--train-json", str(escaping), "--train-images", img_dir)
+    msg = str(e.value)
+    assert "escape.json: image 11" in msg and "'../secret.png' points outside its folder" in msg
+    with open(os.path.join(img_dir, "1.png"), "wb") as f:
+        f.write(bomb_png_bytes())
+    with pytest.raises(SystemExit, match=r"error: cannot read image .*1.png \(decompression bomb"):
+        run(tmp_path, "bomb", "--train-json", path, "--train-images", img_dir, "--batch-size", "3",
+            "--max-steps", "1", "--vocab-size", "300")
+
+
+def test_a_fresh_run_never_overwrites_another(tmp_path):
+    out, _ = run(tmp_path, "a", "--max-steps", "1")
+    before = open(os.path.join(out, "last.pt"), "rb").read()
+    with pytest.raises(SystemExit, match="already holds a run.*--resume.*--overwrite"):
+        run(tmp_path, "a", "--max-steps", "1")
+    assert open(os.path.join(out, "last.pt"), "rb").read() == before
+    open(os.path.join(out, ".tmp-killed.pt"), "wb").write(b"half")
+    run(tmp_path, "a", "--max-steps", "1", "--overwrite")
+    assert not os.path.exists(os.path.join(out, ".tmp-killed.pt"))

@@ -36,7 +36,7 @@ def save_atomic(obj, path):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=STALE_TEMP_PREFIX, suffix=STALE_TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -47,6 +47,32 @@ def save_atomic(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+STALE_TEMP_PREFIX, STALE_TEMP_SUFFIX = ".tmp-", ".pt"  # what save_atomic writes before its rename
+
+
+def remove_stale_temps(folder):
+    """Delete the half-written files a killed save_atomic left in folder (at TinyLlama size each is gigabytes).
+    Returns their names."""
+    if not os.path.isdir(folder):
+        return []
+    stale = [f for f in os.listdir(folder) if f.startswith(STALE_TEMP_PREFIX) and f.endswith(STALE_TEMP_SUFFIX)]
+    for f in stale:
+        os.remove(os.path.join(folder, f))
+    return stale
+
+
+def prepare_out_folder(out, resuming, overwrite=False, remove_temps=True):
+    """The start of every training run: make --out, remove stale temp files of an earlier save (remove_temps:
+    rank 0 only under torchrun), and refuse to start a fresh run over another run's last.pt (a ValueError naming
+    --resume and --overwrite)."""
+    last = os.path.join(out, "last.pt")
+    if not resuming and not overwrite and os.path.isfile(last):
+        raise ValueError(f"{out} already holds a run ({last}); continue it with --resume, or pass --overwrite to "
+                         f"start a new run there (its checkpoints are then replaced), or choose another --out")
+    os.makedirs(out, exist_ok=True)
+    return remove_stale_temps(out) if remove_temps else []
 
 
 def load_checkpoint(path, map_location="cpu", expect_kind=None):

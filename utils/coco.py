@@ -15,9 +15,8 @@ while training runs, so a script can end with one message instead of a traceback
 import json
 import os
 
-from PIL import Image
-
 from utils.detect_data import QUESTION, describe
+from utils.data_files import open_image, resolve_in_folder
 from utils.errors import DataError
 
 
@@ -98,7 +97,9 @@ class CocoDetectionDataset:
     def __init__(self, json_path, image_dir, strict=False):
         self.records, self.stats = load_coco_detection(json_path, strict=strict)
         self.image_dir = image_dir
-        missing = [r["file_name"] for r in self.records if not os.path.isfile(os.path.join(image_dir, r["file_name"]))]
+        for r in self.records:  # a file_name such as ../../etc/passwd (or a symlink out) is refused here
+            r["path"] = resolve_in_folder(image_dir, r["file_name"], f"{json_path}: image {r['image_id']}")
+        missing = [r["file_name"] for r in self.records if not os.path.isfile(r["path"])]
         if missing:
             raise DataError(f"{len(missing)} image(s) of {json_path} not found in {image_dir}: "
                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
@@ -109,14 +110,7 @@ class CocoDetectionDataset:
 
     def __getitem__(self, i):
         r = self.records[i]
-        path = os.path.join(self.image_dir, r["file_name"])
-        try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        except FileNotFoundError:
-            raise DataError(f"image not found: {path}") from None
-        except Exception as e:
-            raise DataError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
+        img = open_image(r["path"]).convert("RGB")  # a bad file is one DataError naming it
         # boxes are in the annotated size; rescale if the file on disk differs
         sx, sy = img.width / r["width"], img.height / r["height"]
         boxes = [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in r["boxes"]]

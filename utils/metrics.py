@@ -137,22 +137,28 @@ def memory_stats(device):
             "mem_peak_gb": torch.cuda.max_memory_allocated(device) / 1e9}
 
 
-def describe_sample(tokenizer, input_ids, labels=None, ignore_index=-100, max_tokens=400):
+def describe_sample(tokenizer, input_ids, labels=None, ignore_index=-100, max_tokens=400, image_id=None):
     """The first training sample as text, printed once at the start: every token, and which are learned
     (wrapped in [[...]]), so that a wrong label mask is seen before hours are spent. labels: the same
-    positions' targets (-100 = not learned), or None for a language model where every token is learned."""
+    positions' targets (-100 = not learned), or None for a language model where every token is learned.
+    image_id: a run of image placeholders is shown as <image x N>."""
     ids = [int(i) for i in input_ids][:max_tokens]
     learned = [True] * len(ids) if labels is None else [int(x) != ignore_index for x in labels][:max_tokens]
-    pieces, run, run_learned = [], [], None
+    pieces, run, run_kind = [], [], None
 
     def flush():
-        if run:
+        if not run:
+            return
+        if run_kind == "image":
+            pieces.append(f"<image x{len(run)}>")
+        else:
             text = tokenizer.decode(run)
-            pieces.append(f"[[{text}]]" if run_learned else text)
+            pieces.append(f"[[{text}]]" if run_kind == "learned" else text)
     for i, keep in zip(ids, learned):
-        if keep != run_learned:
+        kind = "image" if i == image_id else ("learned" if keep else "prompt")
+        if kind != run_kind:
             flush()
-            run, run_learned = [], keep
+            run, run_kind = [], kind
         run.append(i)
     flush()
     n = sum(learned)
