@@ -19,7 +19,7 @@ labels are the text tokens (image positions and <s> are -100), as in LLaVA's fin
 What differs is only the model code:
   transformers: LlavaForConditionalGeneration(attn_implementation="sdpa"), model(input_ids, pixel_values,
                 labels=...).loss: all 24 ViT layers run (hidden states kept), logits for all 704 positions.
-  ours:         LlavaModel: the ViT stops at its feature layer (-2: 23 blocks), the loss is train_vqa.answer_loss
+  ours:         LlavaModel: the ViT stops at its feature layer (-2: 23 blocks), the loss is LlavaModel.loss
                 (head + cross-entropy only on the 127 learned positions per sample, chunked: no logits tensor),
                 and torch.compile of each ViT and decoder block (--compile blocks, the default).
 Measured: samples/s over --steps timed optimizer steps after --warmup untimed ones (compilation happens there),
@@ -40,7 +40,6 @@ from models.hf_weights import hf_to_ours, llava_config_to_hf  # noqa: E402
 from models.llama import llama_config  # noqa: E402
 from models.llava import LlavaConfig, LlavaModel  # noqa: E402
 from models.vit import vision_config  # noqa: E402
-from train_vqa import answer_loss  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -192,7 +191,7 @@ def main(argv=None):
         for b in blocks:
             b.compile()
     if args.loss == "answer":
-        loss_fn = lambda: answer_loss(ours, ids, pixels, labels)  # noqa: E731
+        loss_fn = lambda: ours.loss(ids, pixels, labels)  # noqa: E731
     else:
         loss_fn = lambda: ours(ids, pixels, labels=labels)[1]  # noqa: E731
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, asdict
 import torch
 import torch.nn as nn
 
-from models.llama import Llama, LlamaConfig, llama_config
+from models.llama import Llama, LlamaConfig, fused_linear_cross_entropy, llama_config
 from models.projector import Projector
 from models.vit import VisionConfig, VisionTransformer, vision_config
 
@@ -115,6 +115,28 @@ class LlavaModel(nn.Module):
         else:
             feats = self.image_features(pixel_values)  # (B_img, N, dim)
         return embeds.masked_scatter(is_image[..., None], feats.to(embeds.dtype))
+
+    def learned_targets(self, input_ids, labels):
+        """The next-token targets (B, T-1) a loss learns: labels[:, 1:] (position t predicts t + 1) with the
+        image positions ignored (-100)."""
+        return labels[:, 1:].masked_fill(self.image_mask(input_ids)[:, 1:], -100)
+
+    def num_learned(self, input_ids, labels):
+        """How many positions loss() averages over (its normaliser, e.g. for a token-weighted mean over ranks)."""
+        return int((self.learned_targets(input_ids, labels) != -100).sum())
+
+    def loss(self, input_ids, pixel_values, labels, attention_mask=None, position_ids=None, chunk_size=4096):
+        """forward(..., labels=labels)'s loss, computed on the learned positions only (beside Llama.loss).
+
+        Most positions of a VQA sequence (image tokens, prompt) carry no label, so the LM head and the
+        cross-entropy run only on the rows whose next token is learned, chunk by chunk
+        (models.llama.fused_linear_cross_entropy): never the (B, T, vocab) logits."""
+        lm = self.language_model
+        h = lm.hidden(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask,
+                      position_ids=position_ids)                  # (B, T, dim)
+        targets = self.learned_targets(input_ids, labels)         # (B, T-1)
+        keep = targets != -100
+        return fused_linear_cross_entropy(h[:, :-1][keep], lm.lm_head.weight, targets[keep], chunk_size=chunk_size)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, labels=None,
                 return_hidden=False):

@@ -131,3 +131,24 @@ def test_config_round_trip():
                       select_strategy="full")
     assert LlavaConfig.from_dict(cfg.to_dict()) == cfg
     assert isinstance(cfg.to_dict()["vision"], dict)
+
+
+def test_loss_equals_the_full_forward_cross_entropy_on_learned_positions():
+    """LlavaModel.loss (head + cross-entropy on the learned rows only) against a float64 reference: the full
+    forward's logits, cross-entropy over labels[:, 1:] with image positions ignored."""
+    torch.manual_seed(0)
+    cfg = LlavaConfig(vision=vision_config("tiny"), text=llama_config("tiny", vocab_size=64), image_token_id=63)
+    model = LlavaModel(cfg).double()
+    n = model.num_image_tokens
+    ids = torch.randint(0, 60, (2, n + 12))
+    ids[:, 1:1 + n] = 63                                    # one image per row after a BOS-like token
+    labels = ids.clone()
+    labels[:, :n + 4] = -100                                # the prompt is not learned
+    labels[1, -3:] = -100                                   # nor row 1's padding
+    px = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size, dtype=torch.float64)
+    logits = model(ids, px)                                 # (B, T, V)
+    targets = labels[:, 1:].masked_fill(ids[:, 1:] == 63, -100)
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), targets.reshape(-1), ignore_index=-100)
+    got = model.loss(ids, px, labels)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert model.num_learned(ids, labels) == int((targets != -100).sum()) == 2 * 8 - 3

@@ -13,6 +13,7 @@ from models.llama import llama_config
 from models.llava import LlavaConfig, LlavaModel
 from models.vit import vision_config
 from utils.checkpoint import load_checkpoint
+from utils.decoding import greedy_generate
 from utils.metrics import read_jsonl
 
 COLORS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 160, 0)}
@@ -72,8 +73,9 @@ def test_stopped_and_resumed_run_logs_the_same_losses(data, tmp_path):
     assert losses(split) == losses(full)  # bit-for-bit: model, optimizer, schedule and data order restored
     ckpt = load_checkpoint(os.path.join(full, "last.pt"), expect_kind="vqa")
     assert ckpt["step"] == 6 and LlavaConfig.from_dict(ckpt["model_config"]).text.n_layers == 2
-    for key in ("optimizer", "scheduler", "rng", "perm", "tokenizer", "best_acc", "args", "image_processor"):
+    for key in ("optimizer", "rng", "tokenizer", "args", "image_processor", "template", "special_tokens"):
         assert key in ckpt
+    assert {"scheduler", "perm", "best_acc", "epoch", "pos"} <= set(ckpt["train"])  # the script's own state
     for name in ("best.pt", "metrics.png", "samples.png", "eval.json"):
         assert os.path.exists(os.path.join(full, name)), name
     result = json.load(open(os.path.join(full, "eval.json")))
@@ -115,8 +117,11 @@ def test_packed_strict_run_and_skipped_images(tmp_path, capsys):
     train_vqa.main(args_for(paths, out, "--pack", "--epochs", "1", "--max-steps", "5", "--eval-every", "0"))
     text = capsys.readouterr().out
     assert "epoch 1 done: 3 samples skipped (unreadable images)" in text
-    assert "3 skipped (unreadable images)" in text  # the test split says so too
-    with pytest.raises(SystemExit, match=r"error: cannot read image .*images/2.png"):
+    assert "2.png" in text.split("epoch 1 done")[1].splitlines()[0]  # the skipped file is named
+    assert "3 skipped (image not found: " in text  # the test split says so too
+    assert any(r.get("epoch_skipped") == 3 and "2.png" in r["skipped_examples"][0] for r in read_jsonl(
+        os.path.join(out, "metrics.jsonl")))
+    with pytest.raises(SystemExit, match=r"error: image not found: .*images/2.png"):
         train_vqa.cli(args_for(paths, str(tmp_path / "strict"), "--strict", "--max-steps", "5"))
 
 
@@ -143,8 +148,8 @@ def test_cached_greedy_decoding_equals_recomputing_the_prefix():
     prompts = [[1] + [60] * n + [5, 9, 7], [1] + [60] * n + [3], [1] + [60] * n + [8, 8, 8, 8, 8, 2]]
     pixels = torch.randn(3, 3, 32, 32)
     eos, steps = 63, 7
-    got = train_vqa.greedy_generate(model, prompts, pixels, eos_id=eos, pad_id=0, max_new_tokens=steps,
-                                    autocast=torch.autocast("cpu", enabled=False))
+    got = greedy_generate(model, prompts, pixels, eos_id=eos, pad_id=0, max_new_tokens=steps,
+                          autocast=torch.autocast("cpu", enabled=False))
     for k, p in enumerate(prompts):  # reference: one prompt, no padding, no cache, full forward per token
         ids = torch.tensor([p])
         out = []
@@ -159,7 +164,7 @@ def test_cached_greedy_decoding_equals_recomputing_the_prefix():
     assert model.language_model.cache_len == 0  # the cache is released after generation
 
 
-def test_answer_loss_equals_the_full_logits_loss():
+def test_llava_loss_equals_the_full_logits_loss():
     torch.manual_seed(0)
     cfg = LlavaConfig(vision=vision_config("tiny"), text=llama_config("tiny", vocab_size=64), image_token_id=60)
     model = LlavaModel(cfg).double()
@@ -171,10 +176,10 @@ def test_answer_loss_equals_the_full_logits_loss():
     labels[2, -3:] = -100  # padding-like tail
     pixels = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     expected = model(ids, pixels, labels=labels)[1]
-    got = train_vqa.answer_loss(model, ids, pixels, labels)
+    got = model.loss(ids, pixels, labels)
     torch.testing.assert_close(got.float(), expected, rtol=1e-6, atol=1e-6)
     g1 = torch.autograd.grad(expected, model.projector.linear_1.weight)[0]
-    g2 = torch.autograd.grad(train_vqa.answer_loss(model, ids, pixels, labels), model.projector.linear_1.weight)[0]
+    g2 = torch.autograd.grad(model.loss(ids, pixels, labels), model.projector.linear_1.weight)[0]
     torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-7)
 
 
@@ -218,3 +223,64 @@ def test_augmentation_defaults_on_for_easyvqa_only():
     assert train_vqa.get_args([]).augment == 3          # easy-VQA: no left/right or position questions
     assert train_vqa.get_args(["--data", "mine.json"]).augment == 0
     assert train_vqa.get_args(["--data", "mine.json", "--augment", "2"]).augment == 2
+
+
+def write_json(path, entries):
+    with open(path, "w") as f:
+        json.dump(entries, f)
+    return str(path)
+
+
+def test_a_data_set_without_one_usable_sample_stops_instead_of_spinning(data, tmp_path):
+    """Its only image missing, empty, truncated, not an image or a decompression bomb: one error naming why,
+    after one epoch, instead of thousands of empty epochs rewriting last.pt."""
+    from tests.bad_files import write_bad_images
+    bad = write_bad_images(tmp_path / "images")
+    for kind, path in bad.items():
+        entry = {"id": kind, "image": os.path.basename(path),
+                 "conversations": [{"from": "human", "value": "<image>\nwhat?"}, {"from": "gpt", "value": "red"}]}
+        train = write_json(tmp_path / f"{kind}.json", [entry])
+        argv = args_for(data, str(tmp_path / f"out-{kind}"), "--image-folder", str(tmp_path / "images"),
+                        "--epochs", "50", "--max-steps", "0")
+        argv[1] = train
+        with pytest.raises(SystemExit) as e:
+            train_vqa.cli(argv)
+        msg = str(e.value)
+        assert "epoch 1 had no usable sample: all 1 skipped" in msg and path.name in msg, (kind, msg)
+        assert not os.path.exists(tmp_path / f"out-{kind}" / "last.pt")
+
+
+def test_bombs_and_paths_outside_the_folder_are_counted_skips_or_strict_errors(tmp_path, capsys):
+    from tests.bad_files import bomb_png_bytes
+    root = str(tmp_path)
+    entries = make_dataset(root, n_images=4)
+    (tmp_path / "images" / "1.png").write_bytes(bomb_png_bytes())
+    (tmp_path / "outside.png").write_bytes((tmp_path / "images" / "0.png").read_bytes())
+    for e in entries:
+        if e["image"] == "images/2.png":
+            e["image"] = "../outside.png"
+    paths = {"root": root, **{n: write_json(tmp_path / f"{n}.json", entries) for n in ("train", "val", "test")}}
+    train_vqa.main(args_for(paths, str(tmp_path / "out"), "--epochs", "1", "--max-steps", "3", "--eval-every", "0"))
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("epoch 1 done"))
+    assert line.startswith("epoch 1 done: 6 samples skipped (unreadable images): ")
+    assert "decompression bomb" in line and "points outside its folder" in line
+    strict = r"error: (cannot read image .*1.png \(decompression bomb|entry '2-\d': '../outside.png' points outside)"
+    with pytest.raises(SystemExit, match=strict):  # whichever the epoch's order meets first
+        train_vqa.cli(args_for(paths, str(tmp_path / "strict"), "--strict", "--max-steps", "2"))
+
+
+def test_fresh_run_never_overwrites_and_first_sample_shown_once(data, tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    out = str(tmp_path / "run")
+    train_vqa.main(args_for(data, out, "--max-steps", "2", "--eval-every", "0", "--tensorboard", str(tmp_path / "tb")))
+    text = capsys.readouterr().out
+    assert text.count("first training sample:") == 1 and "<image x" in text and "[[" in text
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+    rows = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if "loss" in r]
+    assert {"gnorm_llm", "wnorm_llm", "gnorm_projector", "lr_llm"} <= set(rows[0])
+    before = open(os.path.join(out, "last.pt"), "rb").read()
+    with pytest.raises(SystemExit, match="already holds a run.*--resume.*--overwrite"):
+        train_vqa.main(args_for(data, out, "--max-steps", "2"))
+    assert open(os.path.join(out, "last.pt"), "rb").read() == before
+    train_vqa.main(args_for(data, out, "--max-steps", "3", "--eval-every", "0", "--resume"))
+    assert "first training sample:" not in capsys.readouterr().out  # once, on the fresh run only

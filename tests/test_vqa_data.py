@@ -132,14 +132,16 @@ def test_unreadable_images_are_skipped_and_counted_or_raise_under_strict(tmp_pat
     entries = load_conversations(write(tmp_path, [entry(i, image=n) for i, n in enumerate(names)]), folder)
     ds = VQADataset(entries, folder, ImageProcessor(16), encode_stub)
     samples = [ds[i] for i in range(len(ds))]
-    assert [s is None for s in samples] == [False, True, True, False, True]
+    assert ["skipped" in s for s in samples] == [False, True, True, False, True]  # skipped: named, with a reason
     assert samples[0]["pixel_values"].shape == (1, 3, 16, 16) and samples[3]["pixel_values"].shape == (1, 3, 16, 16)
-    assert len(ds.skipped) == 3 and ds.skipped[0].endswith("missing.png")
+    assert len(ds.skipped) == 3 and ds.skipped[0].startswith("image not found: ") and ds.skipped[0].endswith("missing.png")
     batch = PadCollator(0)(samples)
     assert batch["n_skipped"] == 3 and batch["n_samples"] == 2 and batch["pixel_values"].shape[0] == 2
+    assert batch["skipped"] == [samples[i]["skipped"] for i in (1, 2, 4)]
     strict = VQADataset(entries, folder, ImageProcessor(16), encode_stub, strict=True)
-    for i, name in [(1, "missing.png"), (2, "corrupt.png"), (4, "truncated.png")]:
-        with pytest.raises(DataError, match=f"cannot read image .*{name}"):
+    for i, name in [(1, "image not found: .*missing.png"), (2, "cannot read image .*corrupt.png"),
+                    (4, "cannot read image .*truncated.png")]:
+        with pytest.raises(DataError, match=name):
             strict[i]
 
 
@@ -149,7 +151,7 @@ def test_images_open_lazily(tmp_path):
     entries = load_conversations(write(tmp_path, [entry(0, image="good.png")]), folder)
     ds = VQADataset(entries, folder, ImageProcessor(16), encode_stub)
     os.remove(os.path.join(folder, "good.png"))  # gone after construction: only __getitem__ notices
-    assert ds[0] is None
+    assert ds[0]["skipped"].startswith("image not found: ")
 
 
 

@@ -130,9 +130,16 @@ def answer_spans(sample):
 
 # --- collators -------------------------------------------------------------------------------------
 # A sample is a dict from encode_conversation plus `pixel_values` ((n_images, 3, H, W) tensor or None)
-# and any metadata (passed through as lists). Datasets return None for a skipped (unreadable) sample.
+# and any metadata (passed through as lists). Datasets return None, or {"skipped": "file: reason"}, for a
+# sample they could not read (an unreadable image): the collators drop it, count it and pass the reasons on.
 
 _TENSOR_KEYS = ("input_ids", "labels", "turn_ids", "pixel_values", "n_images", "truncated")
+
+
+def _split_skipped(samples):
+    """(the readable samples, the reasons of the skipped ones)."""
+    reasons = [("unreadable sample" if s is None else s["skipped"]) for s in samples if s is None or "skipped" in s]
+    return [s for s in samples if s is not None and "skipped" not in s], reasons
 
 
 def _meta(samples):
@@ -156,8 +163,7 @@ class PadCollator:
         self.pad_id, self.multiple = pad_id, pad_to_multiple_of
 
     def __call__(self, samples):
-        n_skipped = sum(s is None for s in samples)
-        samples = [s for s in samples if s is not None]
+        samples, skipped = _split_skipped(samples)
         T = max((len(s["input_ids"]) for s in samples), default=1)
         T = -(-T // self.multiple) * self.multiple
         B = len(samples)
@@ -172,7 +178,7 @@ class PadCollator:
             turn_ids[i, :n] = torch.tensor(s["turn_ids"])
             attention_mask[i, :n] = 1
         return dict(input_ids=input_ids, labels=labels, turn_ids=turn_ids, attention_mask=attention_mask,
-                    position_ids=None, pixel_values=_stack_pixels(samples), n_samples=B, n_skipped=n_skipped,
+                    position_ids=None, pixel_values=_stack_pixels(samples), n_samples=B, n_skipped=len(skipped), skipped=skipped,
                     n_truncated=sum(bool(s.get("truncated")) for s in samples),
                     n_images=[s.get("n_images", 0) for s in samples],
                     sample_rows=[(i, 0, len(s["input_ids"])) for i, s in enumerate(samples)], meta=_meta(samples))
@@ -190,8 +196,7 @@ class PackCollator:
         self.pad_id, self.max_len = pad_id, max_len
 
     def __call__(self, samples):
-        n_skipped = sum(s is None for s in samples)
-        samples = [s for s in samples if s is not None]
+        samples, skipped = _split_skipped(samples)
         rows, fill = [], []
         for i, s in enumerate(samples):
             n = len(s["input_ids"])
@@ -228,7 +233,7 @@ class PackCollator:
                 t += n
         return dict(input_ids=input_ids, labels=labels, turn_ids=turn_ids, attention_mask=attention_mask,
                     position_ids=position_ids, pixel_values=_stack_pixels([samples[i] for i in order]),
-                    n_samples=len(samples), n_skipped=n_skipped,
+                    n_samples=len(samples), n_skipped=len(skipped), skipped=skipped,
                     n_truncated=sum(bool(s.get("truncated")) for s in samples),
                     n_images=[s.get("n_images", 0) for s in samples],
                     sample_rows=sample_rows, meta=_meta(samples))

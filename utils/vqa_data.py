@@ -16,13 +16,14 @@ None (the collators drop and count it; the training script reports the count eac
 strict=True it raises with the path. A sample is never given a blank image instead.
 """
 import json
+import random
 import os
 import zipfile
 
-from PIL import Image, UnidentifiedImageError
-
-from utils.chat import IMAGE_TAG, ROLE_ALIASES
-from utils.pypi_fetch import DataError, pip_download, sha256_of  # noqa: F401 (re-exported)
+from utils.chat import IMAGE_TAG, ROLE_ALIASES, encode_conversation, role_of
+from utils.data_files import open_image, resolve_in_folder
+from utils.errors import DataError  # noqa: F401 (re-exported: scripts catch it from here)
+from utils.pypi_fetch import pip_download, sha256_of
 
 EASY_VQA_WHEEL = "easy_vqa-1.0-py3-none-any.whl"
 EASY_VQA_SHA256 = "fcb51b309b78c7b00f97b64cdbcbcf5c105f94da1b39c0796cee5a787c4f650f"
@@ -101,13 +102,6 @@ def validate_entry(e, i, where="data"):
     return {**e, "images": images}
 
 
-def open_image(path):
-    """Open and fully decode an image (errors surface here, not later in a worker)."""
-    with Image.open(path) as img:
-        img.load()
-        return img.copy()
-
-
 class VQADataset:
     """entries (from load_conversations) -> samples made by `encode(entry) -> dict`, plus pixel_values.
 
@@ -120,7 +114,7 @@ class VQADataset:
     def __init__(self, entries, image_folder, processor, encode, strict=False, augment=None):
         self.entries, self.folder, self.processor, self.encode = entries, image_folder, processor, encode
         self.strict, self.augment, self.epoch = strict, augment, 0
-        self.skipped = []  # paths skipped in this process (workers keep their own; the collators count too)
+        self.skipped = []  # reasons of the samples skipped in this process (workers keep their own)
 
     def __len__(self):
         return len(self.entries)
@@ -130,20 +124,71 @@ class VQADataset:
         e = self.entries[i]
         pixels = []
         for name in e["images"]:
-            path = os.path.join(self.folder, name)
-            try:
+            try:  # a path out of the folder is refused; a bad image (a decompression bomb too) is one DataError
+                path = resolve_in_folder(self.folder, name, f"entry {e.get('id', i)!r}")
                 x = self.processor(open_image(path))
                 pixels.append(self.augment(x, f"{self.epoch}-{i}-{len(pixels)}") if self.augment else x)
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+            except DataError as err:
                 if self.strict:
-                    raise DataError(f"cannot read image {path} ({type(err).__name__}: {err})") from None
-                self.skipped.append(path)
-                return None
+                    raise
+                self.skipped.append(str(err))
+                return {"skipped": str(err)}  # counted and named by the collators
         sample = self.encode(e)
         sample["pixel_values"] = torch.stack(pixels) if pixels else None
         sample["id"] = e.get("id", i)
         sample["index"] = i
         return sample
+
+
+# --- entries -> model samples ----------------------------------------------------------------------
+class Encoder:
+    """entry -> training sample (whole conversation) or eval sample (prompt up to the last answer + answer)."""
+
+    def __init__(self, tok, image_id, n_image_tokens, max_len, template, strict, prompt_only=False,
+                 shuffle_turns=False, seed=0):
+        self.tok, self.image_id, self.n, self.max_len = tok, image_id, n_image_tokens, max_len
+        self.template, self.strict, self.prompt_only = template, strict, prompt_only
+        self.shuffle_turns, self.seed, self.epoch = shuffle_turns, seed, 0
+
+    def __call__(self, e):
+        conv = e["conversations"]
+        if self.shuffle_turns:
+            conv = shuffled_turns(conv, f"{self.seed}-{self.epoch}-{e.get('id')}")
+        try:
+            if not self.prompt_only:
+                return encode_conversation(conv, self.tok, self.image_id, self.n, self.max_len, self.template,
+                                           self.strict)
+            if role_of(conv[-1]) != "assistant":
+                raise DataError(f"entry {e.get('id')!r}: the last turn must be the answer (gpt) to evaluate")
+            s = encode_conversation(conv[:-1], self.tok, self.image_id, self.n,
+                                    self.max_len, self.template, self.strict)
+        except ValueError as err:
+            if isinstance(err, DataError):
+                raise
+            raise DataError(f"entry {e.get('id')!r}: {err}") from None
+        answer = conv[-1]["value"].strip()
+        question = next((t["value"] for t in reversed(conv[:-1]) if role_of(t) == "user"), "")
+        s.update(answer=answer, question=question.replace(IMAGE_TAG, "").strip(),
+                 question_type=e.get("question_type") or question_type(answer))
+        return s
+
+
+def shuffled_turns(conv, key):
+    """Question/answer pairs of a one-image conversation in a new order (deterministic in `key`).
+
+    Only for conversations of (user, assistant) pairs whose single <image> opens the first question: the
+    tag moves to whichever question comes first. Every question thus also gets asked first, without
+    earlier answers to lean on, which is how it is asked at test time. Anything else is returned as is.
+    """
+    pairs = [conv[i:i + 2] for i in range(0, len(conv), 2)]
+    head = IMAGE_TAG + "\n"
+    if (len(conv) % 2 or not conv[0]["value"].startswith(head) or sum(t["value"].count(IMAGE_TAG) for t in conv) != 1
+            or any(role_of(p[0]) != "user" or role_of(p[1]) != "assistant" for p in pairs)):
+        return conv
+    pairs[0] = [dict(pairs[0][0], value=pairs[0][0]["value"][len(head):]), pairs[0][1]]
+    random.Random(key).shuffle(pairs)
+    pairs[0] = [dict(pairs[0][0], value=head + pairs[0][0]["value"]), pairs[0][1]]
+    return [t for p in pairs for t in p]
 
 
 # --- (b) easy-VQA ----------------------------------------------------------------------------------
@@ -217,3 +262,11 @@ def prepare_easy_vqa(data_dir="data", val_images=400, quiet=False):
     if not quiet:
         print(f"easy-VQA: {len(train_q)} train / {len(val_q)} val / {len(splits['test'])} test questions")
     return out
+
+
+def make_loader(dataset, indices, collate, batch_size, num_workers):
+    """The DataLoader over `indices` (in that order) of a VQADataset."""
+    from torch.utils.data import DataLoader
+    import torch
+    return DataLoader(dataset, batch_size=batch_size, sampler=indices, collate_fn=collate,
+                      num_workers=num_workers, pin_memory=torch.cuda.is_available())

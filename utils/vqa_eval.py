@@ -1,0 +1,81 @@
+"""The VQA evaluation of train_vqa.py: greedy answers (batched, KV cache) scored by exact match, overall and
+per question type, and the samples.png grid of test images with question, answer and prediction."""
+import torch
+from tqdm import tqdm
+
+from utils.chat import PadCollator
+from utils.decoding import greedy_generate
+from utils.errors import DataError
+from utils.image_processing import denormalize
+from utils.vqa_data import make_loader
+
+
+def normalize_answer(s):
+    return " ".join(s.strip().lower().rstrip(".").split())
+
+
+@torch.no_grad()
+def evaluate(model, dataset, indices, tok, pad_id, autocast, batch_size=256, max_new_tokens=16, n_keep=0,
+             desc="eval", progress=True):
+    """Exact-match accuracy (overall and per question type) of greedy answers. Returns (accuracy by type,
+    count by type, n_keep records for the grid, the reasons of the skipped samples); no readable sample at all
+    is an error naming the first reasons."""
+    was_training = model.training
+    model.eval()
+    loader = make_loader(dataset, indices, PadCollator(pad_id), batch_size, 0)
+    correct, total = {}, {}
+    kept, skipped = [], []
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        skipped += batch["skipped"]
+        if batch["n_samples"] == 0:
+            continue
+        prompts = [row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["attention_mask"])]
+        gen = greedy_generate(model, prompts, batch["pixel_values"], tok.eos_id, pad_id, max_new_tokens,
+                              autocast)
+        meta = batch["meta"]
+        first_image = [sum(batch["n_images"][:k]) for k in range(len(gen))]
+        for k, g in enumerate(gen):
+            pred = tok.decode(g)
+            ok = normalize_answer(pred) == normalize_answer(meta["answer"][k])
+            for key in ("all", meta["question_type"][k]):
+                correct[key] = correct.get(key, 0) + ok
+                total[key] = total.get(key, 0) + 1
+            if len(kept) < n_keep:
+                kept.append(dict(question=meta["question"][k], answer=meta["answer"][k], pred=pred, ok=ok,
+                                 image=batch["pixel_values"][first_image[k]] if batch["n_images"][k] else None))
+    model.train(was_training)
+    if not total:
+        raise DataError(f"{desc}: no readable sample among {len(indices)} ({len(skipped)} skipped: "
+                        f"{'; '.join(skipped[:3])})")
+    acc = {k: correct[k] / total[k] for k in total}
+    return acc, total, kept, skipped
+
+
+def save_grid(records, path, processor):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if not records:
+        return
+    cols = min(4, len(records))
+    rows = -(-len(records) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, records):
+        if r["image"] is not None:
+            ax.imshow(denormalize(r["image"], processor.mean, processor.std))
+        pred = "".join(c if c.isprintable() else "?" for c in r["pred"])[:30]  # an untrained model says anything
+        ax.set_title(f"Q: {r['question'][:40]}\nA: {r['answer']}  P: {pred}", fontsize=8,
+                     color="green" if r["ok"] else "red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def subset(n_total, n, seed):
+    """The first n of a fixed permutation (the same questions in every evaluation)."""
+    if not n or n >= n_total:
+        return list(range(n_total))
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n_total, generator=g)[:n].tolist())
