@@ -501,6 +501,8 @@ def train(args):
         del ckpt, state
     metrics = MetricsLogger(args.out, resume_step=run.step if args.resume else None,
                             tensorboard=args.tensorboard, enabled=info.is_main)
+    if data_stats and not args.resume:  # the skipped annotations, counted and the first few named
+        metrics.log(step=0, coco_train=data_stats["train"], coco_val=data_stats["val"])
     guard = NanGuard(args, fresh=not args.resume, is_main=info.is_main)
     save = functools.partial(save_checkpoint, model=model, optimizer=optimizer, scaler=scaler, progress=run,
                              args=args, tokenizer=tokenizer, meta=meta)

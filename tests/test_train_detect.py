@@ -138,6 +138,7 @@ def test_coco_bad_input_counted_or_strict(tmp_path):
     assert records[0]["boxes"][0] == [2.0, 3.0, 12.0, 15.0]
     assert stats["skipped_outside"] == 1 and stats["skipped_bad_box"] == 2
     assert stats["skipped_unknown_image"] == 1 and stats["images_without_objects"] == 1
+    assert len(stats["skipped_examples"]) == 4 and "annotation #3 (id 4) box" in stats["skipped_examples"][0]
     with pytest.raises(ValueError, match=r"annotation #3 \(id 4\).*outside"):
         load_coco_detection(path, strict=True)
     bad = tmp_path / "bad.json"

@@ -52,12 +52,14 @@ def load_coco_detection(path, strict=False, tolerance=1.0):
         records.append(rec)
 
     stats = {"images": len(records), "annotations": 0, "skipped_bad_box": 0, "skipped_outside": 0,
-             "skipped_unknown_image": 0, "images_without_objects": 0}
+             "skipped_unknown_image": 0, "images_without_objects": 0, "skipped_examples": []}
 
     def reject(kind, msg):
         if strict:
             raise ValueError(f"{path}: {msg} (drop --strict to skip and count such annotations)")
         stats[kind] += 1
+        if len(stats["skipped_examples"]) < 5:  # the first few by name, so a skip can be looked up
+            stats["skipped_examples"].append(msg)
 
     for k, ann in enumerate(data.get("annotations", [])):
         where = f"annotation #{k} (id {ann.get('id', '?')})" if isinstance(ann, dict) else f"annotation #{k}"
