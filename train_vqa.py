@@ -267,6 +267,61 @@ def set_trainable(model, args):
     return groups
 
 
+def model_parts(args, ckpt, ckpt_path, train_entries):
+    """(tokenizer, LlavaConfig, image processor, chat template): the checkpoint's, or new from the flags. On
+    --resume the flags must describe the checkpoint's model (one line naming the fields that differ)."""
+    if ckpt is None:
+        template = ChatTemplate(system=args.system)
+        lcfg_vocab = (EXTRA_LLM.get(args.llm) or LLAMA_CONFIGS.get(args.llm) or {}).get("vocab_size", 512)
+        with rank0_first():  # trained once into the cache; the other ranks read it
+            tok = build_tokenizer(args, train_entries, template, args.vocab_size or lcfg_vocab)
+        image_id, _, n_vocab = special_ids(tok)
+        cfg = build_config(args, n_vocab, image_id)
+        return tok, cfg, ImageProcessor(cfg.vision.image_size, pad_to_square=args.pad_to_square), template
+    tok = tokenizer_from_dict(ckpt["tokenizer"])
+    cfg = LlavaConfig.from_dict(ckpt["model_config"])  # fields added since it was written take their defaults
+    if args.resume and not (args.init_llm or args.init_vision):
+        image_id, _, n_vocab = special_ids(tok)
+        try:
+            check_same_config(cfg.to_dict(), build_config(args, n_vocab, image_id).to_dict(), ckpt_path)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+    return tok, cfg, ImageProcessor.from_dict(ckpt["image_processor"]), ChatTemplate(**ckpt["template"])
+
+
+def wrap_for_training(model, args, info, dtype_name):
+    """Set what trains; under torchrun wrap in DDP / FSDP2 (training calls model.loss, routed through the wrapper
+    like forward). Returns (model, its plain module, the optimizer's parameter groups)."""
+    if args.grad_checkpointing:
+        model.language_model.gradient_checkpointing = True
+        model.vision_tower.gradient_checkpointing = True
+    groups = set_trainable(model, args)
+    if info.enabled:
+        model = wrap_model(model, args.dist, block_types=(VitBlock, LlamaBlock), forward_methods=("loss",),
+                           mixed_precision=torch.bfloat16 if args.dist == "fsdp" and dtype_name == "bfloat16" else None,
+                           activation_checkpointing=args.activation_checkpointing,
+                           # ViT blocks past the feature layer and its post-norm never get a gradient
+                           **(dict(find_unused_parameters=True) if args.dist == "ddp" else {}))
+        groups = set_trainable(unwrap_model(model), args)  # FSDP2 replaced the parameters by sharded ones
+    elif args.activation_checkpointing:
+        model = wrap_model(model, block_types=(VitBlock, LlamaBlock), activation_checkpointing=True)
+    return model, unwrap_model(model), groups
+
+
+def micro_batch_counts(batch, raw, info):
+    """(consumed, skipped, truncated, trained samples, learned tokens) of this micro-step over all ranks: one
+    all-reduce under torchrun."""
+    counts = (batch["n_samples"] + batch["n_skipped"], batch["n_skipped"], batch["n_truncated"], batch["n_samples"],
+              raw.num_learned(batch["input_ids"], batch["labels"]) if batch["n_samples"] else 0)
+    if not info.enabled:
+        return counts
+    counts = [int(c) for c in all_reduce_sum(torch.tensor(counts, dtype=torch.float64)).tolist()]
+    if batch["n_samples"] == 0 and counts[3] > 0:
+        raise SystemExit(f"error: rank {info.rank} got a micro-batch of only unreadable images while the other "
+                         "ranks did not; fix or drop those images (or train in one process)")
+    return counts
+
+
 # --- checkpoints -------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -331,9 +386,13 @@ def test_and_report(model, test_set, args, tok, pad_id, autocast, processor, ste
     return acc
 
 
-def epoch_report(epoch, skipped, n_truncated, log, step):
+def epoch_report(epoch, consumed, trained, skipped, n_truncated, log, step):
     """The end-of-epoch line: how many samples were skipped, the first few of them by name and reason (also a
-    metrics row)."""
+    metrics row). An epoch that could use none of its samples stops the run instead of spinning through empty
+    epochs."""
+    if consumed and not trained:
+        raise SystemExit(f"error: epoch {epoch + 1} had no usable sample: all {consumed} skipped "
+                         f"({'; '.join(skipped[:3])})")
     names = "; ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else "")
     log.log(step=step, epoch=epoch + 1, epoch_skipped=len(skipped), epoch_truncated=n_truncated,
             skipped_examples=skipped[:10])
@@ -377,27 +436,8 @@ def main(argv=None):
         raise SystemExit("error: --eval-only needs --test-data (a LLaVA JSON with answers)")
 
     # --- tokenizer, model config, model: the checkpoint's, or new
-    if ckpt is not None:
-        tok = tokenizer_from_dict(ckpt["tokenizer"])
-        cfg = LlavaConfig.from_dict(ckpt["model_config"])
-        processor = ImageProcessor.from_dict(ckpt["image_processor"])
-        template = ChatTemplate(**ckpt["template"])
-    else:
-        template = ChatTemplate(system=args.system)
-        lcfg_vocab = (EXTRA_LLM.get(args.llm) or LLAMA_CONFIGS.get(args.llm) or {}).get("vocab_size", 512)
-        with rank0_first():  # trained once into the cache; the other ranks read it
-            tok = build_tokenizer(args, train_entries, template, args.vocab_size or lcfg_vocab)
+    tok, cfg, processor, template = model_parts(args, ckpt, ckpt_path, train_entries)
     image_id, pad_id, n_vocab = special_ids(tok)
-    if ckpt is None:
-        cfg = build_config(args, n_vocab, image_id)
-        processor = ImageProcessor(cfg.vision.image_size, pad_to_square=args.pad_to_square)
-    elif args.resume and not (args.init_llm or args.init_vision):  # the flags must describe the same model
-        # through LlavaConfig: fields added since the checkpoint was written take their defaults
-        try:
-            check_same_config(LlavaConfig.from_dict(ckpt["model_config"]).to_dict(),
-                              build_config(args, n_vocab, image_id).to_dict(), ckpt_path)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}")
     model = build_model(cfg, args, n_vocab, pretrained=ckpt is None)
     if args.eval_only:
         load_weights(model, ckpt["model"], ckpt_path)
@@ -415,20 +455,7 @@ def main(argv=None):
         return
 
     # --- what trains, the wrapper (torchrun), optimizer, schedule, resume
-    if args.grad_checkpointing:
-        model.language_model.gradient_checkpointing = True
-        model.vision_tower.gradient_checkpointing = True
-    groups = set_trainable(model, args)
-    if info.enabled:  # training calls model.loss: routed through DDP / FSDP2 like forward
-        model = wrap_model(model, args.dist, block_types=(VitBlock, LlamaBlock), forward_methods=("loss",),
-                           mixed_precision=torch.bfloat16 if args.dist == "fsdp" and dtype_name == "bfloat16" else None,
-                           activation_checkpointing=args.activation_checkpointing,
-                           # ViT blocks past the feature layer and its post-norm never get a gradient
-                           **(dict(find_unused_parameters=True) if args.dist == "ddp" else {}))
-        groups = set_trainable(unwrap_model(model), args)  # FSDP2 replaced the parameters by sharded ones
-    elif args.activation_checkpointing:
-        model = wrap_model(model, block_types=(VitBlock, LlamaBlock), activation_checkpointing=True)
-    raw = unwrap_model(model)
+    model, raw, groups = wrap_for_training(model, args, info, dtype_name)
     fused = device.startswith("cuda")
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups],
                                   betas=(0.9, 0.95), fused=fused)
@@ -493,10 +520,8 @@ def main(argv=None):
     while run.step < total_steps and not stop:
         if run.perm is None or run.pos >= len(run.perm):
             if run.perm is not None:  # an epoch just ended
-                if epoch_consumed and not epoch_trained:  # nothing usable: stop instead of spinning epoch after epoch
-                    raise SystemExit(f"error: epoch {run.epoch + 1} had no usable sample: all {epoch_consumed} "
-                                     f"skipped ({'; '.join(epoch_skipped[:3])})")
-                write(epoch_report(run.epoch, epoch_skipped, epoch_truncated, log, run.step))
+                write(epoch_report(run.epoch, epoch_consumed, epoch_trained, epoch_skipped, epoch_truncated, log,
+                                   run.step))
                 run.epoch += 1
                 epoch_skipped, epoch_truncated, epoch_consumed, epoch_trained = [], 0, 0, 0
                 # a partial accumulation left at the epoch's end is dropped, so steps never straddle epochs
@@ -516,15 +541,7 @@ def main(argv=None):
                 r, s, e = batch["sample_rows"][0]  # what the model learns, once: a wrong label mask shows here
                 write(describe_sample(tok, batch["input_ids"][r, s:e].tolist(), batch["labels"][r, s:e].tolist(),
                                       image_id=image_id))
-            counts = (batch["n_samples"] + batch["n_skipped"], batch["n_skipped"], batch["n_truncated"],
-                      batch["n_samples"], raw.num_learned(batch["input_ids"], batch["labels"]) if batch["n_samples"]
-                      else 0)
-            if info.enabled:  # one all-reduce: the global sample and token counts of this micro-step
-                counts = [int(c) for c in all_reduce_sum(torch.tensor(counts, dtype=torch.float64)).tolist()]
-                if batch["n_samples"] == 0 and counts[3] > 0:
-                    raise SystemExit(f"error: rank {info.rank} got a micro-batch of only unreadable images while "
-                                     "the other ranks did not; fix or drop those images (or train in one process)")
-            n_consumed, n_skipped, n_truncated, n_samples, n_tokens = counts
+            n_consumed, n_skipped, n_truncated, n_samples, n_tokens = micro_batch_counts(batch, raw, info)
             run.pos += n_consumed
             epoch_consumed += n_consumed
             epoch_trained += n_samples
@@ -586,10 +603,7 @@ def main(argv=None):
             run.pos = len(run.perm)
     bar.close()
     if run.pos >= len(run.perm):
-        if epoch_consumed and not epoch_trained:
-            raise SystemExit(f"error: epoch {run.epoch + 1} had no usable sample: all {epoch_consumed} skipped "
-                             f"({'; '.join(epoch_skipped[:3])})")
-        write(epoch_report(run.epoch, epoch_skipped, epoch_truncated, log, run.step))
+        write(epoch_report(run.epoch, epoch_consumed, epoch_trained, epoch_skipped, epoch_truncated, log, run.step))
     save(last_path, last=True)
     if stop:
         say(f"stopped at step {run.step} (--stop-after); continue with --resume")
