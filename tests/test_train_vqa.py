@@ -270,12 +270,17 @@ def test_bombs_and_paths_outside_the_folder_are_counted_skips_or_strict_errors(t
 
 
 def test_fresh_run_never_overwrites_and_first_sample_shown_once(data, tmp_path, capsys):
-    pytest.importorskip("tensorboard")
+    try:  # the events file is checked where the tensorboard package is installed; the rest runs everywhere
+        import tensorboard  # noqa: F401
+        tb = ["--tensorboard", str(tmp_path / "tb")]
+    except ImportError:
+        tb = []
     out = str(tmp_path / "run")
-    train_vqa.main(args_for(data, out, "--max-steps", "2", "--eval-every", "0", "--tensorboard", str(tmp_path / "tb")))
+    train_vqa.main(args_for(data, out, "--max-steps", "2", "--eval-every", "0", *tb))
     text = capsys.readouterr().out
     assert text.count("first training sample:") == 1 and "<image x" in text and "[[" in text
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+    if tb:
+        assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
     rows = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if "loss" in r]
     assert {"gnorm_llm", "wnorm_llm", "gnorm_projector", "lr_llm"} <= set(rows[0])
     before = open(os.path.join(out, "last.pt"), "rb").read()
