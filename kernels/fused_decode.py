@@ -28,9 +28,29 @@ from kernels.gemv import DecodeLinear, gemv_partials, gemv_residual, gemv_swiglu
 KINDS = {"qkv_proj": "normed", "o_proj": "residual", "gate_up_proj": "swiglu", "down_proj": "residual"}
 
 
+def fused_layers_unsupported(layers):
+    """Why these layers cannot run as the kernels here (None when they can): the kernels have no bias terms, so
+    a model with q/k/v bias (Qwen2) or an o_proj bias takes the plain compiled path. RoPE scaling needs nothing:
+    the attention kernel takes cos/sin as models.llama computes them (llama3, linear, dynamic alike)."""
+    for i, layer in enumerate(layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        for name in ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj"):
+            p = getattr(attn, name, None)
+            if p is not None and p.bias is not None:
+                return f"layer {i} self_attn.{name} has a bias, which the fused decode kernels do not add"
+        for name in ("gate_up_proj", "gate_proj", "up_proj", "down_proj"):
+            p = getattr(mlp, name, None)
+            if p is not None and p.bias is not None:
+                return f"layer {i} mlp.{name} has a bias, which the fused decode kernels do not add"
+    return None
+
+
 def can_run_fused_layers(layers, x, input_pos):
     """Whether this call is one token of one row in half precision, through layers whose projections
-    use_gemv(..., kinds=KINDS) made DecodeLinears (q/k/v and gate/up fused), with a KV cache of the same dtype."""
+    use_gemv(..., kinds=KINDS) made DecodeLinears (q/k/v and gate/up fused, no biases), with a KV cache of the
+    same dtype."""
+    if fused_layers_unsupported(layers) is not None:
+        return False
     if input_pos is None or x.shape[:2] != (1, 1) or x.dtype not in (torch.bfloat16, torch.float16):
         return False
     for layer in layers:

@@ -1,9 +1,12 @@
 """Hugging Face weights in and out of the hand-written modules, from and to a LOCAL folder (never the hub).
 
 Families and what they read / write:
-    llama  <-> LlamaForCausalLM                                  (models.llama.Llama)
+    llama  <-> LlamaForCausalLM (plain, llama3, linear, dynamic RoPE) (models.llama.Llama)
+    qwen2  <-> Qwen2ForCausalLM: Llama's names plus q/k/v biases  (models.llama.Llama, attention_bias=True)
     clip   <-> CLIPVisionModel, or the vision tower of CLIPModel (models.vit.VisionTransformer)
-    llava  <-> LlavaForConditionalGeneration                     (models.llava.LlavaModel)
+    siglip <-> SiglipVisionModel, or the vision tower of SiglipModel (models.siglip.SiglipVisionTransformer);
+               fixed-resolution SigLIP-2 checkpoints are this architecture too (NaFlex Siglip2* is refused)
+    llava  <-> LlavaForConditionalGeneration                     (models.llava.LlavaModel), CLIP or SigLIP tower
 
 A folder holds `config.json` and weights as `model.safetensors`, `model-0000x-of-0000y.safetensors` (+ index
 json) or `pytorch_model*.bin` (read with torch.load(weights_only=True)).
@@ -14,16 +17,19 @@ each tensor under the mapped name. So the two directions cannot drift apart.
 
 Layouts accepted on import (the loader picks, per part, the prefix that the file actually uses):
     CLIP:  `vision_model.embeddings.*` (CLIPModel, transformers 4 CLIPVisionModel) or `embeddings.*`
+    SigLIP: `vision_model.embeddings.*` (SiglipModel, transformers 4 SiglipVisionModel) or `embeddings.*`
+            (transformers 5 SiglipVisionModel); a LLaVA's SigLIP tower under the same LLaVA prefixes as CLIP's.
     LLaVA: transformers-4 files `language_model.model.*`, `language_model.lm_head.*`,
            `vision_tower.vision_model.*` (or `vision_tower.*`), `multi_modal_projector.*`;
            transformers-5 modules `model.language_model.*`, `lm_head.*`, `model.vision_tower.*`,
            `model.multi_modal_projector.*`.
-    Llama configs with top-level `rope_theta` (transformers 4) or `rope_parameters` (transformers 5).
+    Llama / Qwen2 configs with top-level `rope_theta` + `rope_scaling` (transformers 4) or `rope_parameters`
+    (transformers 5).
 Export writes the transformers-4 file layout (what the published llava-hf / openai checkpoints use), which
 both transformers 4 and 5 load, and both rope spellings in config.json.
 
 Missing, unexpected and mis-shaped keys raise ValueError listing them. Buffers that old checkpoints carry
-(`rotary_emb.inv_freq`, `position_ids`) and the text half of a CLIPModel are skipped on purpose.
+(`rotary_emb.inv_freq`, `position_ids`) and the text half of a CLIPModel / SiglipModel are skipped on purpose.
 """
 import glob
 import json
@@ -32,8 +38,9 @@ import re
 
 import torch
 
-from models.llama import Llama, LlamaConfig
+from models.llama import ROPE_SCALING_KEYS, Llama, LlamaConfig
 from models.llava import LlavaConfig, LlavaModel
+from models.siglip import SiglipConfig, SiglipVisionTransformer
 from models.vit import VisionConfig, VisionTransformer
 
 # --- the mapping tables ------------------------------------------------------------------------------------
@@ -59,6 +66,26 @@ def clip_key(key, prefix=""):
     raise KeyError(f"no CLIP mapping for our key {key!r}")
 
 
+# our SiglipVisionTransformer key prefix -> HF SiglipVisionTransformer key prefix (no class token, no pre-norm)
+SIGLIP_TABLE = [
+    (r"patch_embed\.", "embeddings.patch_embedding."),  # weight and bias
+    (r"position_embedding\.", "embeddings.position_embedding."),
+    (r"post_norm\.", "post_layernorm."),
+    (r"head\.", "head."),  # probe, attention.in_proj_* / out_proj.*, layernorm, mlp.fc1/fc2: HF's names
+    (r"blocks\.(\d+)\.norm1\.", r"encoder.layers.\1.layer_norm1."),
+    (r"blocks\.(\d+)\.norm2\.", r"encoder.layers.\1.layer_norm2."),
+    (r"blocks\.(\d+)\.attn\.", r"encoder.layers.\1.self_attn."),  # q_proj, k_proj, v_proj, out_proj
+    (r"blocks\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),          # fc1, fc2
+]
+
+
+def siglip_key(key, prefix=""):
+    for pattern, repl in SIGLIP_TABLE:
+        if re.match(pattern, key):
+            return prefix + re.sub("^" + pattern, repl, key)
+    raise KeyError(f"no SigLIP mapping for our key {key!r}")
+
+
 def llama_key(key, body="model.", head=""):
     """Our Llama names are HF's minus the `model.` wrapper (embed_tokens, layers.i.self_attn.q_proj, ...)."""
     return head + key if key.startswith("lm_head.") else body + key
@@ -73,16 +100,18 @@ LLAVA_PREFIXES = {
                        ("model.language_model.", "")],
 }
 CLIP_PREFIXES = ["vision_model.", ""]
+SIGLIP_PREFIXES = ["vision_model.", ""]
 LLAMA_PREFIXES = [("model.", "")]
 IGNORED = re.compile(r"(rotary_emb\.inv_freq|position_ids)$")
 
 
-def llava_key(key, layout=None):
-    """Our LlavaModel key -> HF key under `layout` (part -> prefix; default: the export layout)."""
+def llava_key(key, layout=None, vision="clip"):
+    """Our LlavaModel key -> HF key under `layout` (part -> prefix; default: the export layout);
+    vision: the tower's family, "clip" or "siglip"."""
     layout = layout or {part: prefixes[0] for part, prefixes in LLAVA_PREFIXES.items()}
     part, rest = key.split(".", 1)
     if part == "vision_tower":
-        return clip_key(rest, layout[part])
+        return (siglip_key if vision == "siglip" else clip_key)(rest, layout[part])
     if part == "projector":
         return layout[part] + rest  # linear_1 / linear_2: same names as LlavaMultiModalProjector
     if part == "language_model":
@@ -91,13 +120,21 @@ def llava_key(key, layout=None):
     raise KeyError(f"no LLaVA mapping for our key {key!r}")
 
 
-def _mapper(family, layout):
-    if family == "llama":
+def _vision_family(model):
+    """"siglip" for a SigLIP tower (alone or inside a LlavaModel), "clip" otherwise."""
+    tower = getattr(model, "vision_tower", model)
+    return "siglip" if isinstance(tower, SiglipVisionTransformer) else "clip"
+
+
+def _mapper(family, layout, vision="clip"):
+    if family in ("llama", "qwen2"):  # Qwen2's names are Llama's (plus q/k/v .bias, mapped the same way)
         return lambda k: llama_key(k, *layout)
     if family == "clip":
         return lambda k: clip_key(k, layout)
+    if family == "siglip":
+        return lambda k: siglip_key(k, layout)
     if family == "llava":
-        return lambda k: llava_key(k, layout)
+        return lambda k: llava_key(k, layout, vision)
     raise ValueError(f"unknown family {family!r}")
 
 
@@ -111,15 +148,15 @@ def _our_keys(model):
     return keys
 
 
-def _pick_layout(family, our_keys, file_keys):
+def _pick_layout(family, our_keys, file_keys, vision="clip"):
     """Per part, the candidate prefix under which the file has the most of our keys."""
     def hits(layout, keys):
-        f = _mapper(family, layout)
+        f = _mapper(family, layout, vision)
         return sum(f(k) in file_keys for k in keys)
-    if family == "llama":
+    if family in ("llama", "qwen2"):
         return LLAMA_PREFIXES[0]
-    if family == "clip":
-        return max(CLIP_PREFIXES, key=lambda p: hits(p, our_keys))
+    if family in ("clip", "siglip"):
+        return max(CLIP_PREFIXES if family == "clip" else SIGLIP_PREFIXES, key=lambda p: hits(p, our_keys))
     layout = {part: prefixes[0] for part, prefixes in LLAVA_PREFIXES.items()}
     for part, prefixes in LLAVA_PREFIXES.items():
         part_keys = [k for k in our_keys if k.startswith(part + ".")]
@@ -138,8 +175,9 @@ def hf_to_ours(model, family, hf_state, source="state dict"):
     ours = model.state_dict()
     our_keys = _our_keys(model)
     file_keys = set(hf_state)
-    layout = _pick_layout(family, our_keys, file_keys)
-    to_hf = _mapper(family, layout)
+    vision = _vision_family(model)
+    layout = _pick_layout(family, our_keys, file_keys, vision)
+    to_hf = _mapper(family, layout, vision)
     out, missing, misshaped, used = {}, [], [], set()
     for k in our_keys:
         hk = to_hf(k)
@@ -154,7 +192,7 @@ def hf_to_ours(model, family, hf_state, source="state dict"):
     # a tied head may still be written out (transformers' in-memory state dict has it): it is the embedding
     tied_heads = {to_hf(k) for k in ours if k.endswith("lm_head.weight") and k not in our_keys}
     unexpected = [k for k in file_keys - used - tied_heads if not IGNORED.search(k)]
-    if family == "clip" and layout:  # a CLIPModel also carries the text tower and projections: not ours
+    if family in ("clip", "siglip") and layout:  # a CLIPModel / SiglipModel also carries the text tower: not ours
         unexpected = [k for k in unexpected if k.startswith(layout)]
     if missing or unexpected or misshaped:
         msg = f"{source}: weights do not fit the {family} model"
@@ -170,8 +208,9 @@ def hf_to_ours(model, family, hf_state, source="state dict"):
 
 def ours_to_hf(model, family):
     """`model`'s state dict under HF names (export layout), tied head stored once, tensors contiguous."""
-    default_layout = {"llama": LLAMA_PREFIXES[0], "clip": CLIP_PREFIXES[0], "llava": None}[family]
-    to_hf = _mapper(family, default_layout)
+    default_layout = {"llama": LLAMA_PREFIXES[0], "qwen2": LLAMA_PREFIXES[0], "clip": CLIP_PREFIXES[0], "siglip": SIGLIP_PREFIXES[0],
+                      "llava": None}[family]
+    to_hf = _mapper(family, default_layout, _vision_family(model))
     sd = model.state_dict()
     return {to_hf(k): sd[k].detach().contiguous() for k in _our_keys(model)}
 
@@ -229,22 +268,41 @@ def tokenizer_model_path(folder):
 HF_LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                          num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6,
                          tie_word_embeddings=False)
+HF_QWEN2_DEFAULTS = dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                         num_attention_heads=32, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                         tie_word_embeddings=False, rope_theta=10000.0, max_window_layers=28)
 HF_CLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                                image_size=224, patch_size=32, layer_norm_eps=1e-5, num_channels=3,
                                hidden_act="quick_gelu")
 
 
-def llama_config_from_hf(c):
-    c = {**HF_LLAMA_DEFAULTS, **c}
+def _rope_from_hf(c):
+    """(rope_theta, LlamaConfig.rope_scaling) from transformers-5 `rope_parameters` or transformers-4 top-level
+    `rope_theta` + `rope_scaling` (whose type key was `type` before `rope_type`). Unknown types: ValueError."""
     rope = c.get("rope_parameters") or {}
     scaling = c.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if rope_type not in ("default", None):
-        raise ValueError(f"rope type {rope_type!r} is not supported (plain RoPE only)")
-    theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
-    for flag in ("attention_bias", "mlp_bias"):
-        if c.get(flag):
-            raise ValueError(f"config has {flag}=true, which this Llama does not implement")
+    params = {**scaling, **rope}
+    rope_type = params.get("rope_type", params.get("type")) or "default"
+    theta = float(rope.get("rope_theta", c.get("rope_theta", 10000.0)))
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"partial_rotary_factor {params['partial_rotary_factor']} unsupported (full rotary only)")
+    if rope_type == "default":
+        return theta, None
+    if rope_type not in ROPE_SCALING_KEYS:
+        raise ValueError(f"rope type {rope_type!r} is not supported; known: {', '.join(ROPE_SCALING_KEYS)}")
+    if rope_type == "dynamic":  # transformers' formula takes the original context from max_position_embeddings
+        params["original_max_position_embeddings"] = c["max_position_embeddings"]
+    lacking = [k for k in ROPE_SCALING_KEYS[rope_type] if k not in params]
+    if lacking:
+        raise ValueError(f"rope type {rope_type!r} lacks {', '.join(lacking)}")
+    keys = ROPE_SCALING_KEYS[rope_type] + (("original_max_position_embeddings",) if rope_type == "dynamic" else ())
+    return theta, dict(rope_type=rope_type, **{k: params[k] for k in keys})
+
+
+def _decoder_config_from_hf(c, attention_bias, o_proj_bias):
+    theta, scaling = _rope_from_hf(c)
+    if c.get("mlp_bias"):
+        raise ValueError("config has mlp_bias=true, which this Llama does not implement")
     if c.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {c['hidden_act']!r} unsupported (SwiGLU with silu only)")
     heads = c["num_attention_heads"]
@@ -254,17 +312,70 @@ def llama_config_from_hf(c):
     return LlamaConfig(vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
                        n_heads=heads, n_kv_heads=c.get("num_key_value_heads") or heads,
                        ffn_dim=c["intermediate_size"], max_seq_len=c["max_position_embeddings"],
-                       rope_theta=float(theta), norm_eps=c["rms_norm_eps"],
-                       tie_embeddings=bool(c["tie_word_embeddings"]))
+                       rope_theta=theta, norm_eps=c["rms_norm_eps"],
+                       tie_embeddings=bool(c["tie_word_embeddings"]), rope_scaling=scaling,
+                       attention_bias=attention_bias, o_proj_bias=o_proj_bias)
+
+
+def llama_config_from_hf(c):
+    c = {**HF_LLAMA_DEFAULTS, **c}
+    bias = bool(c.get("attention_bias"))  # transformers' Llama: on q, k, v and o_proj alike
+    return _decoder_config_from_hf(c, attention_bias=bias, o_proj_bias=bias)
+
+
+def qwen2_config_from_hf(c):
+    c = {**HF_QWEN2_DEFAULTS, **c}
+    sliding = [i for i, t in enumerate(c.get("layer_types") or []) if t == "sliding_attention"]
+    if c.get("use_sliding_window") and (sliding or c.get("max_window_layers", 0) < c["num_hidden_layers"]):
+        raise ValueError(f"Qwen2 config uses sliding-window attention (layers {sliding or 'from max_window_layers'}),"
+                         " which this decoder does not implement")
+    return _decoder_config_from_hf(c, attention_bias=True, o_proj_bias=False)  # Qwen2: q/k/v bias, o_proj none
+
+
+def _rope_to_hf(cfg: LlamaConfig):
+    """rope fields in both spellings: transformers-5 `rope_parameters`, transformers-4 `rope_theta` (+ `rope_scaling`).
+    A dynamic scaling's original context goes out as max_position_embeddings (_max_positions)."""
+    scaling = dict(cfg.rope_scaling or {})
+    out = dict(rope_theta=cfg.rope_theta, rope_parameters=dict(rope_type="default", rope_theta=cfg.rope_theta))
+    if scaling:
+        if scaling["rope_type"] == "dynamic":  # transformers reads the original context from max_position_embeddings
+            scaling.pop("original_max_position_embeddings", None)
+        out["rope_parameters"] = dict(scaling, rope_theta=cfg.rope_theta)
+        out["rope_scaling"] = scaling
+    return out
+
+
+def _max_positions(cfg: LlamaConfig):
+    s = cfg.rope_scaling or {}
+    return s.get("original_max_position_embeddings", cfg.max_seq_len) if s.get("rope_type") == "dynamic" \
+        else cfg.max_seq_len
 
 
 def llama_config_to_hf(cfg: LlamaConfig):
+    if cfg.attention_bias != cfg.o_proj_bias:
+        raise ValueError("a Llama with bias on q/k/v but not o_proj is the Qwen2 layout: export it as qwen2")
     return dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=cfg.vocab_size,
                 hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layers,
                 num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-                max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
-                rope_theta=cfg.rope_theta, rope_parameters=dict(rope_type="default", rope_theta=cfg.rope_theta),
-                tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False)
+                max_position_embeddings=_max_positions(cfg), rms_norm_eps=cfg.norm_eps, hidden_act="silu",
+                **_rope_to_hf(cfg), tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.attention_bias,
+                mlp_bias=False)
+
+
+def qwen2_config_to_hf(cfg: LlamaConfig):
+    if not cfg.attention_bias or cfg.o_proj_bias:
+        raise ValueError("Qwen2 has bias on q/k/v and none on o_proj: this config is not that layout")
+    return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=cfg.vocab_size,
+                hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layers,
+                num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                max_position_embeddings=_max_positions(cfg), rms_norm_eps=cfg.norm_eps, hidden_act="silu",
+                **_rope_to_hf(cfg), tie_word_embeddings=cfg.tie_embeddings, use_sliding_window=False,
+                max_window_layers=cfg.n_layers)
+
+
+def decoder_family(cfg: LlamaConfig):
+    """The HF family a decoder config exports as: qwen2 for q/k/v-only bias, llama otherwise."""
+    return "qwen2" if cfg.attention_bias and not cfg.o_proj_bias else "llama"
 
 
 def vision_config_from_hf(c):
@@ -288,6 +399,49 @@ def vision_config_to_hf(cfg: VisionConfig):
                 num_channels=cfg.in_channels, hidden_act="quick_gelu")
 
 
+HF_SIGLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                 image_size=224, patch_size=16, layer_norm_eps=1e-6, num_channels=3,
+                                 hidden_act="gelu_pytorch_tanh", vision_use_head=True)
+SIGLIP2_NAFLEX = ("siglip2", "siglip2_vision_model")
+NAFLEX_ERROR = ("SigLIP-2 NaFlex (Siglip2VisionModel / Siglip2Model, variable patch grids) is not supported; "
+                "the fixed-resolution SigLIP-2 checkpoints (SiglipVisionModel / SiglipModel) are")
+
+
+def siglip_config_from_hf(c):
+    if c.get("model_type") in SIGLIP2_NAFLEX:
+        raise ValueError(NAFLEX_ERROR)
+    if "vision_config" in c and c.get("model_type") == "siglip":  # a SiglipModel config
+        c = c["vision_config"]
+    c = {**HF_SIGLIP_VISION_DEFAULTS, **c}
+    if c["hidden_act"] != "gelu_pytorch_tanh":
+        raise ValueError(f"vision hidden_act {c['hidden_act']!r} unsupported (SigLIP gelu_pytorch_tanh only)")
+    return SiglipConfig(image_size=c["image_size"], patch_size=c["patch_size"], dim=c["hidden_size"],
+                        n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
+                        mlp_dim=c["intermediate_size"], norm_eps=c["layer_norm_eps"], in_channels=c["num_channels"],
+                        use_head=bool(c["vision_use_head"]))
+
+
+def siglip_config_to_hf(cfg: SiglipConfig):
+    return dict(architectures=["SiglipVisionModel"], model_type="siglip_vision_model", hidden_size=cfg.dim,
+                intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                image_size=cfg.image_size, patch_size=cfg.patch_size, layer_norm_eps=cfg.norm_eps,
+                num_channels=cfg.in_channels, hidden_act="gelu_pytorch_tanh", vision_use_head=cfg.use_head)
+
+
+def _llava_vision_from_hf(c):
+    """A LLaVA config's vision tower: SigLIP when vision_config says siglip_vision_model, CLIP otherwise."""
+    vc = c.get("vision_config") or {}
+    if vc.get("model_type") in SIGLIP2_NAFLEX:
+        raise ValueError(NAFLEX_ERROR)
+    if vc.get("model_type") != "siglip_vision_model":
+        return vision_config_from_hf(vc)
+    if c.get("vision_feature_select_strategy", "default") == "default":
+        # transformers' LLaVA drops token 0 under "default": for SigLIP that is a patch, not a class token
+        raise ValueError("a LLaVA with a SigLIP tower and vision_feature_select_strategy 'default' (transformers "
+                         "drops the first patch) is not supported: SigLIP towers here give all patches ('full')")
+    return siglip_config_from_hf(vc)
+
+
 def llava_config_from_hf(c):
     layer = c.get("vision_feature_layer", -2)
     if not isinstance(layer, int):
@@ -295,21 +449,25 @@ def llava_config_from_hf(c):
     if c.get("projector_hidden_act", "gelu") != "gelu":
         raise ValueError(f"projector_hidden_act {c['projector_hidden_act']!r} unsupported (gelu only)")
     token = c.get("image_token_id", c.get("image_token_index", 32000))
-    return LlavaConfig(vision=vision_config_from_hf(c.get("vision_config", {})),
-                       text=llama_config_from_hf(c.get("text_config", {})),
+    return LlavaConfig(vision=_llava_vision_from_hf(c),
+                       text=(qwen2_config_from_hf if (c.get("text_config") or {}).get("model_type") == "qwen2"
+                             else llama_config_from_hf)(c.get("text_config", {})),
                        image_token_id=token, feature_layer=layer,
                        select_strategy=c.get("vision_feature_select_strategy", "default"),
                        projector_bias=c.get("multimodal_projector_bias", True))
 
 
 def llava_config_to_hf(cfg: LlavaConfig):
-    vision = vision_config_to_hf(cfg.vision)
-    text = llama_config_to_hf(cfg.text)
+    siglip = isinstance(cfg.vision, SiglipConfig)
+    vision = (siglip_config_to_hf if siglip else vision_config_to_hf)(cfg.vision)
+    text = (qwen2_config_to_hf if decoder_family(cfg.text) == "qwen2" else llama_config_to_hf)(cfg.text)
     del vision["architectures"], text["architectures"]
-    n_tokens = cfg.vision.num_patches + (cfg.select_strategy == "full")
+    # SigLIP: our two strategies both mean all patches, which is transformers' "full"
+    strategy = "full" if siglip else cfg.select_strategy
+    n_tokens = cfg.vision.num_patches + (strategy == "full" and not siglip)
     return dict(architectures=["LlavaForConditionalGeneration"], model_type="llava", vision_config=vision,
                 text_config=text, image_token_index=cfg.image_token_id, vision_feature_layer=cfg.feature_layer,
-                vision_feature_select_strategy=cfg.select_strategy, projector_hidden_act="gelu",
+                vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
                 multimodal_projector_bias=cfg.projector_bias, image_seq_length=n_tokens,
                 tie_word_embeddings=cfg.text.tie_embeddings)
 
@@ -323,23 +481,33 @@ def detect_family(config):
         return "llava"
     if "CLIP" in arch or model_type in ("clip", "clip_vision_model"):
         return "clip"
+    if "Siglip2" in arch or model_type in SIGLIP2_NAFLEX:
+        raise ValueError(NAFLEX_ERROR)
+    if "Siglip" in arch or model_type in ("siglip", "siglip_vision_model"):
+        return "siglip"
+    if "Qwen2ForCausalLM" in arch or model_type == "qwen2":
+        return "qwen2"
     if "Llama" in arch or model_type == "llama":
         return "llama"
     raise ValueError(f"unsupported model (architectures {arch!r}, model_type {model_type!r}); "
-                     "expected LlamaForCausalLM, CLIPVisionModel/CLIPModel or LlavaForConditionalGeneration")
+                     "expected LlamaForCausalLM, Qwen2ForCausalLM, CLIPVisionModel/CLIPModel, "
+                     "SiglipVisionModel/SiglipModel or LlavaForConditionalGeneration")
 
 
 BUILDERS = {
     "llama": (llama_config_from_hf, Llama),
+    "qwen2": (qwen2_config_from_hf, Llama),
     "clip": (vision_config_from_hf, VisionTransformer),
+    "siglip": (siglip_config_from_hf, SiglipVisionTransformer),
     "llava": (llava_config_from_hf, LlavaModel),
 }
 
 
 def _family_of(model):
-    for cls, family in ((LlavaModel, "llava"), (VisionTransformer, "clip"), (Llama, "llama")):
+    for cls, family in ((LlavaModel, "llava"), (VisionTransformer, "clip"), (SiglipVisionTransformer, "siglip"),
+                        (Llama, "llama")):
         if isinstance(model, cls):
-            return family
+            return decoder_family(model.config) if family == "llama" else family
     raise TypeError(f"no Hugging Face mapping for {type(model).__name__}")
 
 
@@ -367,7 +535,7 @@ def load_pretrained(folder, dtype=torch.float32, device="cpu", family=None):
     state = hf_to_ours(model, family, read_state_dict(folder), source=folder)
     state = {k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
-    lm = model.language_model if family == "llava" else model if family == "llama" else None
+    lm = model.language_model if family == "llava" else model if family in ("llama", "qwen2") else None
     if lm is not None and lm.config.tie_embeddings:
         lm.lm_head.weight = lm.embed_tokens.weight
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
@@ -380,7 +548,8 @@ def export_pretrained(model, folder):
     """Write `model` as an HF folder (config.json + model.safetensors) that transformers loads."""
     from safetensors.torch import save_file
     family = _family_of(model)
-    config = {"llava": llava_config_to_hf, "clip": vision_config_to_hf, "llama": llama_config_to_hf}[family](model.config)
+    config = {"llava": llava_config_to_hf, "clip": vision_config_to_hf, "siglip": siglip_config_to_hf,
+              "llama": llama_config_to_hf, "qwen2": qwen2_config_to_hf}[family](model.config)
     state = {k: v.cpu() for k, v in ours_to_hf(model, family).items()}
     dtypes = {v.dtype for v in state.values()}
     config["torch_dtype"] = str(dtypes.pop() if len(dtypes) == 1 else torch.float32).replace("torch.", "")

@@ -1,15 +1,23 @@
-"""TinyLlama-shaped decoder: RMSNorm, RoPE, grouped-query attention (SDPA), SwiGLU, static KV cache.
+"""Llama-family decoder: RMSNorm, RoPE, grouped-query attention (SDPA), SwiGLU, static KV cache.
 
 Mirrors transformers/models/llama/modeling_llama.py (LlamaRMSNorm, LlamaRotaryEmbedding with
 `rotate_half`, LlamaAttention, LlamaMLP, LlamaDecoderLayer) so Hugging Face weights load unpermuted
-(see models/hf_weights.py). The KV cache is preallocated once, as in gpt-fast, so a decode step has
+(see models/hf_weights.py). One class serves the families researchers pair, by LlamaConfig switches:
+    TinyLlama / Llama-2   plain RoPE
+    Llama-3.1 / 3.2       rope_scaling llama3 (transformers/modeling_rope_utils.py `_compute_llama3_parameters`)
+    linear / dynamic      position interpolation, NTK-aware dynamic theta (`_compute_linear_scaling_rope_parameters`,
+                          `_compute_dynamic_ntk_parameters`)
+    Qwen2 / Qwen2.5       attention_bias (q/k/v projections only, as transformers/models/qwen2/modeling_qwen2.py),
+                          theta 1e6, tied head The KV cache is preallocated once, as in gpt-fast, so a decode step has
 static shapes and can be compiled into a CUDA graph.
 
 attention_mask convention (B, T) integer tensor, 0 = padding, and any positive value a segment id:
 a query sees a key only if both carry the same id (and the key is not in the future). A plain 0/1
 padding mask is the one-segment case; packed rows give each sample its own id.
 """
+import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -29,6 +37,13 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    # None = plain RoPE; else transformers' rope_parameters minus rope_theta, e.g. {"rope_type": "llama3",
+    # "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    # {"rope_type": "linear", "factor": 2.0}, {"rope_type": "dynamic", "factor": 2.0,
+    # "original_max_position_embeddings": 2048 (default max_seq_len)}
+    rope_scaling: Optional[dict] = None
+    attention_bias: bool = False  # bias on q/k/v (Qwen2's, always on there)
+    o_proj_bias: bool = False     # bias on o_proj too (transformers' Llama attention_bias=True sets both)
 
     @property
     def head_dim(self):
@@ -37,11 +52,48 @@ class LlamaConfig:
     def __post_init__(self):
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"dim {self.dim} / n_heads {self.n_heads} / n_kv_heads {self.n_kv_heads} do not divide")
+        if self.rope_scaling is not None:
+            self.rope_scaling = dict(self.rope_scaling)
+            kind = self.rope_scaling.get("rope_type", "default")
+            if kind not in ROPE_SCALING_KEYS:
+                raise ValueError(f"rope_scaling type {kind!r} is not implemented; "
+                                 f"known: {', '.join(ROPE_SCALING_KEYS)}")
+            lacking = [k for k in ROPE_SCALING_KEYS[kind] if k not in self.rope_scaling]
+            if lacking:
+                raise ValueError(f"rope_scaling {kind!r} lacks {', '.join(lacking)}")
+            if kind == "default":
+                self.rope_scaling = None
+
+
+# the parameters each rope_scaling type needs (dynamic's original_max_position_embeddings defaults to max_seq_len)
+ROPE_SCALING_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 LLAMA_CONFIGS = {
     "tinyllama-1.1b": dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632,
                            max_seq_len=2048),
+    # the published config.json shapes (meta-llama/Meta-Llama-3-8B, Llama-3.1-8B, Llama-3.2-1B, Qwen/Qwen2.5-*)
+    "llama3-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                      max_seq_len=8192, rope_theta=500000.0),
+    "llama3.1-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                        max_seq_len=131072, rope_theta=500000.0,
+                        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                          original_max_position_embeddings=8192)),
+    "llama3.2-1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
+                        max_seq_len=131072, rope_theta=500000.0, tie_embeddings=True,
+                        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                          original_max_position_embeddings=8192)),
+    "qwen2.5-0.5b": dict(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, ffn_dim=4864,
+                         max_seq_len=32768, rope_theta=1000000.0, norm_eps=1e-6, tie_embeddings=True,
+                         attention_bias=True),
+    "qwen2.5-1.5b": dict(vocab_size=151936, dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, ffn_dim=8960,
+                         max_seq_len=131072, rope_theta=1000000.0, norm_eps=1e-6, tie_embeddings=True,
+                         attention_bias=True),
     # ~10M non-embedding parameters: matched to Coeus `nano` for honest comparisons
     "small": dict(vocab_size=32000, dim=384, n_layers=6, n_heads=6, n_kv_heads=2, ffn_dim=1024, max_seq_len=1024),
     "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256),
@@ -68,9 +120,44 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(positions, head_dim, theta, dtype):
-    """cos/sin for integer positions of any shape -> (*positions.shape, head_dim), HF's duplicated-halves layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+def rope_inv_freq(head_dim, theta, device, scaling=None, positions=None, max_seq_len=None):
+    """RoPE's inverse frequencies (head_dim/2,) fp32, as transformers' ROPE_INIT_FUNCTIONS compute them.
+
+    scaling: LlamaConfig.rope_scaling (None = plain). dynamic needs the positions of this call: beyond the original
+    context L0 the base grows to theta * (factor * S / L0 - (factor - 1)) ** (D / (D - 2)), S = max position + 1 of
+    the call (tensor arithmetic, no host sync). With a KV cache, earlier keys keep the theta of their own step, as
+    in transformers' generate: cached decoding equals the full forward only within the original context."""
+    exponent = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim  # (D/2,)
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "dynamic":
+        factor = float(scaling["factor"])
+        orig = scaling.get("original_max_position_embeddings") or max_seq_len
+        seq = (positions.max() + 1).clamp(min=orig).float()                  # () on the device
+        base = theta * ((factor * seq / orig) - (factor - 1)) ** (head_dim / (head_dim - 2))
+        return 1.0 / (base ** exponent)
+    inv_freq = 1.0 / (theta ** exponent)
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        # wavelengths shorter than L0/high kept, longer than L0/low divided by factor, smooth in between
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    if kind != "default":
+        raise ValueError(f"rope_scaling type {kind!r} is not implemented; known: {', '.join(ROPE_SCALING_KEYS)}")
+    return inv_freq
+
+
+def rope_cos_sin(positions, head_dim, theta, dtype, scaling=None, max_seq_len=None):
+    """cos/sin for integer positions of any shape -> (*positions.shape, head_dim), HF's duplicated-halves layout.
+    scaling / max_seq_len: see rope_inv_freq (default: plain RoPE)."""
+    inv_freq = rope_inv_freq(head_dim, theta, positions.device, scaling, positions, max_seq_len)
     freqs = positions.float()[..., None] * inv_freq  # (..., head_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -106,18 +193,23 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_proj_bias)
         self.qkv_proj = None  # set by fuse_projections() for inference
         self.kv_cache = None
 
     def fuse_projections(self):
         """One (q|k|v) matmul instead of three: fewer, larger kernels per decode step. Inference only."""
-        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach()
-        self.qkv_proj = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        w = torch.cat([p.weight for p in projs]).detach()  # (H*D + 2*Hkv*D, dim)
+        has_bias = self.q_proj.bias is not None
+        self.qkv_proj = nn.Linear(w.shape[1], w.shape[0], bias=has_bias, device=w.device, dtype=w.dtype)
         self.qkv_proj.weight.data.copy_(w)
+        if has_bias:  # (H*D + 2*Hkv*D,), same order as the rows
+            self.qkv_proj.bias.data.copy_(torch.cat([p.bias for p in projs]).detach())
         del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, cos, sin, mask=None, input_pos=None):
@@ -219,9 +311,11 @@ class Llama(nn.Module):
 
     @staticmethod
     def _init_weights(m):
-        # HF's LlamaPreTrainedModel init: N(0, 0.02) for linears and embeddings
+        # HF's LlamaPreTrainedModel init: N(0, 0.02) for linears and embeddings, zero biases
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
     def num_params(self, exclude_embeddings=False):
         n = sum(p.numel() for p in self.parameters())
@@ -322,7 +416,8 @@ class Llama(nn.Module):
         if position_ids is None:
             base = input_pos if use_cache else torch.arange(T, device=x.device)
             position_ids = base[None].expand(B, T)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        c = self.config
+        cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, x.dtype, c.rope_scaling, c.max_seq_len)
         mask = self._build_mask(attention_mask, input_pos, B, T, x.device)
         return x, cos, sin, mask
 

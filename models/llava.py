@@ -1,9 +1,12 @@
-"""LLaVA: CLIP-style ViT -> MLP projector -> Llama decoder, one model.
+"""LLaVA: CLIP-style ViT (or SigLIP) -> MLP projector -> Llama decoder, one model.
 
 Mirrors transformers/models/llava/modeling_llava.py (LlavaModel.get_image_features / forward,
 LlavaForConditionalGeneration). The three parts are plain submodules, `vision_tower`, `projector` and
 `language_model` (a models.llama.Llama, the only language model inside), so the parameter count is
-exactly the sum of the three parts.
+exactly the sum of the three parts. The tower is CLIP's (models.vit.VisionTransformer) for a `VisionConfig`
+and SigLIP's (models.siglip.SiglipVisionTransformer) for a `SiglipConfig`; a config dict without
+`family: "siglip"` (every checkpoint written before SigLIP existed here) is CLIP. SigLIP has no class token:
+both select strategies give all its patches.
 
 Image-token convention: `input_ids` carry N = `num_image_tokens` copies of the `<image>` placeholder id
 per image (HF's modern processor convention), in the order of the images in `pixel_values` (row-major over
@@ -26,12 +29,13 @@ import torch.nn as nn
 
 from models.llama import Llama, LlamaConfig, fused_linear_cross_entropy, llama_config
 from models.projector import Projector
-from models.vit import VisionConfig, VisionTransformer, vision_config
+from models.siglip import SiglipConfig, build_vision_tower, vision_config_from_dict
+from models.vit import VisionConfig, vision_config
 
 
 @dataclass
 class LlavaConfig:
-    vision: VisionConfig = field(default_factory=lambda: vision_config("clip-vit-l-336"))
+    vision: VisionConfig | SiglipConfig = field(default_factory=lambda: vision_config("clip-vit-l-336"))
     text: LlamaConfig = field(default_factory=lambda: llama_config("tinyllama-1.1b"))
     image_token_id: int = 32000
     feature_layer: int = -2
@@ -40,7 +44,7 @@ class LlavaConfig:
 
     def __post_init__(self):
         if isinstance(self.vision, dict):
-            self.vision = VisionConfig(**self.vision)
+            self.vision = vision_config_from_dict(self.vision)
         if isinstance(self.text, dict):
             self.text = LlamaConfig(**self.text)
         if self.select_strategy not in ("default", "full"):
@@ -71,7 +75,7 @@ class LlavaModel(nn.Module):
     def __init__(self, cfg: LlavaConfig):
         super().__init__()
         self.config = cfg
-        self.vision_tower = VisionTransformer(cfg.vision)
+        self.vision_tower = build_vision_tower(cfg.vision)
         self.projector = Projector(cfg.vision.dim, cfg.text.dim, bias=cfg.projector_bias)
         self.language_model = Llama(cfg.text)
 

@@ -1,9 +1,12 @@
-"""CLIP image preprocessing (and LLaVA's pad-to-square), PIL in, normalised tensor out.
+"""CLIP and SigLIP image preprocessing (and LLaVA's pad-to-square), PIL in, normalised tensor out.
 
 Mirrors transformers' CLIPImageProcessor (resize the shortest side to `size` with bicubic resampling,
 center crop to `crop_size`, scale to [0, 1], normalise with CLIP's mean/std) and LLaVA's `expand2square`
 (llava/mm_utils.py): pad the short side symmetrically with the mean colour before resizing, so nothing
-of the image is cropped away.
+of the image is cropped away. SigLIP's SiglipImageProcessor is simpler: a bicubic resize straight to
+size x size (aspect ratio not kept, no crop), scale to [0, 1], normalise with mean = std = 0.5
+(`resize_to_square=True`, SIGLIP_MEAN / SIGLIP_STD). `ImageProcessor.for_vision(cfg)` picks the right
+one for a vision config (models.vit.VisionConfig or models.siglip.SiglipConfig).
 
 Every image is turned into 3-channel RGB first: grayscale ("L", "I;16", "1"), palette ("P") and
 images with an alpha channel ("RGBA", "LA", "P" with transparency) are composited onto a white
@@ -17,6 +20,8 @@ from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)  # transformers' IMAGENET_STANDARD_MEAN / _STD
+SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -49,20 +54,39 @@ def expand_to_square(img: Image.Image, background) -> Image.Image:
 
 
 class ImageProcessor:
-    """PIL image -> float tensor (3, crop_size, crop_size), CLIP-normalised."""
+    """PIL image -> float tensor (3, crop_size, crop_size), normalised with mean / std (CLIP's by default).
 
-    def __init__(self, size=336, crop_size=None, mean=CLIP_MEAN, std=CLIP_STD, pad_to_square=False):
+    resize_to_square: SigLIP's resize, straight to (size, size), instead of CLIP's shortest side + center crop.
+    """
+
+    def __init__(self, size=336, crop_size=None, mean=CLIP_MEAN, std=CLIP_STD, pad_to_square=False,
+                 resize_to_square=False):
         self.size = int(size)
         self.crop_size = int(crop_size or size)
         self.mean, self.std = tuple(mean), tuple(std)
         self.pad_to_square = pad_to_square
+        self.resize_to_square = bool(resize_to_square)
+        if self.resize_to_square and self.crop_size != self.size:
+            raise ValueError(f"resize_to_square resizes to size x size and never crops: crop_size must equal "
+                             f"size {self.size}, got {self.crop_size}")
+
+    @classmethod
+    def for_vision(cls, cfg, pad_to_square=False):
+        """The preprocessing a vision tower was trained with: SigLIP's for a SiglipConfig (family "siglip"),
+        CLIP's otherwise, at the config's image_size."""
+        if getattr(cfg, "family", "clip") == "siglip":
+            return cls(cfg.image_size, mean=SIGLIP_MEAN, std=SIGLIP_STD, pad_to_square=pad_to_square,
+                       resize_to_square=True)
+        return cls(cfg.image_size, pad_to_square=pad_to_square)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         img = to_rgb(img)
         if self.pad_to_square:
             img = expand_to_square(img, tuple(int(m * 255) for m in self.mean))
-        img = self.resize_shortest_side(img)
-        img = self.center_crop(img)
+        if self.resize_to_square:
+            img = img if img.size == (self.size, self.size) else img.resize((self.size, self.size), Image.BICUBIC)
+        else:
+            img = self.center_crop(self.resize_shortest_side(img))
         x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0  # (3, H, W)
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
@@ -91,7 +115,7 @@ class ImageProcessor:
 
     def to_dict(self):
         return dict(size=self.size, crop_size=self.crop_size, mean=list(self.mean), std=list(self.std),
-                    pad_to_square=self.pad_to_square)
+                    pad_to_square=self.pad_to_square, resize_to_square=self.resize_to_square)
 
     @classmethod
     def from_dict(cls, d):
