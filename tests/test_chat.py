@@ -5,7 +5,8 @@ import torch
 from models.llama import llama_config
 from models.llava import LlavaConfig, LlavaModel
 from models.vit import vision_config
-from utils.chat import IGNORE, PackCollator, PadCollator, answer_spans, encode_conversation
+from utils.chat import (IGNORE, ChatTemplate, PackCollator, PadCollator, answer_spans, encode_conversation,
+                        template_for)
 from utils.tokenizer import SentencePieceTokenizer
 
 WORDS = ("what color is the shape red blue green circle square triangle yes no is there a in image "
@@ -157,3 +158,119 @@ def test_packed_and_padded_losses_are_equal(tok):
         tgt = torch.tensor(s["labels"][1:])
         per.append(torch.nn.functional.cross_entropy(lg, tgt, ignore_index=IGNORE, reduction="sum"))
     torch.testing.assert_close(loss_pad, sum(per) / sum(n_tok), rtol=1e-6, atol=1e-6)
+
+
+# --- the Llama-3 and ChatML templates, against transformers' apply_chat_template ------------------------------
+
+# the chat templates of meta-llama/Meta-Llama-3-8B-Instruct and Qwen/Qwen2-7B-Instruct (tokenizer_config.json)
+LLAMA3_JINJA = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+                "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+                "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+                "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+                "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+CHATML_JINJA = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+                "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+STYLE_SPECIALS = {"llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                             "<|eot_id|>", "<image>"],
+                  "chatml": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]}
+
+
+@pytest.fixture(scope="module", params=["llama3", "chatml"])
+def hf_tok(request, tmp_path_factory):
+    """(style, our tokenizer, transformers' tokenizer) of a tiny byte-level BPE folder with the family's specials."""
+    pytest.importorskip("tokenizers")
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from utils.tokenizer import LLAMA3_PATTERN, tokenizer_from_folder
+    style = request.param
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    texts = [" ".join(WORDS[i:] + WORDS[:i]) + "\n\nsystem user assistant 123 ?" for i in range(len(WORDS))]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens(STYLE_SPECIALS[style])
+    if style == "llama3":
+        bos = "<|begin_of_text|>"
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos}:0 $A:0",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+        special = dict(bos_token=bos, eos_token="<|eot_id|>")
+    else:
+        special = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    folder = str(tmp_path_factory.mktemp(style))
+    PreTrainedTokenizerFast(tokenizer_object=tok, **special).save_pretrained(folder)
+    ref = AutoTokenizer.from_pretrained(folder)
+    ref.chat_template = LLAMA3_JINJA if style == "llama3" else CHATML_JINJA
+    return style, tokenizer_from_folder(folder), ref
+
+
+def _messages(c):
+    return [{"role": {"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]), "content": t["value"]} for t in c]
+
+
+def _hf_ids(ref, messages, add_generation_prompt):
+    out = ref.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+IMAGE_CHAT = [{"from": "system", "value": "describe picture"}] + conv(
+    "<image>what color is the shape?", "red", "how many shapes are there?", "two three")
+
+
+def test_special_templates_give_the_ids_of_apply_chat_template(hf_tok):
+    style, tok, ref = hf_tok
+    template = template_for(tokenizer=tok)
+    assert template.style == style
+    img = tok.token_id("<image>")
+    for k in (2, 4):  # prompts that end with a user turn, then the whole conversation
+        prompt = encode_conversation(IMAGE_CHAT[:k], tok, img, 1, 10_000, template)
+        assert prompt["input_ids"] == _hf_ids(ref, _messages(IMAGE_CHAT[:k]), True)
+    full = encode_conversation(IMAGE_CHAT, tok, img, 1, 10_000, template)
+    assert full["input_ids"] == _hf_ids(ref, _messages(IMAGE_CHAT), False)
+
+
+def test_special_templates_mask_all_but_the_answers_and_their_end_of_turn(hf_tok):
+    style, tok, ref = hf_tok
+    template = ChatTemplate(style=style)
+    eot = template.end_of_turn_id(tok)
+    assert eot == tok.token_id("<|eot_id|>" if style == "llama3" else "<|im_end|>")
+    img, n = tok.token_id("<image>"), 5
+    c = conv("<image>\nwhat color is the shape?", "red", "<image> left of <image>: how many?", "two three")
+    s = encode_conversation(c, tok, img, n, 10_000, template)
+    spans = answer_spans(s)
+    assert sorted(spans) == [0, 1]
+    for k, answer in enumerate(["red", "two three"]):
+        assert spans[k][-1] == eot and eot not in spans[k][:-1]
+        assert tok.decode(spans[k]) == answer + tok.decode([eot])  # the answer and its end-of-turn, nothing else
+    assert s["n_images"] == 3 and s["input_ids"].count(img) == 3 * n
+    runs = "".join("i" if i == img else "." for i in s["input_ids"])
+    assert runs.count("i" * n) == 3 and "i" * (n + 1) not in runs  # each image one run of n tokens
+    for i, lab, t in zip(s["input_ids"], s["labels"], s["turn_ids"]):
+        assert (lab == IGNORE) == (t == -1) and (lab == IGNORE or lab == i)
+    if tok.bos_id is not None:
+        assert s["input_ids"][0] == tok.bos_id and s["labels"][0] == IGNORE
+    for k in (1, 3):  # the generation prompt is a prefix of the training sequence
+        p = encode_conversation(c[:k], tok, img, n, 10_000, template)
+        m = len(p["input_ids"])
+        assert s["input_ids"][:m] == p["input_ids"] and s["labels"][:m] == p["labels"]
+        assert tok.decode(s["input_ids"][m:]).startswith(c[k]["value"])
+    t = encode_conversation(c, tok, img, n, len(s["input_ids"]) - 4, template)
+    assert t["truncated"] and answer_spans(t)[0] == spans[0] and t["input_ids"].count(img) == 3 * n
+
+
+def test_template_dict_round_trip_and_choice(tok):
+    old = ChatTemplate(system="be brief")
+    assert old.to_dict() == dict(user="USER:", assistant="ASSISTANT:", system="be brief")  # what checkpoints hold
+    for t in (old, ChatTemplate(style="llama3"), ChatTemplate(style="chatml", system="You are a helpful assistant.")):
+        back = ChatTemplate.from_dict(t.to_dict())
+        assert vars(back) == vars(t) and vars(ChatTemplate(**t.to_dict())) == vars(t)
+    assert template_for("qwen2").style == "chatml" and template_for("Qwen2.5").style == "chatml"
+    assert template_for("llama3").style == "llama3" and template_for("llama", tok).style == "llava"
+    assert template_for("llava").style == "llava" and template_for(None, tok).style == "llava"
+    with pytest.raises(ValueError, match="needs the token"):
+        encode_conversation(conv("hi", "yes"), tok, IMG, N, 256, ChatTemplate(style="chatml"))
+    with pytest.raises(ValueError, match="unknown chat template style"):
+        ChatTemplate(style="vicuna")

@@ -14,7 +14,29 @@ token t belongs to, -1 elsewhere, so a caller can split the loss per turn (teach
 
 Over-long samples keep the answer side: prompt text is cut first (from the front of the earliest user
 turns, never through the image tokens), then the last answer from its end; `truncated` says it happened.
+
+Two more layouts, for the instruction-tuned families (`template_for` picks one by family / tokenizer):
+
+    llama3 (Llama-3/3.1 Instruct):
+        <|begin_of_text|>[<|start_header_id|>system<|end_header_id|>\n\n<system><|eot_id|>]
+        <|start_header_id|>user<|end_header_id|>\n\n<question><|eot_id|>
+        <|start_header_id|>assistant<|end_header_id|>\n\n<answer><|eot_id|>...
+    chatml (Qwen2/2.5 Instruct):
+        [<|im_start|>system\n<system><|im_end|>\n]<|im_start|>user\n<question><|im_end|>\n
+        <|im_start|>assistant\n<answer><|im_end|>\n...
+
+the text of HF's chat templates of those models (the Llama-3 template trims each message; here every message
+is trimmed, as in the LLaVA layout; the Llama-3.1 date line and Qwen's default system message are left to
+`system`). Special tokens go in as ids; the text between two of them is tokenised as one piece, as transformers
+does when it tokenises the rendered template, so the ids are those of `apply_chat_template`. Labels: the answer
+and its end-of-turn token (<|eot_id|> / <|im_end|>) are learned, as in the LLaVA layout and in HF's assistant
+masks (`{% generation %}` around content + end of turn); the assistant header before it and ChatML's "\n"
+after it are masked (the model is prompted with the header, and generation stops at <|im_end|>).
+`template.end_of_turn_id(tok)` is that token: the id generation must stop at. `<image>` becomes
+num_image_tokens image ids, the text around it trimmed, as in the LLaVA layout.
 """
+import re
+
 import torch
 
 IMAGE_TAG = "<image>"
@@ -23,12 +45,68 @@ ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant"
                 "system": "system"}
 
 
+# style -> (opening of a turn, {role} its role name; end of turn; text after the end of turn)
+SPECIAL_STYLES = {
+    "llama3": ("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", ""),
+    "chatml": ("<|im_start|>{role}\n", "<|im_end|>", "\n"),
+}
+STYLES = ("llava",) + tuple(SPECIAL_STYLES)
+
+
 class ChatTemplate:
-    def __init__(self, user="USER:", assistant="ASSISTANT:", system=None):
-        self.user, self.assistant, self.system = user, assistant, system
+    """style "llava": user / assistant are the role prefixes ("USER:", "ASSISTANT:"); "llama3" / "chatml":
+    they are the role names of the headers ("user", "assistant")."""
+
+    def __init__(self, user=None, assistant=None, system=None, style="llava"):
+        if style not in STYLES:
+            raise ValueError(f"unknown chat template style {style!r} (expected one of {', '.join(STYLES)})")
+        special = style in SPECIAL_STYLES
+        self.user = user if user is not None else ("user" if special else "USER:")
+        self.assistant = assistant if assistant is not None else ("assistant" if special else "ASSISTANT:")
+        self.system, self.style = system, style
 
     def to_dict(self):
-        return dict(user=self.user, assistant=self.assistant, system=self.system)
+        d = dict(user=self.user, assistant=self.assistant, system=self.system)
+        if self.style != "llava":  # the LLaVA layout keeps the dict that checkpoints have always stored
+            d["style"] = self.style
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**d)
+
+    def end_of_turn_id(self, tokenizer):
+        """The token an answer ends with: the tokenizer's eos in the LLaVA layout, <|eot_id|> / <|im_end|>."""
+        if self.style == "llava":
+            return tokenizer.eos_id
+        return _special_id(tokenizer, SPECIAL_STYLES[self.style][1], self.style)
+
+
+def template_for(family=None, tokenizer=None, system=None):
+    """The chat template of a model family (models/hf_weights.detect_family's name, or "llama3" / "qwen2.5"):
+    Qwen2 -> ChatML; Llama with a Llama-3 tokenizer (or "llama3") -> the Llama-3 headers; else the LLaVA layout."""
+    f = (family or "").lower().replace("-", "").replace("_", "")
+    has = (lambda *ts: tokenizer is not None and all(_has_token(tokenizer, t) for t in ts))
+    if f.startswith("qwen") or (not f and has("<|im_start|>", "<|im_end|>")):
+        return ChatTemplate(system=system, style="chatml")
+    if f.startswith("llama3") or (f in ("", "llama", "llava") and has("<|start_header_id|>", "<|eot_id|>")):
+        return ChatTemplate(system=system, style="llama3")
+    return ChatTemplate(system=system)
+
+
+def _has_token(tokenizer, piece):
+    try:
+        tokenizer.token_id(piece)
+        return True
+    except KeyError:
+        return False
+
+
+def _special_id(tokenizer, piece, style):
+    try:
+        return tokenizer.token_id(piece)
+    except KeyError:
+        raise ValueError(f"the {style} chat template needs the token {piece}, which this tokenizer lacks") from None
 
 
 def role_of(turn):
@@ -38,8 +116,78 @@ def role_of(turn):
     return r
 
 
+_SPECIAL_RE = re.compile(r"(<\|[^|<>]+\|>)")
+
+
+def _special_segments(turns, system, tokenizer, image_token_id, num_image_tokens, template):
+    """_segments for the llama3 / chatml styles: the template's specials as ids, the text between two of them
+    (or between a special and an image run) encoded as one piece, the answer as its own piece."""
+    open_, close, after = SPECIAL_STYLES[template.style]
+    parts = []  # [kind, turn, item] with item a str (text), ("special", piece) or ("image",)
+
+    def add(kind, turn, item):
+        if isinstance(item, str):
+            if not item:
+                return
+            if parts and parts[-1][:2] == [kind, turn] and isinstance(parts[-1][2], str):
+                parts[-1][2] += item
+                return
+        parts.append([kind, turn, item])
+
+    def add_template(text):  # template text: its <|...|> pieces are special tokens
+        for k, piece in enumerate(_SPECIAL_RE.split(text)):
+            add("prompt", -1, ("special", piece) if k % 2 else piece)
+
+    def add_turn_open(role):
+        add_template(open_.format(role=role))
+
+    if system:
+        add_turn_open("system")
+        add("prompt", -1, system.strip())
+        add_template(close + after)
+    n_answers = 0
+    for turn in turns:
+        role, value = role_of(turn), turn["value"]
+        if role == "user":
+            add_turn_open(template.user)
+            pieces = value.split(IMAGE_TAG)
+            add("prompt", -1, pieces[0].strip())
+            for piece in pieces[1:]:
+                add("prompt", -1, ("image",))
+                add("prompt", -1, piece.strip())
+            add_template(close + after)
+            add_turn_open(template.assistant)
+        elif role == "assistant":
+            add("answer", n_answers, value.strip())
+            add("answer", n_answers, ("special", close))
+            add_template(after)
+            n_answers += 1
+        else:
+            raise ValueError("a system turn may only come first")
+    segs = [[[tokenizer.bos_id], "bos", -1]] if tokenizer.bos_id is not None else []
+    for kind, turn, item in parts:
+        if isinstance(item, str):
+            ids = tokenizer.encode(item)
+        elif item[0] == "special":
+            ids = [_special_id(tokenizer, item[1], template.style)]
+        else:
+            kind, ids = "image", [image_token_id] * num_image_tokens
+        same = segs and segs[-1][1] == kind and segs[-1][2] == turn and kind in ("prompt", "answer")
+        if same:  # one segment per prompt stretch and per answer (text + end of turn)
+            segs[-1][0] = segs[-1][0] + ids
+        else:
+            segs.append([ids, kind, turn])
+    return segs
+
+
 def _segments(conversations, tokenizer, image_token_id, num_image_tokens, template):
     """-> list of [ids, kind, turn] with kind in {"bos", "prompt", "image", "answer"}."""
+    if template.style in SPECIAL_STYLES:
+        turns = list(conversations)
+        system = template.system
+        if turns and role_of(turns[0]) == "system":
+            system, turns = turns[0]["value"], turns[1:]
+        return _special_segments(turns, system, tokenizer, image_token_id, num_image_tokens, template)
     segs = []
     if tokenizer.bos_id is not None:
         segs.append([[tokenizer.bos_id], "bos", -1])
@@ -99,7 +247,8 @@ def encode_conversation(conversations, tokenizer, image_token_id, num_image_toke
     """One conversation -> dict(input_ids, labels, turn_ids: list[int], n_images, truncated: bool).
 
     conversations: [{"from": "human"|"gpt"|"system", "value": str}], "<image>" marks where an image goes.
-    A conversation ending with a user turn gives the generation prompt (ends with "ASSISTANT:").
+    A conversation ending with a user turn gives the generation prompt (ends with "ASSISTANT:", or the
+    assistant header of the llama3 / chatml styles).
     strict: an over-long conversation raises instead of being truncated.
     """
     template = template or ChatTemplate()
