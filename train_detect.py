@@ -224,7 +224,7 @@ def read_vqa(path):
     mc = vqa["model_config"]
     llava_cfg = LlavaConfig.from_dict(mc.get("llava", mc))
     processor = (ImageProcessor.from_dict(vqa["image_processor"]) if "image_processor" in vqa
-                 else ImageProcessor(llava_cfg.vision.image_size, pad_to_square=True))
+                 else ImageProcessor.for_vision(llava_cfg.vision, pad_to_square=True))
     if processor.crop_size != processor.size:
         raise SystemExit(f"error: {path}: its image processor crops ({processor.size} -> {processor.crop_size}); "
                          f"detection boxes need the whole (padded) image")

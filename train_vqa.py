@@ -32,8 +32,9 @@ from tqdm import tqdm
 
 from models.llama import LLAMA_CONFIGS, Block as LlamaBlock, LlamaConfig, llama_config
 from models.llava import LlavaConfig, LlavaModel
+from models.siglip import SIGLIP_CONFIGS, Block as SiglipBlock, siglip_config
 from models.vit import Block as VitBlock, VISION_CONFIGS, VisionConfig, vision_config
-from utils.chat import IMAGE_TAG, ChatTemplate, PackCollator, PadCollator
+from utils.chat import IMAGE_TAG, ChatTemplate, PackCollator, PadCollator, template_for
 from utils.checkpoint import (check_same_config, load_checkpoint, load_train_state, load_weights, prepare_out_folder,
                               restore_train_state, save_train_state)
 from utils.distributed import (all_reduce_mean, all_reduce_sum, broadcast_object, cleanup_distributed, grad_sync,
@@ -41,7 +42,7 @@ from utils.distributed import (all_reduce_mean, all_reduce_sum, broadcast_object
 from utils.image_processing import FlipShift, ImageProcessor
 from utils.metrics import MetricsLogger, add_monitoring_args, describe_sample, group_norms, memory_stats
 from utils.runtime import CompiledBlocks, pick_device, seed_everything, setup_precision, warmup_cosine
-from utils.tokenizer import SentencePieceTokenizer, tokenizer_from_dict
+from utils.tokenizer import SentencePieceTokenizer, tokenizer_from_dict, tokenizer_from_folder
 from utils.vqa_data import (DataError, QUESTION_TYPES, Encoder, VQADataset, load_conversations, make_loader,
                             prepare_easy_vqa)
 from utils.vqa_eval import evaluate, save_grid, subset
@@ -82,14 +83,18 @@ def get_args(argv=None):
     g.add_argument("--system", default=None, help="system line put before the first user turn (default: none)")
     g.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 0 on CPU, 4 on GPU)")
     g = p.add_argument_group("model")
-    g.add_argument("--vision", default="easyvqa", help=f"vision config: {', '.join([*EXTRA_VISION, *VISION_CONFIGS])}")
+    g.add_argument("--vision", default="easyvqa", help="vision config: "
+                   f"{', '.join([*EXTRA_VISION, *VISION_CONFIGS, *SIGLIP_CONFIGS])}, or an HF folder (CLIP or SigLIP "
+                   "vision model: the same as --init-vision FOLDER)")
     g.add_argument("--conv-stem", type=int, default=None, metavar="N",
                    help="new vision tower: N stride-2 3x3 convolutions instead of the patch embedding (patch size "
                         "2**N; 0 = CLIP's patch embedding; default: the vision config's)")
-    g.add_argument("--llm", default="easyvqa", help=f"decoder config: {', '.join([*EXTRA_LLM, *LLAMA_CONFIGS])}")
-    g.add_argument("--init-vision", default=None, help="HF folder (CLIPVisionModel/CLIPModel) to load the ViT from")
-    g.add_argument("--init-llm", default=None, help="HF folder (LlamaForCausalLM) to load the decoder and its "
-                   "tokenizer.model from")
+    g.add_argument("--llm", default="easyvqa", help=f"decoder config: {', '.join([*EXTRA_LLM, *LLAMA_CONFIGS])}, "
+                   "or an HF folder (LlamaForCausalLM / Qwen2ForCausalLM: the same as --init-llm FOLDER)")
+    g.add_argument("--init-vision", default=None, help="HF folder (CLIPVisionModel/CLIPModel, SiglipVisionModel/"
+                   "SiglipModel) to load the vision tower from")
+    g.add_argument("--init-llm", default=None, help="HF folder (LlamaForCausalLM incl. Llama-3.x, Qwen2ForCausalLM) "
+                   "to load the decoder, its tokenizer (tokenizer.json / tokenizer.model) and its chat template from")
     g.add_argument("--feature-layer", type=int, default=None,
                    help="ViT hidden state fed to the projector (default -2 as LLaVA; -1 for the easyvqa tower)")
     g.add_argument("--vocab-size", type=int, default=None, help="sentencepiece vocabulary when training from "
@@ -146,6 +151,10 @@ def get_args(argv=None):
                    "in backward (through the distributed wrapper; --grad-checkpointing is the models' own switch)")
     add_monitoring_args(p)
     args = p.parse_args(argv)
+    if os.path.isdir(args.llm) and not args.init_llm:  # --llm FOLDER: that pretrained decoder
+        args.init_llm = args.llm
+    if os.path.isdir(args.vision) and not args.init_vision:
+        args.init_vision = args.vision
     if args.augment is None:  # flips and shifts keep easy-VQA's answers; other data may ask left/right
         args.augment = 3 if args.data == "easyvqa" else 0
     return args
@@ -185,13 +194,24 @@ def special_ids(tok):
     return image_id, pad_id, n
 
 
+def pretrained_tokenizer(args):
+    """--init-llm's tokenizer (tokenizer.json, sentencepiece or Llama-3 tiktoken) and the chat template of its
+    family: Llama-3 headers, ChatML for Qwen2, else the LLaVA layout."""
+    from models.hf_weights import decoder_family, detect_family, llama_config_from_hf, qwen2_config_from_hf, \
+        read_config
+    try:
+        tok = tokenizer_from_folder(args.init_llm, prefer_sentencepiece=True)
+        c = read_config(args.init_llm)
+        family = detect_family(c)
+        cfg = (qwen2_config_from_hf if family == "qwen2" else llama_config_from_hf)(c)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: --init-llm {args.init_llm}: {e}")
+    name = "llama3" if family == "llama" and cfg.rope_theta >= 5e5 else decoder_family(cfg)  # Llama-3's theta
+    return tok, template_for(name, tok, system=args.system)
+
+
 def build_tokenizer(args, train_entries, template, vocab_size):
-    if args.init_llm:
-        from models.hf_weights import tokenizer_model_path
-        path = tokenizer_model_path(args.init_llm)
-        if path is None:
-            raise SystemExit(f"error: {args.init_llm} has no tokenizer.model (a sentencepiece file is needed)")
-        return SentencePieceTokenizer.from_file(path)
+    """A sentencepiece model trained on the training conversations (cached under --data-dir)."""
     texts = [template.user, template.assistant] + ([template.system] if template.system else [])
     for e in train_entries:
         texts += [t["value"].replace(IMAGE_TAG, " ").strip() for t in e["conversations"]]
@@ -199,20 +219,33 @@ def build_tokenizer(args, train_entries, template, vocab_size):
                                         user_defined_symbols=[IMAGE_TAG])
 
 
+def config_from_folder(folder, families, flag):
+    """The config of an HF folder of one of `families` (CLIP / SigLIP towers, Llama / Qwen2 decoders)."""
+    from models.hf_weights import BUILDERS, detect_family, read_config
+    try:
+        c = read_config(folder)
+        family = detect_family(c)
+        if family not in families:
+            raise ValueError(f"a {family!r} model; {flag} takes {' or '.join(families)}")
+        return BUILDERS[family][0](c)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {flag} {folder}: {e}")
+
+
 def build_config(args, n_vocab, image_id):
     if args.init_vision:
-        from models.hf_weights import read_config, vision_config_from_hf
-        vcfg = vision_config_from_hf(read_config(args.init_vision))
+        vcfg = config_from_folder(args.init_vision, ("clip", "siglip"), "--init-vision")
+    elif args.vision in SIGLIP_CONFIGS:
+        vcfg = siglip_config(args.vision)
     else:
         vcfg = named_config(args.vision, EXTRA_VISION, VISION_CONFIGS, vision_config, VisionConfig, "vision")
-        if args.conv_stem is not None:
-            try:
-                vcfg = dataclasses.replace(vcfg, conv_stem=args.conv_stem)
-            except ValueError as e:
-                raise SystemExit(f"error: --conv-stem: {e}")
+    if args.conv_stem is not None:
+        try:
+            vcfg = dataclasses.replace(vcfg, conv_stem=args.conv_stem)
+        except (ValueError, TypeError) as e:  # TypeError: a SigLIP tower has no stem
+            raise SystemExit(f"error: --conv-stem: {e}")
     if args.init_llm:
-        from models.hf_weights import llama_config_from_hf, read_config
-        tcfg = llama_config_from_hf(read_config(args.init_llm))
+        tcfg = config_from_folder(args.init_llm, ("llama", "qwen2"), "--init-llm")
     else:
         tcfg = named_config(args.llm, EXTRA_LLM, LLAMA_CONFIGS, llama_config, LlamaConfig, "LLM")
     if args.max_len:
@@ -228,10 +261,10 @@ def build_model(cfg, args, n_vocab, pretrained=True):
     model = LlavaModel(cfg)
     if pretrained and args.init_vision:
         from models.hf_weights import load_into
-        load_into(model.vision_tower, args.init_vision, "clip")
+        load_into(model.vision_tower, args.init_vision)  # the family follows the tower: CLIP or SigLIP
     if pretrained and args.init_llm:
         from models.hf_weights import load_into
-        load_into(model.language_model, args.init_llm, "llama")
+        load_into(model.language_model, args.init_llm)  # Llama or Qwen2
         model.language_model.resize_token_embeddings(max(n_vocab, cfg.text.vocab_size))  # updates cfg.text too
     return model
 
@@ -270,14 +303,17 @@ def set_trainable(model, args):
 def model_parts(args, ckpt, ckpt_path, train_entries):
     """(tokenizer, LlavaConfig, image processor, chat template): the checkpoint's, or new from the flags. On
     --resume the flags must describe the checkpoint's model (one line naming the fields that differ)."""
-    if ckpt is None:
+    if ckpt is None and args.init_llm:
+        tok, template = pretrained_tokenizer(args)
+    elif ckpt is None:
         template = ChatTemplate(system=args.system)
         lcfg_vocab = (EXTRA_LLM.get(args.llm) or LLAMA_CONFIGS.get(args.llm) or {}).get("vocab_size", 512)
         with rank0_first():  # trained once into the cache; the other ranks read it
             tok = build_tokenizer(args, train_entries, template, args.vocab_size or lcfg_vocab)
+    if ckpt is None:
         image_id, _, n_vocab = special_ids(tok)
         cfg = build_config(args, n_vocab, image_id)
-        return tok, cfg, ImageProcessor(cfg.vision.image_size, pad_to_square=args.pad_to_square), template
+        return tok, cfg, ImageProcessor.for_vision(cfg.vision, pad_to_square=args.pad_to_square), template
     tok = tokenizer_from_dict(ckpt["tokenizer"])
     cfg = LlavaConfig.from_dict(ckpt["model_config"])  # fields added since it was written take their defaults
     if args.resume and not (args.init_llm or args.init_vision):
@@ -286,7 +322,7 @@ def model_parts(args, ckpt, ckpt_path, train_entries):
             check_same_config(cfg.to_dict(), build_config(args, n_vocab, image_id).to_dict(), ckpt_path)
         except ValueError as e:
             raise SystemExit(f"error: {e}")
-    return tok, cfg, ImageProcessor.from_dict(ckpt["image_processor"]), ChatTemplate(**ckpt["template"])
+    return tok, cfg, ImageProcessor.from_dict(ckpt["image_processor"]), ChatTemplate.from_dict(ckpt["template"])
 
 
 def wrap_for_training(model, args, info, dtype_name):
@@ -297,14 +333,14 @@ def wrap_for_training(model, args, info, dtype_name):
         model.vision_tower.gradient_checkpointing = True
     groups = set_trainable(model, args)
     if info.enabled:
-        model = wrap_model(model, args.dist, block_types=(VitBlock, LlamaBlock), forward_methods=("loss",),
+        model = wrap_model(model, args.dist, block_types=(VitBlock, SiglipBlock, LlamaBlock), forward_methods=("loss",),
                            mixed_precision=torch.bfloat16 if args.dist == "fsdp" and dtype_name == "bfloat16" else None,
                            activation_checkpointing=args.activation_checkpointing,
                            # ViT blocks past the feature layer and its post-norm never get a gradient
                            **(dict(find_unused_parameters=True) if args.dist == "ddp" else {}))
         groups = set_trainable(unwrap_model(model), args)  # FSDP2 replaced the parameters by sharded ones
     elif args.activation_checkpointing:
-        model = wrap_model(model, block_types=(VitBlock, LlamaBlock), activation_checkpointing=True)
+        model = wrap_model(model, block_types=(VitBlock, SiglipBlock, LlamaBlock), activation_checkpointing=True)
     return model, unwrap_model(model), groups
 
 
@@ -360,23 +396,23 @@ def save_run(path, model, optimizer, scheduler, run, args, cfg, tok, meta, last)
 
 # --- evaluation ----------------------------------------------------------------------------------------------
 
-def validate(model, make_plain, val_set, val_idx, tok, pad_id, args, autocast):
+def validate(model, make_plain, val_set, val_idx, tok, pad_id, eos_id, args, autocast):
     """Validation exact match of greedy answers, on rank 0 on the plain model (the other ranks wait for its
     result; collective under FSDP2). Returns the accuracy dict on every rank."""
     plain = plain_model_on_rank0(model, make_plain)
     acc = None
     if plain is not None:
         acc = evaluate(plain, val_set, val_idx, tok, pad_id, autocast, args.eval_batch_size, args.max_new_tokens,
-                       desc="val", progress=not args.no_progress)[0]
+                       desc="val", progress=not args.no_progress, eos_id=eos_id)[0]
     return broadcast_object(acc)
 
 
-def test_and_report(model, test_set, args, tok, pad_id, autocast, processor, step):
+def test_and_report(model, test_set, args, tok, pad_id, eos_id, autocast, processor, step):
     """The final (or --eval-only) test: exact match per question type, samples.png, eval.json."""
     idx = subset(len(test_set), args.test_samples, args.seed)
     acc, total, kept, skipped = evaluate(model, test_set, idx, tok, pad_id, autocast, args.eval_batch_size,
                                          args.max_new_tokens, n_keep=args.n_grid, desc="test",
-                                         progress=not args.no_progress)
+                                         progress=not args.no_progress, eos_id=eos_id)
     save_grid(kept, os.path.join(args.out, "samples.png"), processor)
     line = "  ".join(f"{k} {acc[k] * 100:.2f}% ({total[k]})" for k in ["all", *QUESTION_TYPES] if k in acc)
     print(f"test exact match: {line}" + (f"; {len(skipped)} skipped ({'; '.join(skipped[:3])})" if skipped else ""))
@@ -438,6 +474,7 @@ def main(argv=None):
     # --- tokenizer, model config, model: the checkpoint's, or new
     tok, cfg, processor, template = model_parts(args, ckpt, ckpt_path, train_entries)
     image_id, pad_id, n_vocab = special_ids(tok)
+    eos_id = template.end_of_turn_id(tok)  # where an answer ends: eos, or the template's <|eot_id|> / <|im_end|>
     model = build_model(cfg, args, n_vocab, pretrained=ckpt is None)
     if args.eval_only:
         load_weights(model, ckpt["model"], ckpt_path)
@@ -451,7 +488,7 @@ def main(argv=None):
     eval_encode = Encoder(tok, image_id, n_img, max_len - args.max_new_tokens, template, args.strict, prompt_only=True)
     test_set = VQADataset(test_entries, image_folder, processor, eval_encode, args.strict) if test_entries else None
     if args.eval_only:
-        test_and_report(model, test_set, args, tok, pad_id, autocast, processor, ckpt.get("step"))
+        test_and_report(model, test_set, args, tok, pad_id, eos_id, autocast, processor, ckpt.get("step"))
         return
 
     # --- what trains, the wrapper (torchrun), optimizer, schedule, resume
@@ -500,7 +537,7 @@ def main(argv=None):
         if val_set is None or validated_at == run.step:
             return
         validated_at = run.step
-        acc = validate(model, make_plain, val_set, val_idx, tok, pad_id, args, autocast)
+        acc = validate(model, make_plain, val_set, val_idx, tok, pad_id, eos_id, args, autocast)
         log.log(step=run.step, epoch=run.epoch, **{f"val_acc_{k}".replace("/", ""): v for k, v in acc.items()})
         msg = f"step {run.step}: val exact match {acc['all'] * 100:.2f}%"
         if acc["all"] > run.best_acc:
@@ -618,7 +655,7 @@ def main(argv=None):
                          ["val_acc_all", "val_acc_yesno", "val_acc_color", "val_acc_shape"],
                          [f"gnorm_{g}" for g in ("projector", "llm", "vision")]])
         if test_set is not None:
-            test_and_report(plain, test_set, args, tok, pad_id, autocast, processor, run.step)
+            test_and_report(plain, test_set, args, tok, pad_id, eos_id, autocast, processor, run.step)
     log.close()
     cleanup_distributed()
 

@@ -20,7 +20,8 @@ import warnings
 import torch
 import torch.nn as nn
 
-from kernels.fused_decode import KINDS as FUSED_KINDS, can_run_fused_layers, fused_layers, new_arrivals
+from kernels.fused_decode import (KINDS as FUSED_KINDS, can_run_fused_layers, fused_layers,
+                                  fused_layers_unsupported, new_arrivals)
 from kernels.gemv import use_gemv
 from kernels.launch import kernels_by_default
 from utils.runtime import CompiledOrEager
@@ -44,6 +45,11 @@ class LlamaLM(nn.Module):
         self.gemv_report = use_gemv(self.model, kinds=FUSED_KINDS if fuse else None) if gemv else None
         # the fused layers need q/k/v and gate/up fused and every projection a DecodeLinear of its kind
         self.layer_kernels = fuse and self.gemv_report is not None
+        # ... and no biases (Qwen2's q/k/v): such a model decodes through its own (compiled) Blocks instead
+        self.layer_kernels_off = fused_layers_unsupported(self.model.layers) if self.layer_kernels else None
+        if self.layer_kernels_off:
+            warnings.warn(f"fused decode layers off: {self.layer_kernels_off}; decoding runs the model's layers")
+            self.layer_kernels = False
         # their attention kernel's arrival counters, allocated with the KV cache; a buffer, so that a CUDA graph
         # of the step finds them at one address
         self.register_buffer("arrivals", None, persistent=False)
@@ -287,7 +293,9 @@ class Session:
         embeds = None
         if pixels is not None:
             embeds = self.loaded.llava.embed(prompt, pixels.to(dev).expand(num_samples, -1, -1, -1))
-        eos = None if ignore_eos else tok.eos_id
+        template = (self.loaded.extras or {}).get("template")
+        # a chat answer ends with the template's end of turn (<|eot_id|>, <|im_end|>; the eos in the LLaVA layout)
+        eos = None if ignore_eos else (template.end_of_turn_id(tok) if template is not None else tok.eos_id)
         rows = [Row(tok, ids, eos, stop) for _ in range(num_samples)]
         t0 = time.perf_counter()
         t_first = None

@@ -85,43 +85,44 @@ def _vqa_extras(ckpt, llava):
     from utils.image_processing import ImageProcessor
     extras = {"image_token_id": ckpt.get("special_tokens", {}).get("image", llava.config.image_token_id),
               "template": ChatTemplate(**ckpt["template"]) if "template" in ckpt else ChatTemplate()}
-    size = llava.config.vision.image_size if hasattr(llava.config.vision, "image_size") else 336
     extras["processor"] = (ImageProcessor.from_dict(ckpt["image_processor"]) if "image_processor" in ckpt
-                           else ImageProcessor(size))
+                           else ImageProcessor.for_vision(llava.config.vision))  # CLIP's or SigLIP's
     return extras
 
 
 def _load_hf_folder(path, device, dtype, tokenizer_path):
-    from models.hf_weights import load_pretrained, read_config, detect_family, tokenizer_model_path
-    from utils.tokenizer import SentencePieceTokenizer
+    from models.hf_weights import decoder_family, detect_family, load_pretrained, read_config
+    from utils.tokenizer import SentencePieceTokenizer, tokenizer_from_folder
     try:
         family = detect_family(read_config(path))
-        if family not in ("llama", "llava"):
-            fail(f"{path} is a {family!r} model; generate.py reads LlamaForCausalLM and LLaVA folders")
+        if family not in ("llama", "qwen2", "llava"):
+            fail(f"{path} is a {family!r} model; generate.py reads LlamaForCausalLM, Qwen2ForCausalLM and LLaVA "
+                 "folders")
         model = load_pretrained(path, dtype=torch.float32, device="cpu")
+        # a folder with both tokenizer.json and a sentencepiece tokenizer.model (Llama-2, TinyLlama) reads the latter,
+        # as this project's checkpoints of those models were tokenized
+        tok = SentencePieceTokenizer.from_file(tokenizer_path) if tokenizer_path else \
+            tokenizer_from_folder(path, prefer_sentencepiece=True)
     except (FileNotFoundError, ValueError, KeyError) as e:
         fail(f"{path}: {e}")
-    tok_path = tokenizer_path or tokenizer_model_path(path)
-    if tok_path is None:
-        fail(f"{path} has no tokenizer.model; pass --tokenizer PATH (a sentencepiece .model)")
-    tok = SentencePieceTokenizer.from_file(tok_path)
     if family == "llava":
-        from utils.chat import ChatTemplate
+        from utils.chat import template_for
         from utils.image_processing import ImageProcessor
-        extras = {"image_token_id": model.config.image_token_id, "template": ChatTemplate(),
-                  "processor": ImageProcessor(model.config.vision.image_size)}
+        extras = {"image_token_id": model.config.image_token_id,
+                  "template": template_for(decoder_family(model.config.text), tok),  # Llama-3 / ChatML / LLaVA
+                  "processor": ImageProcessor.for_vision(model.config.vision)}
         return _finish("vqa", model.language_model, tok, model, extras, device, dtype, path)
     return _finish("llama", model, tok, None, {}, device, dtype, path)
 
 
 def check_vocab(tok, model_vocab, image_token_id=None, source=""):
     """The tokenizer must index the model's rows: at most the model's vocabulary (an image placeholder past
-    it excepted), and the model at most padded up to a multiple of 128 beyond it."""
+    it excepted), and the model padded by at most 1 % (or 1,024 rows) beyond it: Qwen2.5 pads its 151,665
+    tokens to 151,936 rows; rows no token maps to are never sampled (utils.decoding.Decoder bans them)."""
     n = tok.vocab_size
     if image_token_id is not None and image_token_id >= model_vocab and image_token_id == n - 1:
         n -= 1  # the <image> placeholder is never embedded (see models/llava.py)
-    padded = -(-n // 128) * 128
-    if n > model_vocab or model_vocab > padded:
+    if n > model_vocab or model_vocab > n + max(1024, n // 100):
         fail(f"{source}: the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {model_vocab} "
              "(a tokenizer of another model?)")
     return n

@@ -16,7 +16,7 @@ def normalize_answer(s):
 
 @torch.no_grad()
 def evaluate(model, dataset, indices, tok, pad_id, autocast, batch_size=256, max_new_tokens=16, n_keep=0,
-             desc="eval", progress=True):
+             desc="eval", progress=True, eos_id=None):
     """Exact-match accuracy (overall and per question type) of greedy answers. Returns (accuracy by type,
     count by type, n_keep records for the grid, the reasons of the skipped samples); no readable sample at all
     is an error naming the first reasons."""
@@ -30,8 +30,8 @@ def evaluate(model, dataset, indices, tok, pad_id, autocast, batch_size=256, max
         if batch["n_samples"] == 0:
             continue
         prompts = [row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["attention_mask"])]
-        gen = greedy_generate(model, prompts, batch["pixel_values"], tok.eos_id, pad_id, max_new_tokens,
-                              autocast)
+        gen = greedy_generate(model, prompts, batch["pixel_values"], tok.eos_id if eos_id is None else eos_id, pad_id,
+                              max_new_tokens, autocast)
         meta = batch["meta"]
         first_image = [sum(batch["n_images"][:k]) for k in range(len(gen))]
         for k, g in enumerate(gen):
