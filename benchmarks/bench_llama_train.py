@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_common import Timer, time_training  # noqa: E402
-from models.hf_weights import llama_config_to_hf, ours_to_hf  # noqa: E402
+from models.hf_weights import decoder_family, llama_config_to_hf, ours_to_hf, qwen2_config_to_hf  # noqa: E402
 from models.llama import Llama, llama_config  # noqa: E402
 
 
@@ -55,7 +55,9 @@ def parse_args(argv=None):
     ap.add_argument("--loss", choices=["fused", "full"], default="fused",
                     help="OUR loss: chunked fused linear cross-entropy, or full logits as transformers does")
     ap.add_argument("--chunk", type=int, default=4096, help="rows per chunk of the fused cross-entropy")
-    ap.add_argument("--compile-hf", action="store_true", help="also torch.compile the transformers model")
+    ap.add_argument("--compile-hf", nargs="?", const="on", default="off", choices=["off", "on", "both"],
+                    help="torch.compile the transformers model: off (eager), on (compiled), both (each in turn, in "
+                         "this run; the speed-up is then reported against each)")
     ap.add_argument("--skip-hf", action="store_true", help="measure only our model (no transformers needed)")
     ap.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (same for both)")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
@@ -72,7 +74,8 @@ def parse_args(argv=None):
     if bad:
         ap.error(f"--compile: unknown mode(s) {bad}; choose from none, blocks, model")
     if args.smoke:
-        args.config, args.batch, args.seq, args.steps, args.warmup = "tiny", 2, 64, 3, 1
+        args.batch, args.seq, args.steps, args.warmup = 2, 64, 3, 1
+        args.config = args.config if args.config in ("tiny", "tiny-qwen2") else "tiny"
         if args.device == "auto":
             args.device = "cpu"
         if not any(a == "--compile" or a.startswith("--compile=") for a in (argv or sys.argv[1:])):
@@ -143,7 +146,8 @@ def main(argv=None):
     with torch.device(device):
         ours = Llama(cfg).to(dtype)
     init_state = {k: v.cpu() for k, v in ours.state_dict().items()}
-    hf_state = {k: v.cpu() for k, v in ours_to_hf(ours, "llama").items()}
+    family = decoder_family(cfg)  # llama (Llama-2/3.x, TinyLlama) or qwen2 (q/k/v bias)
+    hf_state = {k: v.cpu() for k, v in ours_to_hf(ours, family).items()}
     n_params = ours.num_params()
     flops_per_token = 6 * ours.num_params(exclude_embeddings=True) + 6 * cfg.n_layers * cfg.dim * args.seq
     del ours
@@ -161,22 +165,26 @@ def main(argv=None):
             raise SystemExit("error: transformers is not installed (pip install -r requirements-dev.txt), "
                              "or pass --skip-hf")
         env["transformers"] = transformers.__version__
-        left = timer.reset_memory()
-        hf_cfg = transformers.LlamaConfig(**llama_config_to_hf(cfg), attn_implementation="sdpa")
-        with torch.device(device):
-            hf = transformers.LlamaForCausalLM(hf_cfg)
-        hf = hf.to(dtype)
-        hf.load_state_dict(hf_state, strict=not cfg.tie_embeddings)
-        hf.train()
-        assert hf.config._attn_implementation == "sdpa", hf.config._attn_implementation
-        hf_forward = torch.compile(hf) if args.compile_hf else hf
-        results["transformers"] = measure("transformers", hf,
-                                          lambda x: hf_forward(input_ids=x, labels=x, use_cache=False).loss,
-                                          ids, args, timer,
-                                          eager_loss_fn=(lambda x: hf(input_ids=x, labels=x, use_cache=False).loss)
-                                          if args.compile_hf else None)
-        results["transformers"]["allocated_before_gb"] = left / 1e9
-        del hf, hf_forward
+        hf_config, hf_class = ((transformers.Qwen2Config, transformers.Qwen2ForCausalLM) if family == "qwen2" else
+                               (transformers.LlamaConfig, transformers.LlamaForCausalLM))
+        to_hf = qwen2_config_to_hf if family == "qwen2" else llama_config_to_hf
+        modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile_hf]
+        for compiled in modes:
+            name = "transformers[compiled]" if compiled and len(modes) > 1 else "transformers"
+            left = timer.reset_memory()
+            with torch.device(device):
+                hf = hf_class(hf_config(**to_hf(cfg), attn_implementation="sdpa"))
+            hf = hf.to(dtype)
+            hf.load_state_dict(hf_state, strict=not cfg.tie_embeddings)
+            hf.train()
+            assert hf.config._attn_implementation == "sdpa", hf.config._attn_implementation
+            hf_forward = torch.compile(hf) if compiled else hf
+            results[name] = measure(name, hf, lambda x: hf_forward(input_ids=x, labels=x, use_cache=False).loss,
+                                    ids, args, timer,
+                                    eager_loss_fn=(lambda x: hf(input_ids=x, labels=x, use_cache=False).loss)
+                                    if compiled else None)
+            results[name]["allocated_before_gb"] = left / 1e9
+            del hf, hf_forward
 
     for i, mode in enumerate(args.compile):
         name = "ours" if i == 0 else f"ours[compile={mode}]"  # the first mode is the headline figure
@@ -193,6 +201,12 @@ def main(argv=None):
         summary["memory_ratio"] = our_r["peak_mem_gb"] / hf_r["peak_mem_gb"]
         summary["first_loss_diff"] = abs(our_r["first_loss"] - hf_r["first_loss"])
         summary["goal_met"] = summary["speedup"] >= 1.25 and summary["memory_ratio"] <= 1.0
+        if "transformers[compiled]" in results:  # --compile-hf both: the strongest baseline too
+            c = results["transformers[compiled]"]
+            summary["speedup_vs_compiled"] = our_r["tokens_per_s"] / c["tokens_per_s"]
+            summary["memory_ratio_vs_compiled"] = our_r["peak_mem_gb"] / c["peak_mem_gb"]
+            print(f"vs transformers compiled: {summary['speedup_vs_compiled']:.3f}x, peak memory ratio "
+                  f"{summary['memory_ratio_vs_compiled']:.3f}")
         print(f"speed-up ours / transformers: {summary['speedup']:.3f}x   peak memory ratio: "
               f"{summary['memory_ratio']:.3f}   first-step loss difference: {summary['first_loss_diff']:.2e}   "
               f"MFU ours {our_r['mfu']:.1%} vs {hf_r['mfu']:.1%}   goal (>=1.25x, memory <=1x) "

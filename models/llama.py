@@ -97,6 +97,8 @@ LLAMA_CONFIGS = {
     # ~10M non-embedding parameters: matched to Coeus `nano` for honest comparisons
     "small": dict(vocab_size=32000, dim=384, n_layers=6, n_heads=6, n_kv_heads=2, ffn_dim=1024, max_seq_len=1024),
     "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256),
+    "tiny-qwen2": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256,
+                       rope_theta=1000000.0, tie_embeddings=True, attention_bias=True),
 }
 
 

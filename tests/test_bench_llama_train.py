@@ -17,3 +17,10 @@ def test_smoke_run_writes_json_and_losses_agree(tmp_path):
     assert saved["results"]["ours"]["tokens_per_s"] > 0 and "speedup" in saved
     # same initial weights and batch: the first losses agree to bf16 precision
     assert summary["first_loss_diff"] < 1e-2
+
+
+def test_smoke_run_of_the_qwen2_family(tmp_path):
+    """A q/k/v-bias, tied-head decoder is measured against transformers' Qwen2ForCausalLM with the same weights."""
+    summary = bench_llama_train.main(["--smoke", "--config", "tiny-qwen2", "--steps", "1", "--warmup", "0",
+                                      "--out", str(tmp_path / "bench.json")])
+    assert summary["first_loss_diff"] < 1e-2
