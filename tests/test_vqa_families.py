@@ -9,6 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import generate  # noqa: E402
+import train_detect  # noqa: E402
 import train_vqa  # noqa: E402
 from tests.test_tokenizers_hf import llama3_folder, qwen2_folder  # noqa: E402
 from tests.test_train_vqa import args_for, data, losses  # noqa: E402,F401 (data is a fixture)
@@ -73,6 +74,14 @@ def test_pairing_trains_resumes_and_generates(data, tmp_path, vision, decoder, s
                          "--image", image, "--prompt", "what color is the shape?", "--greedy", "--max-new-tokens", "4",
                          "--quiet"])
     assert res[0]["new_tokens"] >= 1
+
+    # the detection head trains on the same pairing, started from that VQA checkpoint
+    det = str(tmp_path / "detect")
+    train_detect.main(["--init-vqa", os.path.join(full, "last.pt"), "--out", det, "--shapes-train", "8",
+                       "--shapes-val", "4", "--batch-size", "4", "--max-steps", "2", "--hidden", "32",
+                       "--num-queries", "4", "--caption-layers", "1", "--eval-every", "1000",
+                       "--num-sample-images", "2", "--tokenizer-cache", str(tmp_path / "tok")])
+    assert load_checkpoint(os.path.join(det, "last.pt"), expect_kind="detect")["template"]["style"] == style
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
