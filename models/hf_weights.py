@@ -45,26 +45,22 @@ from models.vit import VisionConfig, VisionTransformer
 
 # --- the mapping tables ------------------------------------------------------------------------------------
 
-# our VisionTransformer key prefix -> HF CLIPVisionTransformer key prefix (regex, replacement)
-CLIP_TABLE = [
-    (r"patch_embed\.", "embeddings.patch_embedding."),
-    (r"class_embedding$", "embeddings.class_embedding"),
-    (r"position_embedding\.", "embeddings.position_embedding."),
-    (r"pre_norm\.", "pre_layrnorm."),  # sic: CLIP's spelling
-    (r"post_norm\.", "post_layernorm."),
+# the transformer blocks: the same HF names in CLIP's and SigLIP's vision encoders (regex, replacement)
+ENCODER_ROWS = [
     (r"blocks\.(\d+)\.norm1\.", r"encoder.layers.\1.layer_norm1."),
     (r"blocks\.(\d+)\.norm2\.", r"encoder.layers.\1.layer_norm2."),
     (r"blocks\.(\d+)\.attn\.", r"encoder.layers.\1.self_attn."),  # q_proj, k_proj, v_proj, out_proj
     (r"blocks\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),          # fc1, fc2
 ]
 
-
-def clip_key(key, prefix=""):
-    for pattern, repl in CLIP_TABLE:
-        if re.match(pattern, key):
-            return prefix + re.sub("^" + pattern, repl, key)
-    raise KeyError(f"no CLIP mapping for our key {key!r}")
-
+# our VisionTransformer key prefix -> HF CLIPVisionTransformer key prefix
+CLIP_TABLE = [
+    (r"patch_embed\.", "embeddings.patch_embedding."),
+    (r"class_embedding$", "embeddings.class_embedding"),
+    (r"position_embedding\.", "embeddings.position_embedding."),
+    (r"pre_norm\.", "pre_layrnorm."),  # sic: CLIP's spelling
+    (r"post_norm\.", "post_layernorm."),
+] + ENCODER_ROWS
 
 # our SiglipVisionTransformer key prefix -> HF SiglipVisionTransformer key prefix (no class token, no pre-norm)
 SIGLIP_TABLE = [
@@ -72,18 +68,22 @@ SIGLIP_TABLE = [
     (r"position_embedding\.", "embeddings.position_embedding."),
     (r"post_norm\.", "post_layernorm."),
     (r"head\.", "head."),  # probe, attention.in_proj_* / out_proj.*, layernorm, mlp.fc1/fc2: HF's names
-    (r"blocks\.(\d+)\.norm1\.", r"encoder.layers.\1.layer_norm1."),
-    (r"blocks\.(\d+)\.norm2\.", r"encoder.layers.\1.layer_norm2."),
-    (r"blocks\.(\d+)\.attn\.", r"encoder.layers.\1.self_attn."),  # q_proj, k_proj, v_proj, out_proj
-    (r"blocks\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),          # fc1, fc2
-]
+] + ENCODER_ROWS
+
+
+def _table_key(table, family, key, prefix):
+    for pattern, repl in table:
+        if re.match(pattern, key):
+            return prefix + re.sub("^" + pattern, repl, key)
+    raise KeyError(f"no {family} mapping for our key {key!r}")
+
+
+def clip_key(key, prefix=""):
+    return _table_key(CLIP_TABLE, "CLIP", key, prefix)
 
 
 def siglip_key(key, prefix=""):
-    for pattern, repl in SIGLIP_TABLE:
-        if re.match(pattern, key):
-            return prefix + re.sub("^" + pattern, repl, key)
-    raise KeyError(f"no SigLIP mapping for our key {key!r}")
+    return _table_key(SIGLIP_TABLE, "SigLIP", key, prefix)
 
 
 def llama_key(key, body="model.", head=""):
