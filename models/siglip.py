@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.vit import Attention, VisionConfig, VisionTransformer
+from models.vit import Attention, VisionConfig, VisionTransformer, interpolate_grid
 
 
 @dataclass
@@ -160,9 +160,7 @@ class SiglipVisionTransformer(nn.Module):
         g = self.config.grid
         if h == g and w == g:
             return pos
-        pos = pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, dim, g, g)
-        pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False)
-        return pos.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        return interpolate_grid(pos, g, h, w)
 
     def embed(self, pixel_values):
         H, W = pixel_values.shape[-2:]

@@ -126,6 +126,13 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def interpolate_grid(patch_pos, g, h, w):
+    """(1, g*g, dim) learned patch positions -> (1, h*w, dim), bicubic as HF's interpolate_pos_encoding."""
+    patch_pos = patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, dim, g, g)
+    patch_pos = F.interpolate(patch_pos, size=(h, w), mode="bicubic", align_corners=False)
+    return patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, -1)      # (1, h*w, dim)
+
+
 def conv_stem(cfg: VisionConfig):
     """(B, C, H, W) -> (B, dim, H / 2**n, W / 2**n): n stride-2 3x3 conv + GroupNorm + GELU, then a 1x1 conv."""
     layers, c_in = [], cfg.in_channels
@@ -178,11 +185,7 @@ class VisionTransformer(nn.Module):
         g = self.config.grid
         if h == g and w == g:
             return pos
-        cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
-        patch_pos = patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, dim, g, g)
-        patch_pos = F.interpolate(patch_pos, size=(h, w), mode="bicubic", align_corners=False)
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, -1)  # (1, h*w, dim)
-        return torch.cat([cls_pos, patch_pos], dim=1)
+        return torch.cat([pos[:, :1], interpolate_grid(pos[:, 1:], g, h, w)], dim=1)
 
     def embed(self, pixel_values):
         B, _, H, W = pixel_values.shape

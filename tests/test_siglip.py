@@ -16,6 +16,7 @@ from models.llama import llama_config
 from models.llava import LlavaConfig, LlavaModel, expand_image_tokens
 from models.siglip import SIGLIP_CONFIGS, SiglipConfig, SiglipVisionTransformer, siglip_config
 from models.vit import VisionConfig, vision_config
+from tests.test_llava import prompt_ids  # the same left-padded prompts (IMAGE_ID 250 in both)
 from utils.image_processing import ImageProcessor
 
 IMAGE_ID = 250
@@ -180,20 +181,6 @@ def make_llava_pair(layer=-2, seed=0):
     ours = LlavaModel(llava_config_from_hf(cfg.to_dict())).eval()
     ours.load_state_dict(hf_to_ours(ours, "llava", hf.state_dict()))
     return hf, ours
-
-
-def prompt_ids(n_tokens, batch=2):
-    torch.manual_seed(1)
-    rows = []
-    for b in range(batch):
-        text = torch.randint(0, IMAGE_ID, (5 + b,)).tolist()
-        rows.append(expand_image_tokens(text[:2] + [IMAGE_ID] + text[2:], IMAGE_ID, n_tokens))
-    T = max(map(len, rows))
-    ids, mask = torch.zeros(batch, T, dtype=torch.long), torch.zeros(batch, T, dtype=torch.long)
-    for b, r in enumerate(rows):  # left padding
-        ids[b, T - len(r):] = torch.tensor(r)
-        mask[b, T - len(r):] = 1
-    return ids, mask
 
 
 def assert_llava_matches(ours, hf, px):
