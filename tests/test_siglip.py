@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from models.hf_weights import (detect_family, export_pretrained, hf_to_ours, llava_config_from_hf,
                                load_pretrained, siglip_config_from_hf)
 from models.llama import llama_config
-from models.llava import LlavaConfig, LlavaModel, expand_image_tokens
+from models.llava import LlavaConfig, LlavaModel
 from models.siglip import SIGLIP_CONFIGS, SiglipConfig, SiglipVisionTransformer, siglip_config
 from models.vit import VisionConfig, vision_config
 from tests.test_llava import prompt_ids  # the same left-padded prompts (IMAGE_ID 250 in both)

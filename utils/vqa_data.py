@@ -23,7 +23,7 @@ import zipfile
 from utils.chat import IMAGE_TAG, ROLE_ALIASES, encode_conversation, role_of
 from utils.data_files import open_image, resolve_in_folder
 from utils.errors import DataError  # noqa: F401 (re-exported: scripts catch it from here)
-from utils.pypi_fetch import pip_download, sha256_of
+from utils.pypi_fetch import pip_download, sha256_of  # noqa: F401 (sha256_of re-exported: tests recompute digests)
 
 EASY_VQA_WHEEL = "easy_vqa-1.0-py3-none-any.whl"
 EASY_VQA_SHA256 = "fcb51b309b78c7b00f97b64cdbcbcf5c105f94da1b39c0796cee5a787c4f650f"
