@@ -249,3 +249,39 @@ def test_attention_dropout_only_in_training():
     for layer in dropped.layers:  # the global branch alone
         layer.mixer.cfg = coeus_config("tiny", vocab_size=50, gla_dropout=0.5)
     assert not torch.allclose(dropped(x), plain(x))
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("W", [4, 128, 200])
+@pytest.mark.parametrize("T", [1, 63, 128, 129, 300])
+def test_sliding_window_flex_matches_banded(T, W):
+    # the FlexAttention path (eager on the CPU, forward only: torch has no CPU flex backward) against the
+    # banded-SDPA reference, T not a multiple of W or of flex's 128-token tiles
+    gen = torch.Generator().manual_seed(T * W)
+    q, k, v = (torch.randn(2, 2, T, 8, generator=gen) for _ in range(3))
+    flex = sliding_window_attention(q, k, v, W, impl="flex")
+    assert rel_err(flex, sliding_window_attention(q, k, v, W, impl="banded")) <= 1e-5
+
+
+@pytest.mark.parametrize("T, W", [(1, 4), (129, 128), (300, 200), (515, 256), (640, 384)])
+def test_window_block_mask_matches_create_block_mask(T, W):
+    # the block mask built from tile geometry: the same computed and "full" tiles as create_block_mask's
+    from torch.nn.attention.flex_attention import create_block_mask
+    from models.sliding_window import build_window_block_mask
+    ours = build_window_block_mask(T, W, "cpu")
+    ref = create_block_mask(lambda b, h, q, kv: (kv <= q) & (q - kv < W), None, None, T, T, device="cpu")
+
+    def tiles(num, idx):
+        return [sorted(idx[0, 0, i, :num[0, 0, i]].tolist()) for i in range(num.shape[-1])]
+    assert tiles(ours.kv_num_blocks, ours.kv_indices) == tiles(ref.kv_num_blocks, ref.kv_indices)
+    assert tiles(ours.full_kv_num_blocks, ours.full_kv_indices) == tiles(ref.full_kv_num_blocks, ref.full_kv_indices)
+
+
+def test_sliding_window_impl_selection():
+    q = k = v = torch.randn(1, 1, 10, 4)
+    pk = torch.zeros(1, 1, 4, 4)
+    assert torch.equal(sliding_window_attention(q, k, v, 4), sliding_window_attention(q, k, v, 4, impl="banded"))
+    with pytest.raises(ValueError, match="no prefix"):
+        sliding_window_attention(q, k, v, 4, prefix_k=pk, prefix_v=pk, impl="flex")
+    with pytest.raises(ValueError, match="impl must be"):
+        sliding_window_attention(q, k, v, 4, impl="dense")

@@ -24,24 +24,65 @@ def test_infinite_context_tiny(tmp_path, mode, capsys):
 
 
 def test_stress_sweep_tiny(tmp_path):
-    # one subprocess per point on CPU; a bad mode is recorded as an error and the sweep goes on
-    stress_test_massive.main(["--config", "tiny", "--lengths", "64", "--modes", "parallel,nosuchmode",
-                              "--repeats", "1", "--out", str(tmp_path)])
+    # one subprocess per point on CPU; a training mode's row has its batch (budget // T) and tokens/s
+    stress_test_massive.main(["--config", "tiny", "--lengths", "64", "--modes", "parallel,llama-train",
+                              "--train-tokens", "200", "--repeats", "1", "--out", str(tmp_path)])
     rows = list(csv.DictReader(open(tmp_path / "stress.csv")))
-    assert [(r["mode"], r["T"]) for r in rows] == [("parallel", "64"), ("nosuchmode", "64")]
-    assert float(rows[0]["seconds"]) > 0 and float(rows[0]["peak_mib"]) > 0 and rows[1]["seconds"] == "error"
+    assert [(r["mode"], r["T"], r["batch"], r["tokens"]) for r in rows] == [("parallel", "64", "1", "64"),
+                                                                           ("llama-train", "64", "3", "192")]
+    for r in rows:
+        assert float(r["seconds"]) > 0 and float(r["peak_mib"]) > 0 and float(r["tokens_per_s"]) > 0
     assert (tmp_path / "stress.png").is_file()
 
 
+def test_stress_unknown_mode_is_an_argument_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        stress_test_massive.main(["--config", "tiny", "--lengths", "64", "--modes", "parallel,nosuchmode",
+                                  "--out", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "'nosuchmode'" in err and "valid: parallel, prefill, step, llama, train, llama-train" in err
+    assert not (tmp_path / "stress.csv").exists()
+
+
 def test_stress_point_in_process():
-    args = stress_test_massive.parse_args(["--config", "tiny", "--repeats", "1", "--step-tokens", "5"])
-    for mode in ("parallel", "prefill", "step", "llama"):
+    args = stress_test_massive.parse_args(["--config", "tiny", "--repeats", "1", "--step-tokens", "5",
+                                           "--train-tokens", "140"])
+    for mode in stress_test_massive.MODES:
         row = stress_test_massive.measure(mode, 70, args, "cpu", torch.float32)
-        assert row["seconds"] > 0, mode
+        assert row["seconds"] > 0 and row["tokens_per_s"] > 0, mode
+        assert row["tokens"] == {"step": 5, "train": 140, "llama-train": 140}.get(mode, 70), mode
+
+
+def test_stress_train_step_learns():
+    # the timed training step really trains: repeated steps on one batch lower its loss
+    args = stress_test_massive.parse_args(["--config", "tiny"])
+    for mode in stress_test_massive.TRAIN_MODES:
+        torch.manual_seed(0)
+        model = stress_test_massive.build(mode, args, "cpu", torch.float32)
+        ids = torch.randint(0, args.vocab_size, (2, 32))
+        step = stress_test_massive.train_step_fn(model, ids, "cpu", torch.float32)
+        before = model(ids, labels=ids)[1].item()
+        for _ in range(3):
+            step()
+        assert model(ids, labels=ids)[1].item() < before, mode
 
 
 def test_kernel_bench_smoke(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["bench", "--smoke", "--out", str(tmp_path)])
     bench_gla_kernel.main()
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert [r["T"] for r in rows] == [256, 512] and all(r["ours_c64_ms"] > 0 for r in rows)
+    assert [r["T"] for r in rows] == [256, 512] and all(r["ours_c64_ms"] > 0 and r["ours_c64_fwd_ms"] > 0 for r in rows)
+    # labels come from the actual B x T (a T above the budget runs one row of T tokens, and says so)
+    assert [r["label"] for r in rows] == ["4 x 256 = 1,024 tokens", "2 x 512 = 1,024 tokens"]
+    assert all(r["tokens"] == r["B"] * r["T"] and 0 < r["floor_fwd_ms"] < r["floor_fwd_bwd_ms"] for r in rows)
+    if bench_gla_kernel.load_fla()[2] == "fla not installed":
+        assert all(r[c] == "fla not installed" for r in rows for c in ("fla_simple_fwd_ms", "fla_simple_ms"))
+
+
+def test_kernel_bench_labels_and_floor():
+    # 131,072 tokens at T = 128k with the default 65,536 budget: B = 1, and the label says so
+    assert bench_gla_kernel.floor_bytes(2, 32768, 4, 64, 2) == (4 * 2 * 32768 * 256 * 2 + 2 * 32768 * 4 * 4,
+                                                                8 * 2 * 32768 * 256 * 2 + 2 * 2 * 32768 * 4 * 4)
+    args = bench_gla_kernel.parse_args([])
+    assert max(1, args.tokens // 131072) == 1 and args.tokens == 65536
