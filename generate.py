@@ -187,6 +187,8 @@ def build_parser():
     a("--ckpt", default="checkpoints/coeus/best.pt",
       help="checkpoint file (kind llama / coeus / vqa / detect) or a Hugging Face model folder")
     a("--tokenizer", default=None, help="sentencepiece .model to use instead of the checkpoint's tokenizer")
+    a("--adapter", default=None, help="a peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors, "
+      "e.g. a run's --out/adapter) put onto the --ckpt Hugging Face folder and merged before decoding")
     a("--prompt", default=None, help="prompt text (default: the tokenizer's BOS, else a newline)")
     a("--prompt-file", default=None, help="read the prompt from this UTF-8 file")
     a("--replace-invalid", action="store_true", help="--prompt-file: replace bytes that are not UTF-8 with U+FFFD "
@@ -255,7 +257,7 @@ def main(argv=None):
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     seed_everything(args.seed)
-    loaded = load_model(args.ckpt, device, dtype, args.tokenizer)
+    loaded = load_model(args.ckpt, device, dtype, args.tokenizer, adapter=args.adapter)
     # generate never trains or saves: fused projections, and on CUDA batch-1 steps through kernels/ (tuned here)
     loaded.lm = inference_lm(loaded.lm, device)
     if args.eval:

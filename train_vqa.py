@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 
 import torch
@@ -32,11 +33,13 @@ from tqdm import tqdm
 
 from models.llama import LLAMA_CONFIGS, Block as LlamaBlock, LlamaConfig, llama_config
 from models.llava import LlavaConfig, LlavaModel
+from models.lora import lora_report
 from models.siglip import SIGLIP_CONFIGS, Block as SiglipBlock, siglip_config
 from models.vit import Block as VitBlock, VISION_CONFIGS, VisionConfig, vision_config
 from utils.chat import IMAGE_TAG, ChatTemplate, PackCollator, PadCollator, template_for
+from utils.adapters import add_lora_args, apply_lora_spec, format_report, lora_spec, save_adapter
 from utils.checkpoint import (check_same_config, load_checkpoint, load_train_state, load_weights, prepare_out_folder,
-                              restore_train_state, save_train_state)
+                              restore_train_state, save_atomic, save_train_state)
 from utils.distributed import (all_reduce_mean, all_reduce_sum, broadcast_object, cleanup_distributed, grad_sync,
                                plain_model_on_rank0, rank0_first, setup_script, stripe, unwrap_model, wrap_model)
 from utils.image_processing import FlipShift, ImageProcessor
@@ -149,8 +152,13 @@ def get_args(argv=None):
                    "when the dtype is bf16) plus a sharded checkpoint folder --out/last_sharded")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each ViT / decoder block "
                    "in backward (through the distributed wrapper; --grad-checkpointing is the models' own switch)")
+    add_lora_args(p)
     add_monitoring_args(p)
     args = p.parse_args(argv)
+    if (args.lora_r or args.qlora) and args.stage == "pretrain":
+        p.error("--lora-r / --qlora adapt the decoder: they go with --stage finetune (pretrain trains the projector)")
+    if args.qlora and args.dist == "fsdp":
+        p.error("--qlora under --dist fsdp is not supported yet (4-bit buffers are not sharded); use --dist ddp")
     if os.path.isdir(args.llm) and not args.init_llm:  # --llm FOLDER: that pretrained decoder
         args.init_llm = args.llm
     if os.path.isdir(args.vision) and not args.init_vision:
@@ -257,7 +265,9 @@ def build_config(args, n_vocab, image_id):
     return LlavaConfig(vision=vcfg, text=tcfg, image_token_id=image_id, feature_layer=feature_layer)
 
 
-def build_model(cfg, args, n_vocab, pretrained=True):
+def build_model(cfg, args, n_vocab, pretrained=True, lora=None):
+    """The LlavaModel of cfg; pretrained: load --init-vision / --init-llm; lora: a utils.adapters spec, whose
+    adapters (and 4-bit base) are put into the decoder after loading."""
     model = LlavaModel(cfg)
     if pretrained and args.init_vision:
         from models.hf_weights import load_into
@@ -266,6 +276,13 @@ def build_model(cfg, args, n_vocab, pretrained=True):
         from models.hf_weights import load_into
         load_into(model.language_model, args.init_llm)  # Llama or Qwen2
         model.language_model.resize_token_embeddings(max(n_vocab, cfg.text.vocab_size))  # updates cfg.text too
+    if lora is not None:
+        apply_lora_spec(model, lora)  # set_trainable decides what trains: the adapters stand for the decoder
+        if lora["qlora"]:  # the frozen rest of the decoder (embeddings, norms, head) needs no fp32 copy either
+            dtype = getattr(torch, lora["compute_dtype"])
+            for p in model.language_model.parameters():
+                if not p.requires_grad and p.is_floating_point():
+                    p.data = p.data.to(dtype)
     return model
 
 
@@ -278,14 +295,20 @@ def train_vision(args):
 
 
 def set_trainable(model, args):
-    """pretrain: projector; finetune: projector + decoder; --train-vision adds the ViT. Returns param groups."""
+    """pretrain: projector; finetune: projector + decoder (with LoRA: its adapters); --train-vision adds the ViT.
+    Returns param groups."""
     train_llm = args.stage == "finetune"
+    lora = any("lora_" in n for n, _ in model.language_model.named_parameters())
     parts = [("projector", model.projector, args.projector_lr or args.lr, True),
              ("llm", model.language_model, args.lr, train_llm),
              ("vision", model.vision_tower, args.vision_lr or args.lr, train_vision(args))]
     groups = []
     for name, module, lr, on in parts:
-        params = list(module.parameters())
+        if name == "llm" and lora:  # the adapters train, the base decoder never does
+            module.requires_grad_(False)
+            params = [q for n, q in module.named_parameters() if "lora_" in n]
+        else:
+            params = list(module.parameters())
         for q in params:
             q.requires_grad_(on)
         if not on:
@@ -356,6 +379,48 @@ def micro_batch_counts(batch, raw, info):
         raise SystemExit(f"error: rank {info.rank} got a micro-batch of only unreadable images while the other "
                          "ranks did not; fix or drop those images (or train in one process)")
     return counts
+
+
+def lora_of_run(args, ckpt, ckpt_path, dtype_name):
+    """The adapters of this run (utils.adapters spec, or None): the flags' for a new run, the checkpoint's
+    otherwise; --resume with other LoRA flags than the run was started with is an error naming both."""
+    wanted = lora_spec(args, dtype_name)
+    if ckpt is None:
+        return wanted
+    have = ckpt.get("lora")
+    if args.resume and have != wanted:
+        raise SystemExit(f"error: --resume {ckpt_path}: the run was started with LoRA {have} but the flags ask for "
+                         f"{wanted}; pass the same --lora-* / --qlora flags")
+    return have
+
+
+def write_adapter_outputs(model, args, cfg, tok, meta, step):
+    """The end of a LoRA run: --out/adapter (peft's folder: adapters + projector, the embeddings when they grew)
+    and with --merge-lora the plain model merged.pt (+ merged_hf/ when the decoder came from an HF folder)."""
+    from models.hf_weights import export_pretrained, read_config
+    from models.lora import merge_lora
+    keep = ["projector"] + (["vision_tower"] if train_vision(args) else [])
+    if args.init_llm and cfg.text.vocab_size != read_config(args.init_llm).get("vocab_size"):  # rows were added
+        keep += ["embed_tokens"] + ([] if cfg.text.tie_embeddings else ["lm_head"])
+    folder = save_adapter(os.path.join(args.out, "adapter"), model, base=args.init_llm, modules_to_save=keep)
+    print(f"adapter (peft format) -> {folder}")
+    if not args.merge_lora:
+        return
+    merged = merge_lora(model)
+    save_atomic(dict(meta, lora=None, kind="vqa", model_config=cfg.to_dict(), model=merged.state_dict(),
+                     tokenizer=tok.to_dict(), step=step, args=vars(args)), os.path.join(args.out, "merged.pt"))
+    print(f"merged model -> {os.path.join(args.out, 'merged.pt')}")
+    if args.init_llm:
+        hf = export_pretrained(merged, os.path.join(args.out, "merged_hf"))
+        copy_tokenizer_files(args.init_llm, hf)
+        print(f"merged model (Hugging Face folder) -> {hf}")
+
+
+def copy_tokenizer_files(src, dst):
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                 "generation_config.json"):
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------
@@ -475,7 +540,8 @@ def main(argv=None):
     tok, cfg, processor, template = model_parts(args, ckpt, ckpt_path, train_entries)
     image_id, pad_id, n_vocab = special_ids(tok)
     eos_id = template.end_of_turn_id(tok)  # where an answer ends: eos, or the template's <|eot_id|> / <|im_end|>
-    model = build_model(cfg, args, n_vocab, pretrained=ckpt is None)
+    lora = lora_of_run(args, ckpt, ckpt_path, dtype_name)
+    model = build_model(cfg, args, n_vocab, pretrained=ckpt is None, lora=lora)
     if args.eval_only:
         load_weights(model, ckpt["model"], ckpt_path)
     model.to(device)
@@ -484,7 +550,7 @@ def main(argv=None):
         f"decoder {model.language_model.num_params() / 1e6:.2f}M); {n_img} image tokens; vocab {cfg.text.vocab_size}; "
         f"context {max_len}; {device} {dtype_name}")
     meta = dict(special_tokens=dict(image=image_id, pad=pad_id), image_processor=processor.to_dict(),
-                template=template.to_dict())
+                template=template.to_dict(), lora=lora)
     eval_encode = Encoder(tok, image_id, n_img, max_len - args.max_new_tokens, template, args.strict, prompt_only=True)
     test_set = VQADataset(test_entries, image_folder, processor, eval_encode, args.strict) if test_entries else None
     if args.eval_only:
@@ -493,6 +559,8 @@ def main(argv=None):
 
     # --- what trains, the wrapper (torchrun), optimizer, schedule, resume
     model, raw, groups = wrap_for_training(model, args, info, dtype_name)
+    if lora is not None:  # after set_trainable: the projector (and a random ViT) train beside the adapters
+        say(format_report(lora_report(raw)))
     fused = device.startswith("cuda")
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups],
                                   betas=(0.9, 0.95), fused=fused)
@@ -525,7 +593,7 @@ def main(argv=None):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
     def make_plain():
-        return build_model(cfg, args, n_vocab, pretrained=False)
+        return build_model(cfg, args, n_vocab, pretrained=False, lora=lora)
 
     def save(path, last=False):
         save_run(path, model, optimizer, scheduler, run, args, cfg, tok, meta, last)
@@ -656,6 +724,8 @@ def main(argv=None):
                          [f"gnorm_{g}" for g in ("projector", "llm", "vision")]])
         if test_set is not None:
             test_and_report(plain, test_set, args, tok, pad_id, eos_id, autocast, processor, run.step)
+        if lora is not None:
+            write_adapter_outputs(plain, args, cfg, tok, meta, run.step)
     log.close()
     cleanup_distributed()
 

@@ -215,6 +215,30 @@ def ours_to_hf(model, family):
     return {to_hf(k): sd[k].detach().contiguous() for k in _our_keys(model)}
 
 
+# module paths of the transformers classes, which peft addresses adapters by: transformers 5 builds LLaVA's parts
+# under `model.`; adapters trained with transformers 4 (most published ones) use the export layout's paths
+LLAVA_MODULE_LAYOUTS = {
+    "current": {"vision_tower": "model.vision_tower.", "projector": "model.multi_modal_projector.",
+                "language_model": ("model.language_model.", "")},
+    "legacy": {part: prefixes[0] for part, prefixes in LLAVA_PREFIXES.items()},
+}
+
+
+def hf_key(model, key, layout="current"):
+    """Our state-dict key in `model` (a Llama / Qwen2 decoder or a LlavaModel) -> its name in the transformers
+    model's own state dict (LlamaForCausalLM / Qwen2ForCausalLM / LlavaForConditionalGeneration), e.g.
+    layers.0.self_attn.q_proj.weight -> model.layers.0.self_attn.q_proj.weight. layout: "current"
+    (transformers 5) or "legacy" (transformers 4)."""
+    family = _family_of(model)
+    prefixes = LLAVA_MODULE_LAYOUTS[layout] if family == "llava" else LLAMA_PREFIXES[0]
+    return _mapper(family, prefixes, _vision_family(model))(key)
+
+
+def hf_module_path(model, path, layout="current"):
+    """Our module path -> the transformers module path (see hf_key)."""
+    return hf_key(model, path + ".weight", layout)[:-len(".weight")]
+
+
 # --- reading a folder --------------------------------------------------------------------------------------
 
 def read_config(folder):

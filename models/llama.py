@@ -238,7 +238,7 @@ class Attention(nn.Module):
             G = H // Hkv
             qg = q.reshape(B, Hkv, G * T, D)                          # (B, Hkv, G*T, D), row g*T + t
             mg = mask.repeat(1, 1, G, 1)                              # (B|1, 1, G*T, L)
-            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg).view(B, H, T, D)
+            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg).reshape(B, H, T, D)  # not contiguous (fp32 CUDA)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, H * D)
@@ -400,7 +400,9 @@ class Llama(nn.Module):
         x, cos, sin, mask = self.layer_inputs(input_ids, inputs_embeds, attention_mask, position_ids, input_pos)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
+                # early_stop=False: the recompute runs the whole block, which a torch.compile'd block needs
+                # (stopping inside the compiled graph trips checkpoint's early-stop assertion)
+                x = checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False, early_stop=False)
             else:
                 x = layer(x, cos, sin, mask, input_pos)
         return self.norm(x)

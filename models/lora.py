@@ -26,9 +26,13 @@ import math
 import torch
 import torch.nn as nn
 
+from models.nf4 import Linear4bit
+
+BASE_TYPES = (nn.Linear, Linear4bit)  # what an adapter wraps: a dense Linear or QLoRA's 4-bit one
+
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, r=8, alpha=16, dropout=0.0, use_rslora=False):
+    def __init__(self, base, r=8, alpha=16, dropout=0.0, use_rslora=False):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank r must be positive, got {r}")
@@ -36,10 +40,13 @@ class LoRALinear(nn.Module):
         self.base.requires_grad_(False)
         self.r, self.alpha, self.dropout_p, self.use_rslora = r, alpha, dropout, use_rslora
         self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
-        w = base.weight
+        if self.quantized:  # QLoRA: fp32 adapters on the 4-bit base (autocast computes them in bf16)
+            device, dtype = next(base.buffers()).device, torch.float32
+        else:
+            device, dtype = base.weight.device, base.weight.dtype
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=w.device, dtype=w.dtype)   # weight (r, in)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=w.device, dtype=w.dtype)  # weight (out, r)
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device, dtype=dtype)   # weight (r, in)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=dtype)  # weight (out, r)
         self.merged = False
         self.reset_lora_parameters()
 
@@ -47,6 +54,10 @@ class LoRALinear(nn.Module):
         # peft's reset_lora_parameters(init_lora_weights=True): A Kaiming-uniform, B zero -> delta starts at 0
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def quantized(self):
+        return isinstance(self.base, Linear4bit)
 
     @property
     def in_features(self):
@@ -66,17 +77,28 @@ class LoRALinear(nn.Module):
     @property
     def weight(self):
         """The effective weight, for code that reads `.weight` instead of calling the module."""
+        if self.quantized:
+            return self.base.dequantize() + self.delta_weight().to(self.base.compute_dtype)
         return self.base.weight if self.merged else self.base.weight + self.delta_weight()
 
     def forward(self, x):  # x: (..., in)
         y = self.base(x)  # (..., out)
         if self.merged:
             return y
-        h = self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype))  # (..., r)
+        x = self.lora_dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls cast (once, to bf16) anyway
+            x = x.to(self.lora_A.weight.dtype)
+        h = self.lora_A(x)  # (..., r)
         return y + (self.lora_B(h) * self.scale).to(y.dtype)  # (..., out)
+
+    def _dense_only(self, what):
+        if self.quantized:
+            raise ValueError(f"cannot {what} an adapter in place on 4-bit weights (it would re-quantise them); "
+                             "merge_lora(model) writes a dense layer: dequantised base + delta")
 
     @torch.no_grad()
     def merge(self):
+        self._dense_only("merge")
         if not self.merged:  # delta in fp32 at least, then cast once to the base dtype
             w = self.base.weight
             d = self.lora_B.weight.float() @ self.lora_A.weight.float() * self.scale
@@ -86,6 +108,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self):
+        self._dense_only("unmerge")
         if self.merged:
             w = self.base.weight
             d = self.lora_B.weight.float() @ self.lora_A.weight.float() * self.scale
@@ -108,12 +131,13 @@ def _lora_root(model):
 
 
 def _linears(root):
-    """(path, Linear) of every plain nn.Linear, skipping those inside a LoRALinear (base, lora_A, lora_B)."""
+    """(path, layer) of every plain nn.Linear or Linear4bit, skipping those inside a LoRALinear (base, lora_A,
+    lora_B)."""
     inside = set()
     for name, m in root.named_modules():
         if isinstance(m, LoRALinear):
             inside.update(f"{name}.{c}" for c in ("base", "lora_A", "lora_B"))
-    return [(n, m) for n, m in root.named_modules() if type(m) is nn.Linear and n not in inside]
+    return [(n, m) for n, m in root.named_modules() if type(m) in BASE_TYPES and n not in inside]
 
 
 def _replace(root, path, new):
@@ -168,9 +192,11 @@ def lora_report(model, wrapped=None):
     adapter_ids = {id(p) for m in adapters for p in (m.lora_A.weight, m.lora_B.weight)}
     params = {id(p): p for p in model.parameters()}  # parameters() already dedupes; by id to be explicit
     adapter = sum(p.numel() for i, p in params.items() if i in adapter_ids)
-    total = sum(p.numel() for p in params.values())
+    # a 4-bit weight is a buffer, not a parameter: counted as the weights it stands for
+    base_4bit = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    total = sum(p.numel() for p in params.values()) + base_4bit
     first = adapters[0] if adapters else None
-    return dict(base=total - adapter, adapter=adapter, total=total,
+    return dict(base=total - adapter, base_4bit=base_4bit, adapter=adapter, total=total,
                 trainable=sum(p.numel() for p in params.values() if p.requires_grad),
                 n_wrapped=len(adapters), wrapped=wrapped if wrapped is not None else
                 [n for n, m in model.named_modules() if isinstance(m, LoRALinear)],
@@ -180,7 +206,8 @@ def lora_report(model, wrapped=None):
 def format_report(rep):
     names = sorted({w.rpartition(".")[2] for w in rep["wrapped"]})
     return (f"lora r={rep['r']} alpha={rep['alpha']} on {rep['n_wrapped']} Linears ({','.join(names)}): "
-            f"base {rep['base']:,} | adapter {rep['adapter']:,} | trainable {rep['trainable']:,} "
+            f"base {rep['base']:,}" + (f" ({rep['base_4bit']:,} in 4 bits)" if rep.get("base_4bit") else "") +
+            f" | adapter {rep['adapter']:,} | trainable {rep['trainable']:,} "
             f"({100 * rep['trainable'] / rep['total']:.3f}% of {rep['total']:,})")
 
 
@@ -209,9 +236,20 @@ def adapter_config(model, base_model_name_or_path=None):
 
 
 def merge_lora(model):
-    """Fold every adapter into its base weight and put the plain nn.Linear back; returns model."""
+    """Fold every adapter into its base weight and put a plain nn.Linear back; returns model. A 4-bit base
+    becomes a dense Linear in its compute dtype holding dequantised base + delta (QLoRA's usual merge)."""
     paths = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     for n in paths:
         m = model.get_submodule(n)
-        _replace(model, n, m.merge().base)
+        if m.quantized:
+            b = m.base
+            dense = nn.Linear(b.in_features, b.out_features, bias=b.bias is not None, device=m.lora_A.weight.device,
+                              dtype=b.compute_dtype)
+            with torch.no_grad():
+                dense.weight.copy_((b.dequantize().float() + m.delta_weight().float()).to(b.compute_dtype))
+                if b.bias is not None:
+                    dense.bias.copy_(b.bias)
+            _replace(model, n, dense)
+        else:
+            _replace(model, n, m.merge().base)
     return model

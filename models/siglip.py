@@ -180,7 +180,7 @@ class SiglipVisionTransformer(nn.Module):
         hidden = [x]
         for block in self.blocks[:n_blocks]:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, early_stop=False)
             else:
                 x = block(x)
             hidden.append(x)

@@ -34,11 +34,16 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
-def load_model(path, device="cpu", dtype=torch.float32, tokenizer_path=None):
-    """A checkpoint file of this project or an HF folder -> Loaded. Bad input ends in one clear line."""
+def load_model(path, device="cpu", dtype=torch.float32, tokenizer_path=None, adapter=None):
+    """A checkpoint file of this project or an HF folder -> Loaded. Bad input ends in one clear line.
+    adapter: a peft LoRA folder put onto an HF folder's model and merged. A checkpoint of a LoRA / QLoRA run
+    (its `lora` entry) gets its adapters rebuilt, loaded and merged: the model that returns is plain."""
     from utils.tokenizer import SentencePieceTokenizer, tokenizer_from_dict
     if os.path.isdir(path):
-        return _load_hf_folder(path, device, dtype, tokenizer_path)
+        return _load_hf_folder(path, device, dtype, tokenizer_path, adapter)
+    if adapter:
+        fail(f"--adapter goes onto a Hugging Face base folder; {path} is a checkpoint file (a LoRA run's "
+             "checkpoint already holds its adapters)")
     try:
         ckpt = load_checkpoint(path)
     except (FileNotFoundError, ValueError) as e:
@@ -52,7 +57,7 @@ def load_model(path, device="cpu", dtype=torch.float32, tokenizer_path=None):
         if kind == "llama":
             from models.llama import Llama, LlamaConfig
             model = Llama(LlamaConfig(**mc))
-            model.load_state_dict(ckpt["model"])
+            _load_maybe_lora(model, ckpt)
         elif kind == "coeus":
             from models.coeus import Coeus, CoeusConfig
             model = Coeus(CoeusConfig(**mc))
@@ -65,7 +70,7 @@ def load_model(path, device="cpu", dtype=torch.float32, tokenizer_path=None):
             else:
                 state = ckpt["model"]
             llava = LlavaModel(LlavaConfig.from_dict(mc))
-            llava.load_state_dict(state)
+            _load_maybe_lora(llava, dict(ckpt, model=state))
             model = llava.language_model
             extras = _vqa_extras(ckpt, llava)
     except (TypeError, KeyError, RuntimeError) as e:
@@ -80,6 +85,18 @@ def load_model(path, device="cpu", dtype=torch.float32, tokenizer_path=None):
     return _finish(kind, model, tok, llava, extras, device, dtype, path)
 
 
+def _load_maybe_lora(model, ckpt):
+    """ckpt["model"] into model; a LoRA / QLoRA run's checkpoint: the same adapters first, folded in after."""
+    if ckpt.get("lora"):
+        from models.lora import merge_lora
+        from utils.adapters import apply_lora_spec
+        apply_lora_spec(model, ckpt["lora"])
+        model.load_state_dict(ckpt["model"])
+        merge_lora(model)
+    else:
+        model.load_state_dict(ckpt["model"])
+
+
 def _vqa_extras(ckpt, llava):
     from utils.chat import ChatTemplate
     from utils.image_processing import ImageProcessor
@@ -90,7 +107,7 @@ def _vqa_extras(ckpt, llava):
     return extras
 
 
-def _load_hf_folder(path, device, dtype, tokenizer_path):
+def _load_hf_folder(path, device, dtype, tokenizer_path, adapter=None):
     from models.hf_weights import decoder_family, detect_family, load_pretrained, read_config
     from utils.tokenizer import SentencePieceTokenizer, tokenizer_from_folder
     try:
@@ -99,6 +116,14 @@ def _load_hf_folder(path, device, dtype, tokenizer_path):
             fail(f"{path} is a {family!r} model; generate.py reads LlamaForCausalLM, Qwen2ForCausalLM and LLaVA "
                  "folders")
         model = load_pretrained(path, dtype=torch.float32, device="cpu")
+        if adapter:
+            from models.lora import merge_lora
+            from utils.adapters import load_adapter
+            try:
+                load_adapter(model, adapter)
+            except (FileNotFoundError, ValueError) as e:
+                fail(f"--adapter {adapter}: {e}")
+            merge_lora(model)
         # a folder with both tokenizer.json and a sentencepiece tokenizer.model (Llama-2, TinyLlama) reads the latter,
         # as this project's checkpoints of those models were tokenized
         tok = SentencePieceTokenizer.from_file(tokenizer_path) if tokenizer_path else \

@@ -265,8 +265,9 @@ def prepare_easy_vqa(data_dir="data", val_images=400, quiet=False):
 
 
 def make_loader(dataset, indices, collate, batch_size, num_workers):
-    """The DataLoader over `indices` (in that order) of a VQADataset."""
+    """The DataLoader over `indices` (in that order) of a VQADataset. Its worker seed comes from a generator of
+    its own: an iterator made from the global RNG would shift the dropout masks of a resumed run."""
     from torch.utils.data import DataLoader
     import torch
-    return DataLoader(dataset, batch_size=batch_size, sampler=indices, collate_fn=collate,
-                      num_workers=num_workers, pin_memory=torch.cuda.is_available())
+    return DataLoader(dataset, batch_size=batch_size, sampler=indices, collate_fn=collate, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(len(indices)))
