@@ -3,6 +3,7 @@
     python train_coeus.py                                            # nano Coeus, char-level, Shakespeare's works
     python train_coeus.py --data ../shared/data/tinyshakespeare/input.txt --max-time 110 --lr-by-time
     python train_coeus.py --model llama --data ...                   # same loop, same data, same size
+    python train_coeus.py --model llama --init TinyLlama/ --lora-r 16 --block-size 512   # LoRA on a pretrained Llama
     python train_coeus.py --resume checkpoints/coeus/last.pt         # continues exactly where it stopped
     python train_coeus.py --data wikitext-2/ --tokenizer sentencepiece --vocab-size 4096
     torchrun --standalone --nproc_per_node=2 train_coeus.py --dist ddp     # 2 GPUs, each --batch-size rows
@@ -14,11 +15,17 @@ the same number of GPUs; last.pt is always the full, plain single-GPU layout). C
 utils/checkpoint.py's schema; this script's `train` entry holds the batch generator state, best_val and the
 EMA weights (last.pt only). The Llama baseline has no dropout (models/llama.py has none); --dropout applies
 to Coeus only.
+
+--init (Llama only) starts from a pretrained model: a last.pt / best.pt of this script with --model llama, or a
+Hugging Face Llama / Qwen2 folder (its tokenizer replaces --tokenizer). --lora-r / --qlora (utils/adapters.py)
+then train adapters on it: adapter/ (peft's folder) at the end, merged.pt (+ merged_hf/ for a folder) with
+--merge-lora. LoRA is for the Llama only: Coeus has no pretrained weights to adapt and no peft layout.
 """
 import argparse
 import contextlib
 import dataclasses
 import os
+import shutil
 import time
 
 import torch
@@ -27,8 +34,10 @@ from tqdm import tqdm
 
 from models.coeus import COEUS_CONFIGS, Coeus, CoeusBlock, coeus_config
 from models.llama import Block as LlamaBlock, Llama, LlamaConfig
-from utils.checkpoint import (check_same_config, load_train_state, prepare_out_folder, restore_train_state,
-                              save_train_state)
+from models.lora import format_report, lora_report, merge_lora
+from utils.adapters import add_lora_args, apply_lora_spec, lora_spec, save_adapter
+from utils.checkpoint import (check_same_config, load_checkpoint, load_train_state, prepare_out_folder,
+                              restore_train_state, save_atomic, save_train_state)
 from utils.decoding import CoeusLM, Decoder, LlamaLM, decode_tokens
 from utils.distributed import (all_reduce_mean, all_reduce_sum, cleanup_distributed, grad_norm_value, grad_sync,
                                plain_model_on_rank0, setup_script, shard_slice, wrap_model)
@@ -46,6 +55,8 @@ def parse_args(argv=None):
     g.add_argument("--model", choices=["coeus", "llama"], default="coeus", help="coeus, or the Llama baseline "
                    "sized like the Coeus --config (same dim, layers, heads, ffn; full MHA; tied embeddings)")
     g.add_argument("--config", default="nano", choices=sorted(COEUS_CONFIGS), help="Coeus config name")
+    g.add_argument("--init", default=None, help="--model llama: start from a last.pt / best.pt of this script "
+                   "(kind llama) or a Hugging Face Llama / Qwen2 folder (with its tokenizer)")
     g.add_argument("--window", type=int, default=None, help="override the local attention window")
     g.add_argument("--chunk-size", type=int, default=None, help="override the GLA chunk length")
     g.add_argument("--dropout", type=float, default=0.2, help="residual/embedding dropout (Coeus)")
@@ -108,8 +119,17 @@ def parse_args(argv=None):
                    "DistributedDataParallel; fsdp: FSDP2 fully_shard per block (bf16 mixed precision when --dtype "
                    "is bf16) plus a sharded checkpoint folder")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    add_lora_args(p)
     add_monitoring_args(p)
     args = p.parse_args(argv)
+    lora = args.lora_r or args.qlora
+    if args.model == "coeus" and (lora or args.init):
+        p.error("--init / --lora-r / --qlora go with --model llama (Coeus has no pretrained weights to adapt and "
+                "no peft layout for its adapters)")
+    if lora and not (args.init or args.resume):
+        p.error("--lora-r / --qlora adapt a pretrained model: pass --init PATH (or --resume a LoRA run)")
+    if args.qlora and args.dist == "fsdp":
+        p.error("--qlora under --dist fsdp is not supported yet (4-bit buffers are not sharded); use --dist ddp")
     if args.ema and not 0 < args.ema < 1:
         p.error(f"--ema must be in (0, 1) (or 0 = off), got {args.ema}")
     if args.ema and args.dist == "fsdp":
@@ -117,7 +137,12 @@ def parse_args(argv=None):
     return args
 
 
-def build_model(args, vocab_size):
+def build_model(args, vocab_size, cfg=None, lora=None):
+    """(model, its config): the --config-sized model, or (cfg given: a --init / --resume Llama's) that one; lora:
+    a utils.adapters spec whose adapters (and 4-bit base) go in. Weights are loaded by the caller first."""
+    if cfg is not None:
+        model = Llama(cfg)
+        return (add_lora(model, lora) if lora is not None else model), cfg
     overrides = {"vocab_size": vocab_size, "dropout": args.dropout, "attn_dropout": args.attn_dropout,
                  "gla_dropout": args.gla_dropout}
     if args.window:
@@ -132,6 +157,72 @@ def build_model(args, vocab_size):
     return Llama(lcfg), lcfg
 
 
+def add_lora(model, spec):
+    """Adapters into the Llama's Linears (lm_head and the tied embeddings stay frozen), after its weights are in."""
+    apply_lora_spec(model, spec)
+    if spec["qlora"]:  # the frozen rest (embeddings, norms) needs no fp32 copy either
+        dtype = getattr(torch, spec["compute_dtype"])
+        for p in model.parameters():
+            if not p.requires_grad and p.is_floating_point():
+                p.data = p.data.to(dtype)
+    return model
+
+
+def read_init(path):
+    """--init: (Llama, tokenizer) of a last.pt / best.pt of this script (kind llama; a LoRA run's adapters
+    folded in) or of a Hugging Face Llama / Qwen2 folder. Bad input -> one line."""
+    try:
+        if os.path.isdir(path):
+            from models.hf_weights import detect_family, load_pretrained, read_config
+            from utils.tokenizer import tokenizer_from_folder
+            if detect_family(read_config(path)) not in ("llama", "qwen2"):
+                raise ValueError("not a Llama / Qwen2 (LlamaForCausalLM / Qwen2ForCausalLM) folder")
+            return load_pretrained(path).train(), tokenizer_from_folder(path, prefer_sentencepiece=True)
+        ckpt = load_checkpoint(path, expect_kind="llama")
+        model = Llama(LlamaConfig(**ckpt["model_config"]))
+        if ckpt.get("lora"):
+            apply_lora_spec(model, ckpt["lora"])
+        model.load_state_dict(ckpt["model"])
+        model = merge_lora(model).requires_grad_(True)
+        return model, tokenizer_from_dict(ckpt["tokenizer"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise SystemExit(f"error: --init {path}: {str(e).splitlines()[0]}")
+
+
+def lora_of_run(args, ckpt, dtype_name):
+    """The adapters of this run (utils.adapters spec, or None): the flags' for a new run, the checkpoint's on
+    --resume, where other LoRA flags than the run was started with are an error naming both."""
+    wanted = lora_spec(args, dtype_name)
+    if ckpt is None:
+        return wanted
+    have = ckpt.get("lora")
+    if have != wanted:
+        raise SystemExit(f"error: --resume {args.resume}: the run was started with LoRA {have} but the flags ask "
+                         f"for {wanted}; pass the same --lora-* / --qlora flags")
+    return have
+
+
+def write_adapter_outputs(model, args, cfg, tok, step, base):
+    """The end of a LoRA run (rank 0): --out/adapter (peft's folder; a plain Llama has no fully trained modules)
+    and with --merge-lora merged.pt (kind llama, no adapters), + merged_hf/ when --init was an HF folder."""
+    folder = save_adapter(os.path.join(args.out, "adapter"), model, base=base, modules_to_save=())
+    print(f"adapter (peft format) -> {folder}")
+    if not args.merge_lora:
+        return
+    merged = merge_lora(model)  # in place: the run is over
+    path = os.path.join(args.out, "merged.pt")
+    save_atomic(dict(kind="llama", lora=None, model_config=dataclasses.asdict(cfg), model=merged.state_dict(),
+                     tokenizer=tok.to_dict(), step=step, args=vars(args)), path)
+    print(f"merged model -> {path}")
+    if base and os.path.isdir(base):
+        from models.hf_weights import export_pretrained
+        hf = export_pretrained(merged, os.path.join(args.out, "merged_hf"))
+        for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+            if os.path.isfile(os.path.join(base, name)):
+                shutil.copy(os.path.join(base, name), hf)
+        print(f"merged model (Hugging Face folder) -> {hf}")
+
+
 def lr_at(step, elapsed, args, t_start=0.0):
     """Warmup, then cosine to --min-lr over the steps, or with --lr-by-time over the seconds from t_start
     (the end of compilation) to --max-time."""
@@ -142,19 +233,23 @@ def lr_at(step, elapsed, args, t_start=0.0):
 
 
 def make_optimizer(model, args, device):
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    params = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=device.startswith("cuda"))
 
 
-def load_data(args, ckpt):
-    """The corpus, its tokenizer (the checkpoint's on --resume) and the encoded splits; bad input -> one line."""
+def load_data(args, ckpt, tok=None):
+    """The corpus, its tokenizer (the checkpoint's on --resume, --init's if given) and the encoded splits; bad
+    input -> one line."""
     try:
         corpus = load_corpus(args.data, errors="replace" if args.replace_invalid else "strict")
-        tok = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt else \
-            build_tokenizer(args.tokenizer, corpus, vocab_size=args.vocab_size)
+        if ckpt:
+            tok = tokenizer_from_dict(ckpt["tokenizer"])
+        elif tok is None:
+            tok = build_tokenizer(args.tokenizer, corpus, vocab_size=args.vocab_size)
         data = encode_splits(corpus, tok)
     except (DataError, RuntimeError, ValueError) as e:
         raise SystemExit(f"error: {e}")
@@ -295,9 +390,9 @@ def sample(model, tok, prompt_ids, n_tokens, args, device, autocast):
     return tok.decode(prompt_ids + new[0].tolist())
 
 
-def log_sample(model, tok, prompt, args, device, autocast, step):
+def log_sample(model, make_plain, tok, prompt, args, device, autocast, step):
     """A sample into --out/samples.txt, on rank 0 from a plain copy of the (maybe sharded) model: collective."""
-    plain = plain_model_on_rank0(model, lambda: build_model(args, tok.vocab_size)[0])
+    plain = plain_model_on_rank0(model, make_plain)
     if plain is None:
         return
     text = sample(plain.eval(), tok, prompt, args.sample_tokens, args, device, autocast)
@@ -329,11 +424,27 @@ def main(argv=None):
             ckpt = load_train_state(args.resume, kind=args.model, dist_mode=args.dist, rank=info.rank)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: --resume: {e}")
-    corpus, tok, data = load_data(args, ckpt)
-    model, cfg = build_model(args, tok.vocab_size)
+    # --init's model (a new run) or the one a --init run resumes (its config from the checkpoint, weights after)
+    init_model, init_tok = read_init(args.init) if args.init and not ckpt else (None, None)
+    from_init = init_model is not None or bool(ckpt and ckpt["args"].get("init"))
+    corpus, tok, data = load_data(args, ckpt, init_tok)
+    lora = lora_of_run(args, ckpt, dtype_name)
+    init_cfg = init_model.config if init_model is not None else \
+        LlamaConfig(**ckpt["model_config"]) if from_init else None
+    if init_cfg is not None and (tok.vocab_size > init_cfg.vocab_size or args.block_size > init_cfg.max_seq_len):
+        raise SystemExit(f"error: --init {args.init}: its model has {init_cfg.vocab_size} tokens and a context of "
+                         f"{init_cfg.max_seq_len}, the run needs {tok.vocab_size} tokens and --block-size "
+                         f"{args.block_size}")
+    if init_model is not None:  # the pretrained weights first, then the adapters on them
+        model, cfg = (add_lora(init_model, lora) if lora is not None else init_model), init_cfg
+    else:
+        model, cfg = build_model(args, tok.vocab_size, init_cfg, lora)
     model.to(device)
-    if ckpt:
+    if ckpt and not from_init:
         check_resume_config(ckpt, cfg, args.resume)
+    lora_base = (ckpt["args"].get("init") if ckpt else args.init) if lora is not None else None
+    if lora is not None:
+        write(format_report(lora_report(model)))
     if info.enabled:  # dropout masks differ between ranks (the init above was the same everywhere)
         torch.manual_seed(args.seed + 1000 * info.rank)
     write(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | data "
@@ -378,10 +489,13 @@ def main(argv=None):
         """last.pt (for --resume) also holds the EMA state and, with --dist fsdp, the sharded folder; best.pt
         is written while the model holds the EMA weights. Collective."""
         save_train_state(path, model, opt, kind=args.model, model_config=dataclasses.asdict(cfg), tokenizer=tok,
-                         step=step, args=vars(args),
+                         step=step, args=vars(args), meta={"lora": lora},
                          train={"batch_gen": batch_gen.get_state(), "best_val": best_val,
                                 "ema": ema.state_dict() if ema is not None and last else None},
                          sharded_dir=os.path.join(args.out, "last_sharded") if last else None)
+
+    def make_plain():  # the model without weights, for a gathered FSDP2 copy
+        return build_model(args, tok.vocab_size, init_cfg, lora)[0]
 
     def same_everywhere(x):
         """Rank 0's number (wall clock) on every rank: the ranks must agree on when to stop and on the lr."""
@@ -403,7 +517,7 @@ def main(argv=None):
             if improved and step > 0:
                 save(best_path, step)
             if args.sample_tokens and step > 0 and not final:  # no sample after the last step
-                log_sample(model, tok, prompt, args, device, autocast, step)
+                log_sample(model, make_plain, tok, prompt, args, device, autocast, step)
         save(last_path, step, last=True)
 
     # --- training loop ---
@@ -438,6 +552,10 @@ def main(argv=None):
             evaluate_and_save(step, final=True)
         else:
             save(last_path, step, last=True)
+        if lora is not None:  # the final weights (best.pt keeps the best val's); FSDP2: gathered (collective)
+            plain = plain_model_on_rank0(model, make_plain)
+            if plain is not None:
+                write_adapter_outputs(plain, args, cfg, tok, step, lora_base)
     bar.close()
     log.plot(groups=[["train_loss", "train_eval_loss", "val_loss"], ["lr"], ["grad_norm"],
                      ["gnorm_decay", "gnorm_no_decay"], ["wnorm_decay", "wnorm_no_decay"]])

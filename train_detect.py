@@ -12,10 +12,12 @@ COCO-format detection file. The LM loss is reported as a whole and split into te
     python train_detect.py --train-json a.json --train-images imgs/ --val-json b.json --val-images imgs/
     python train_detect.py --resume checkpoints/detect/last.pt
     python train_detect.py --tensorboard runs/detect          # also TensorBoard scalars
+    python train_detect.py --init-vqa checkpoints/vqa/best.pt --lora-r 16  # LoRA in the decoder (--qlora: 4 bits)
     torchrun --standalone --nproc_per_node=2 train_detect.py --dist ddp   # --batch-size per process
 
 Writes into --out: last.pt / best.pt (kind "detect"), metrics.jsonl + metrics.png, events.jsonl
-(NaN/Inf guard), predictions.png (boxes + captions on validation images), eval.json.
+(NaN/Inf guard), predictions.png (boxes + captions on validation images), eval.json; with --lora-r / --qlora
+also adapter/ (peft's folder: the decoder's adapters + the projector) and with --merge-lora merged.pt.
 The model and its losses are models/detection.py and models/detection_loss.py; the evaluation (COCO mAP,
 caption accuracy) is utils/detect_eval.py.
 """
@@ -34,13 +36,15 @@ from tqdm import tqdm
 
 from models.detection import DecoderLayer, DetectionConfig, DetectionModel
 from models.detection_loss import SetCriterion
+from models.lora import lora_report, merge_lora
 from models.llama import Block as LlamaBlock, LlamaConfig, llama_config
 from models.llava import LlavaConfig
 from models.matcher import HungarianMatcher
 from models.vit import Block as VitBlock, vision_config
 from utils.chat import ChatTemplate, PackCollator, PadCollator
+from utils.adapters import add_lora_args, apply_lora_spec, format_report, lora_spec, save_adapter
 from utils.checkpoint import (load_checkpoint, load_train_state, load_weights, prepare_out_folder, restore_train_state,
-                              save_train_state)
+                              save_atomic, save_train_state)
 from utils.coco import CocoDetectionDataset
 from utils.detect_data import QUESTION, DetectionCollator, DetectionSamples, describe, to_device
 from utils.detect_eval import draw_predictions, evaluate
@@ -54,7 +58,8 @@ from utils.runtime import pick_device, seed_everything, setup_precision, warmup_
 from utils.shapes_data import CATEGORIES, ShapesDataset
 from utils.tokenizer import SentencePieceTokenizer, tokenizer_from_dict
 
-# Parameter groups by name pattern. Every trainable parameter must match exactly one.
+# Parameter groups by name pattern. Every trainable parameter must match exactly one. LoRA's adapters
+# (`llava.language_model.*.lora_A/B`) are in "llm"; "adapter" is the head's residual adapters.
 GROUP_PATTERNS = {
     "vision": r"^llava\.vision_tower\.",
     "projector": r"^llava\.projector\.",
@@ -145,8 +150,11 @@ def get_args(argv=None):
                    "(DistributedDataParallel) or fsdp (FSDP2 per ViT / decoder / head layer, bf16 mixed precision "
                    "with a bf16 dtype); --batch-size is per process; none: one process")
     r.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    add_lora_args(p)
     add_monitoring_args(p)
     args = p.parse_args(argv)
+    if args.qlora and args.dist == "fsdp":
+        p.error("--qlora under --dist fsdp is not supported yet (4-bit buffers are not sharded); use --dist ddp")
     if args.smoke:
         args.shapes_train, args.shapes_val, args.epochs, args.batch_size = 32, 8, 1, 8
         args.eval_every, args.num_sample_images = 0, 4
@@ -188,7 +196,9 @@ def make_loader(dataset, args, pad_id, order=None):
     base = PackCollator(pad_id, dataset.max_len) if args.pack else PadCollator(pad_id)
     return DataLoader(dataset, batch_size=args.batch_size, sampler=order, num_workers=args.num_workers,
                       collate_fn=DetectionCollator(base, dataset.image_token_id, dataset.num_image_tokens),
-                      drop_last=order is not None)
+                      drop_last=order is not None,
+                      # its own seed source: an iterator drawing on the global RNG shifts a resumed run's dropout
+                      generator=torch.Generator().manual_seed(0))
 
 
 def first_sample_text(tokenizer, batch, image_id):
@@ -230,16 +240,59 @@ def read_vqa(path):
                          f"detection boxes need the whole (padded) image")
     template = ChatTemplate(**vqa["template"]) if "template" in vqa else ChatTemplate()
     weights = {k[len("llava."):] if k.startswith("llava.") else k: v for k, v in vqa["model"].items()}
+    if vqa.get("lora"):  # a LoRA / QLoRA VQA run: its adapters are folded into the decoder first
+        from models.llava import LlavaModel
+        llava = LlavaModel(llava_cfg)
+        apply_lora_spec(llava, vqa["lora"])
+        try:
+            llava.load_state_dict(weights)
+        except RuntimeError as e:
+            raise SystemExit(f"error: --init-vqa {path}: its weights do not fit its LoRA spec "
+                             f"({str(e).splitlines()[0]})")
+        weights = merge_lora(llava).state_dict()
     return (tokenizer_from_dict(vqa["tokenizer"]), llava_cfg, processor, template,
             vqa.get("special_tokens", {}).get("pad"), weights)
 
 
-def build_model(args, ckpt, train_items):
+def add_lora(model, spec):
+    """LoRA (utils.adapters spec) into the detection model, after its weights are loaded. There is one language
+    model, model.llava.language_model: the teacher and student turns run through the same decoder (only the LM
+    loss is split, models/detection_loss.lm_losses), so the adapters go there. Its base weights freeze (with
+    --qlora: 4-bit); the vision tower, projector and detection head train as without LoRA (--lr-* 0 freezes)."""
+    apply_lora_spec(model.llava, spec, train_modules=("projector", "vision_tower"))  # the head is outside llava
+    if spec["qlora"]:  # the frozen rest of the decoder (embeddings, norms, head) needs no fp32 copy either
+        dtype = getattr(torch, spec["compute_dtype"])
+        for p in model.llava.language_model.parameters():
+            if not p.requires_grad and p.is_floating_point():
+                p.data = p.data.to(dtype)
+    return model
+
+
+def model_from_config(model_config, lora=None):
+    """A detection model of a checkpoint's config with the run's adapters, its weights still random."""
+    model = DetectionModel.from_model_config(model_config)
+    return add_lora(model, lora) if lora is not None else model
+
+
+def lora_of_run(args, ckpt, dtype_name):
+    """The adapters of this run (utils.adapters spec, or None): the flags' for a new run, the checkpoint's on
+    --resume, where other LoRA flags than the run was started with are an error naming both."""
+    wanted = lora_spec(args, dtype_name)
+    if ckpt is None:
+        return wanted
+    have = ckpt.get("lora")
+    if have != wanted:
+        raise SystemExit(f"error: --resume {args.resume}: the run was started with LoRA {have} but the flags ask "
+                         f"for {wanted}; pass the same --lora-* / --qlora flags")
+    return have
+
+
+def build_model(args, ckpt, train_items, lora=None):
     """(model, tokenizer, image processor, chat template, pad id): --resume's checkpoint (its weights go in
     after wrapping), else a new head on --init-vqa's LLaVA model, else a new model whose tokenizer is trained
-    on the data's texts."""
+    on the data's texts. lora: a utils.adapters spec, whose adapters go in after the weights."""
     if ckpt is not None:
-        model = DetectionModel.from_model_config(ckpt["model_config"])
+        model = model_from_config(ckpt["model_config"], lora)  # adapters first: the checkpoint holds their weights
         tokenizer, processor = tokenizer_from_dict(ckpt["tokenizer"]), ImageProcessor.from_dict(ckpt["image_processor"])
         template, pad_id, weights = ChatTemplate(**ckpt["template"]), ckpt["special_tokens"]["pad"], None
     else:
@@ -265,6 +318,8 @@ def build_model(args, ckpt, train_items):
             load_weights(model.llava, weights, f"--init-vqa {args.init_vqa}")
         except ValueError as e:
             raise SystemExit(f"error: {e}")
+    if ckpt is None and lora is not None:
+        add_lora(model, lora)
     if pad_id is None:
         pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     return model, tokenizer, processor, template, pad_id
@@ -391,12 +446,12 @@ def save_checkpoint(path, model, optimizer, scaler, progress, args, tokenizer, m
                      sharded_dir=os.path.join(args.out, "last_sharded") if last else None)
 
 
-def evaluate_and_log(model, val_loader, tokenizer, categories, autocast, device, args, metrics, step):
+def evaluate_and_log(model, val_loader, tokenizer, categories, autocast, device, args, lora, metrics, step):
     """Validation on rank 0 with the plain model (FSDP2: a gathered copy) while the other ranks wait (collective):
     a metrics row, predictions.png and eval.json. Returns the results on every rank."""
     t0 = time.time()
     raw = unwrap_model(model)
-    plain = plain_model_on_rank0(model, lambda: DetectionModel.from_model_config(raw.model_config()))
+    plain = plain_model_on_rank0(model, lambda: model_from_config(raw.model_config(), lora))
     res = None
     if plain is not None:
         res, drawn = evaluate(plain, val_loader, tokenizer, categories, autocast, device, args.eval_topk,
@@ -412,6 +467,22 @@ def evaluate_and_log(model, val_loader, tokenizer, categories, autocast, device,
                    f"{res['map50_agnostic']:.3f})  caption acc {res['caption_acc']:.3f}  "
                    f"recall {res['matched_recall']:.3f}")
     return res
+
+
+def write_adapter_outputs(model, args, tokenizer, meta, step, base):
+    """The end of a LoRA run (rank 0): --out/adapter, peft's folder of the LLaVA side (the decoder's adapters,
+    the projector and a trained vision tower as modules_to_save). peft has no place for the detection head (no
+    transformers module holds it): its weights are in last.pt / best.pt. --merge-lora: also merged.pt, a plain
+    detect checkpoint (head included) with the adapters folded into the decoder."""
+    keep = ["projector"] + (["vision_tower"] if args.lr_vision > 0 else [])
+    folder = save_adapter(os.path.join(args.out, "adapter"), model.llava, base=base, modules_to_save=keep)
+    print(f"adapter (peft format) -> {folder}")
+    if args.merge_lora:
+        merge_lora(model.llava)  # in place: the run is over
+        path = os.path.join(args.out, "merged.pt")
+        save_atomic(dict(meta, lora=None, kind="detect", model_config=model.model_config(), model=model.state_dict(),
+                         tokenizer=tokenizer.to_dict(), step=step, args=vars(args)), path)
+        print(f"merged model -> {path}")
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -450,7 +521,10 @@ def train(args):
             ckpt = load_train_state(args.resume, kind="detect", dist_mode=args.dist, rank=info.rank)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"error: {e}")
-    model, tokenizer, processor, template, pad_id = build_model(args, ckpt, train_items)
+    lora = lora_of_run(args, ckpt, dtype_name)
+    # the adapter folder's base: the VQA checkpoint the run started from (a resumed run's flags may omit it)
+    lora_base = (ckpt["args"].get("init_vqa") if ckpt is not None else args.init_vqa) if lora is not None else None
+    model, tokenizer, processor, template, pad_id = build_model(args, ckpt, train_items, lora)
     model.to(device)
     llava_cfg, head_cfg, n_img = model.llava.config, model.head.config, model.llava.num_image_tokens
     max_len = min(args.max_len, llava_cfg.text.max_seq_len)  # a VQA checkpoint may have a shorter context
@@ -459,7 +533,8 @@ def train(args):
         f"device {device}, {dtype_name}")
     # what generate.py reads besides the weights (top-level entries of the checkpoint)
     meta = {"image_processor": processor.to_dict(), "template": template.to_dict(),
-            "special_tokens": {"image": llava_cfg.image_token_id, "pad": pad_id}, "categories": categories}
+            "special_tokens": {"image": llava_cfg.image_token_id, "pad": pad_id}, "categories": categories,
+            "lora": lora}
     train_set, val_set = (DetectionSamples(items, tokenizer, processor, llava_cfg.image_token_id, n_img, max_len,
                                            head_cfg.max_caption_len, head_cfg.eos_id, template)
                           for items in (train_items, val_items))
@@ -487,6 +562,8 @@ def train(args):
     lrs = {g: getattr(args, f"lr_{g}") for g in GROUP_PATTERNS}
     # a parameter in no group or in two is a KeyError naming it: a model edit that the patterns must follow
     groups, _ = param_groups(raw, lrs, args.weight_decay)
+    if lora is not None:  # after param_groups: an lr-0 group is frozen there
+        say(format_report(lora_report(raw)))
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler("cuda", enabled=dtype_name == "float16")
     run = Progress()
@@ -507,7 +584,7 @@ def train(args):
     save = functools.partial(save_checkpoint, model=model, optimizer=optimizer, scaler=scaler, progress=run,
                              args=args, tokenizer=tokenizer, meta=meta)
     run_eval = functools.partial(evaluate_and_log, model, val_loader, tokenizer, categories, autocast, device, args,
-                                 metrics)
+                                 lora, metrics)
 
     # --- training loop
     inject = {int(s) for s in args.inject_nan_steps.split(",") if s.strip()}
@@ -596,6 +673,10 @@ def train(args):
     if run.improved(res):
         save(best_path)
     save(last_path)
+    if lora is not None:  # the final weights (best.pt keeps the best mAP's); FSDP2: gathered on rank 0 (collective)
+        plain = plain_model_on_rank0(model, lambda: model_from_config(raw.model_config(), lora))
+        if plain is not None:
+            write_adapter_outputs(plain, args, tokenizer, meta, run.step, lora_base)
     cleanup_distributed()
     metrics.plot(groups=[["loss", "lm", "det"], ["teacher_lm", "student_lm"], list(LOSS_KEYS),
                          [f"gnorm_{g}" for g in GROUP_PATTERNS], ["val_map", "val_map50", "val_caption_acc"],
