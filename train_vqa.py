@@ -31,7 +31,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from models.llama import LLAMA_CONFIGS, Block as LlamaBlock, LlamaConfig, llama_config
+from models.llama import LLAMA_CONFIGS, Block as LlamaBlock, Llama, LlamaConfig, llama_config
 from models.llava import LlavaConfig, LlavaModel
 from models.lora import lora_report
 from models.siglip import SIGLIP_CONFIGS, Block as SiglipBlock, siglip_config
@@ -265,16 +265,26 @@ def build_config(args, n_vocab, image_id):
     return LlavaConfig(vision=vcfg, text=tcfg, image_token_id=image_id, feature_layer=feature_layer)
 
 
-def build_model(cfg, args, n_vocab, pretrained=True, lora=None):
+def build_model(cfg, args, n_vocab, pretrained=True, lora=None, device="cpu"):
     """The LlavaModel of cfg; pretrained: load --init-vision / --init-llm; lora: a utils.adapters spec, whose
-    adapters (and 4-bit base) are put into the decoder after loading."""
-    model = LlavaModel(cfg)
+    adapters (and 4-bit base) are put into the decoder after loading. QLoRA from a folder streams the decoder
+    onto `device` tensor by tensor, quantising as it goes: the dense decoder never exists, on host or GPU."""
+    streamed = None
+    if pretrained and args.init_llm and lora is not None and lora["qlora"]:
+        from models.hf_weights import load_streamed
+        from utils.adapters import quantize_base
+        with torch.device("meta"):
+            streamed = Llama(cfg.text)
+        quantize_base(streamed, lora)
+        load_streamed(streamed, args.init_llm, device=device, dtype=getattr(torch, lora["compute_dtype"]))
+    model = LlavaModel(cfg, language_model=streamed)
     if pretrained and args.init_vision:
         from models.hf_weights import load_into
         load_into(model.vision_tower, args.init_vision)  # the family follows the tower: CLIP or SigLIP
-    if pretrained and args.init_llm:
+    if pretrained and args.init_llm and streamed is None:
         from models.hf_weights import load_into
         load_into(model.language_model, args.init_llm)  # Llama or Qwen2
+    if pretrained and args.init_llm:
         model.language_model.resize_token_embeddings(max(n_vocab, cfg.text.vocab_size))  # updates cfg.text too
     if lora is not None:
         apply_lora_spec(model, lora)  # set_trainable decides what trains: the adapters stand for the decoder
@@ -541,7 +551,7 @@ def main(argv=None):
     image_id, pad_id, n_vocab = special_ids(tok)
     eos_id = template.end_of_turn_id(tok)  # where an answer ends: eos, or the template's <|eot_id|> / <|im_end|>
     lora = lora_of_run(args, ckpt, ckpt_path, dtype_name)
-    model = build_model(cfg, args, n_vocab, pretrained=ckpt is None, lora=lora)
+    model = build_model(cfg, args, n_vocab, pretrained=ckpt is None, lora=lora, device=device)
     if args.eval_only:
         load_weights(model, ckpt["model"], ckpt_path)
     model.to(device)

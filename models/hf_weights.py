@@ -544,6 +544,76 @@ def load_into(model, folder, family=None):
     return model
 
 
+def _shard_tensors(path):
+    """(key, lazy getter) of one weight file, without reading its tensors (safetensors: opened lazily; .bin:
+    memory-mapped)."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        f = safe_open(path, framework="pt")
+        return [(k, (lambda k=k: f.get_tensor(k))) for k in f.keys()]
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return [(k, (lambda k=k: state[k])) for k in state]
+
+
+@torch.no_grad()
+def load_streamed(model, folder, device="cpu", dtype=None, family=None):
+    """Load a decoder folder (Llama / Qwen2) into `model` one tensor at a time, shard after shard: each is read,
+    moved to `device`, cast to `dtype` (None: the file's) and put in place before the next is read; a Linear4bit
+    (models/nf4.py) quantises its weight on `device`. So neither the host nor the GPU ever holds more than the
+    model in its final form plus one tensor: QLoRA loads an 8B decoder on a 16 GB GPU. `model` may be on meta
+    (every tensor then gets real storage). Missing / unexpected / mis-shaped keys: one ValueError."""
+    from models.nf4 import Linear4bit, load_quantized_
+    family = family or _family_of(model)
+    if family not in ("llama", "qwen2"):
+        raise ValueError(f"load_streamed reads Llama / Qwen2 decoder folders, not {family!r}")
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+
+    def stands_for_dense(k):  # a Linear4bit's own buffers stand for <path>.weight
+        path, _, leaf = k.rpartition(".")
+        return path in quantized and leaf.startswith("weight_")
+    ours = [k for k in _our_keys(model) if not stands_for_dense(k)] + [f"{p}.weight" for p in quantized]
+    to_hf = _mapper(family, LLAMA_PREFIXES[0])
+    by_hf = {to_hf(k): k for k in ours}
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes.update({f"{p}.weight": (m.out_features, m.in_features) for p, m in quantized.items()})
+    loaded, unexpected, misshaped = set(), [], []
+    for path in weight_files(folder):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: listed in the index but missing")
+        for hk, get in _shard_tensors(path):
+            k = by_hf.get(hk)
+            if k is None:
+                if not IGNORED.search(hk) and not (hk == "lm_head.weight" and model.config.tie_embeddings):
+                    unexpected.append(hk)
+                continue
+            t = get()
+            if tuple(t.shape) != shapes[k]:
+                misshaped.append(f"{hk} file {tuple(t.shape)} vs model {shapes[k]}")
+                continue
+            mod_path, _, leaf = k.rpartition(".")
+            module = model.get_submodule(mod_path) if mod_path else model
+            if mod_path in quantized and leaf == "weight":
+                load_quantized_(module, t, device=device)
+            elif leaf in module._parameters:
+                old = module._parameters[leaf]
+                t = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+                module._parameters[leaf] = torch.nn.Parameter(t, requires_grad=old.requires_grad)
+            else:
+                module._buffers[leaf] = t.to(device)
+            loaded.add(k)
+            del t
+    missing = [to_hf(k) for k in ours if k not in loaded]
+    if missing or unexpected or misshaped:
+        msg = f"{folder}: weights do not fit the {family} model"
+        for name, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if items:
+                msg += _listing(name, items)
+        raise ValueError(msg)
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model
+
+
 def load_pretrained(folder, dtype=torch.float32, device="cpu", family=None):
     """Build our model from an HF folder and load its weights. Returns the model (in eval mode).
 

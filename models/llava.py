@@ -72,12 +72,16 @@ def expand_image_tokens(ids, image_token_id, n):
 
 
 class LlavaModel(nn.Module):
-    def __init__(self, cfg: LlavaConfig):
+    def __init__(self, cfg: LlavaConfig, language_model: Llama = None):
+        """language_model: an already built decoder of cfg.text (e.g. loaded in 4 bits, shard by shard), instead
+        of a freshly initialised one."""
         super().__init__()
         self.config = cfg
         self.vision_tower = build_vision_tower(cfg.vision)
         self.projector = Projector(cfg.vision.dim, cfg.text.dim, bias=cfg.projector_bias)
-        self.language_model = Llama(cfg.text)
+        if language_model is not None and language_model.config != cfg.text:
+            raise ValueError("language_model's config differs from cfg.text")
+        self.language_model = language_model if language_model is not None else Llama(cfg.text)
 
     @property
     def num_image_tokens(self):
