@@ -20,7 +20,8 @@ finishes.
     y = gemv(x, weight)                                   # x (..., K) with one row -> (..., N), x's dtype
 
 The tile configuration is chosen per (N, K, dtype, GPU, kind) once, eagerly, by timing a few candidates
-(tune_gemv); the compiled graph then carries it as constants. Off CUDA, with several rows, or without
+(tune_gemv), and kept on disk for the next process (kernels/tune_cache.py); the compiled graph then carries it
+as constants. Off CUDA, with several rows, or without
 Triton, DecodeLinear is nn.Linear. tests/test_gemv.py runs the kernels in Triton's CPU interpreter against
 float64 references.
 """
@@ -31,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels import tune_cache
 from kernels.launch import launch_options, pdl_begin, tl, triton
 
 
@@ -247,7 +249,7 @@ _TUNED = {}
 
 
 def _key(weight, kind):
-    return (kind, *weight.shape, weight.dtype, torch.cuda.get_device_name(weight.device))
+    return tune_cache.tune_key("gemv", kind, *weight.shape, weight.dtype, weight.device)
 
 
 def graph_time_us(launches, reps=10):
@@ -298,18 +300,41 @@ def tune_gemv(weight, kind="partials", candidates=None, l2_flush_bytes=256e6):
     RMSNorm prologue, one split) or "residual" (gemv_residual, one split).
 
     The candidates run on enough copies of the weight (l2_flush_bytes in all) that the L2 cache never holds
-    the one being read, as in decoding, where every weight is read once per token."""
+    the one being read, as in decoding, where every weight is read once per token.
+    The default candidates' winner is kept on disk (kernels/tune_cache.py: keyed by GPU, torch and Triton
+    versions, kind, N, K, dtype), so the next process reads it instead of timing them again."""
     assert kind in KINDS, kind
     key = _key(weight, kind)
     if key in _TUNED:
         return _TUNED[key]
+    stored = tune_cache.get(key) if candidates is None else None
+    best = _stored_config(stored)
+    if best is None:
+        best = _time_candidates(weight, kind, candidates or CANDIDATES, l2_flush_bytes)
+        if candidates is None:
+            tune_cache.put(key, {"config": list(best[0]), "us": best[1]})
+    _TUNED[key] = best
+    return best
+
+
+def _stored_config(stored):
+    """(config, us) from a cache entry, or None if there is none or it is not a 4-int config."""
+    try:
+        cfg, us = tuple(int(v) for v in stored["config"]), stored["us"]
+    except (TypeError, KeyError, ValueError):
+        return None
+    return (cfg, None if us is None else float(us)) if len(cfg) == 4 else None
+
+
+def _time_candidates(weight, kind, candidates, l2_flush_bytes):
+    """The fastest of candidates for weight's shape and kind, (config, microseconds): CUDA-graph timings."""
     N, K = weight.shape
     copies = max(2, int(l2_flush_bytes // weight.nbytes))
     ws = [torch.randn_like(weight) for _ in range(copies)]
     x = torch.randn(K, device=weight.device, dtype=weight.dtype)
     one_split = kind in ("swiglu", "residual")
     best = (None, float("inf"))
-    for cfg in candidates or CANDIDATES:
+    for cfg in candidates:
         if cfg[2] > K or (one_split and cfg[0] > 1):
             continue
         t = graph_time_us([_launcher(kind, x, w, cfg) for w in ws])
@@ -317,7 +342,6 @@ def tune_gemv(weight, kind="partials", candidates=None, l2_flush_bytes=256e6):
             best = (cfg, t)
     if best[0] is None:  # K smaller than every candidate's tile: one tile of K columns
         best = ((1, 16, max(16, triton.next_power_of_2(K)), 4), None)
-    _TUNED[key] = best
     return best
 
 

@@ -13,14 +13,21 @@ def test_smoke_run_writes_json_and_losses_agree(tmp_path):
     out = tmp_path / "bench.json"
     summary = bench_llama_train.main(["--smoke", "--steps", "1", "--warmup", "0", "--out", str(out)])
     saved = json.loads(out.read_text())
-    assert set(saved["results"]) == {"transformers", "ours"}
-    assert saved["results"]["ours"]["tokens_per_s"] > 0 and "speedup" in saved
-    # same initial weights and batch: the first losses agree to bf16 precision
-    assert summary["first_loss_diff"] < 1e-2
+    # by default transformers is measured both eagerly and compiled (on CPU smoke: the aot_eager backend)
+    assert set(saved["results"]) == {"transformers_eager", "transformers_compiled", "ours"}
+    for name in saved["results"]:
+        assert saved["results"][name]["tokens_per_s"] > 0 and saved["results"][name]["peak_mem_gb"] > 0
+    assert saved["results"]["transformers_compiled"]["compile_error"] is None
+    assert saved["results"]["transformers_compiled"]["compile_backend"] == "aot_eager"
+    assert saved["ours_vs_compiled"] > 0 and saved["ours_vs_eager"] > 0
+    assert saved["peer"] == "transformers_compiled" and saved["speedup"] == saved["ours_vs_compiled"]
+    # same initial weights and batch: the first losses agree to bf16 precision, against both
+    assert summary["first_loss_diff_vs_eager"] < 1e-2 and summary["first_loss_diff_vs_compiled"] < 1e-2
 
 
 def test_smoke_run_of_the_qwen2_family(tmp_path):
     """A q/k/v-bias, tied-head decoder is measured against transformers' Qwen2ForCausalLM with the same weights."""
     summary = bench_llama_train.main(["--smoke", "--config", "tiny-qwen2", "--steps", "1", "--warmup", "0",
-                                      "--out", str(tmp_path / "bench.json")])
-    assert summary["first_loss_diff"] < 1e-2
+                                      "--compile-hf", "eager", "--out", str(tmp_path / "bench.json")])
+    assert set(summary["results"]) == {"transformers_eager", "ours"} and "ours_vs_compiled" not in summary
+    assert summary["peer"] == "transformers_eager" and summary["first_loss_diff"] < 1e-2 and not summary["goal_met"]

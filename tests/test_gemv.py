@@ -232,3 +232,55 @@ def test_use_gemv_keeps_parameters_and_cpu_decoding():
     fused_keys = list(LlamaLM(Llama(llama_config("tiny")), fuse=True).model.state_dict())
     assert list(model.state_dict()) == fused_keys  # the class swap renames nothing
     assert torch.equal(decode(lm), ref)
+
+
+def test_tune_cache_miss_then_hit_across_processes(tmp_path, monkeypatch):
+    """tune_gemv times candidates once per (GPU, versions, kind, N, K, dtype) and keeps the winner on disk: a new
+    process (here: the in-memory table cleared) reads it back instead of timing again. A fake tuner, no GPU."""
+    import json
+
+    from kernels import gemv, tune_cache
+    monkeypatch.setenv("KERNELS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(gemv, "_TUNED", {})
+    calls = []
+
+    def fake(weight, kind, candidates, l2_flush_bytes):
+        calls.append((tuple(weight.shape), kind))
+        return (2, 8, 256, 4), 12.5
+
+    monkeypatch.setattr(gemv, "_time_candidates", fake)
+    w = torch.empty(48, 256, dtype=torch.bfloat16)
+    assert gemv.tune_gemv(w, "normed") == ((2, 8, 256, 4), 12.5) and len(calls) == 1  # miss: timed, stored
+    saved = json.loads((tmp_path / tune_cache.FILE_NAME).read_text())
+    (key, value), = saved.items()
+    assert key.startswith("gemv|normed|48x256|bfloat16|cpu|torch ") and value == {"config": [2, 8, 256, 4], "us": 12.5}
+    gemv._TUNED.clear()  # a fresh process
+    assert gemv.tune_gemv(w, "normed") == ((2, 8, 256, 4), 12.5) and len(calls) == 1  # hit: read from disk
+    gemv.tune_gemv(w, "residual")                                 # another kind, another dtype: misses
+    gemv.tune_gemv(w.float(), "normed")
+    assert len(calls) == 3 and len(json.loads((tmp_path / tune_cache.FILE_NAME).read_text())) == 3
+    gemv._TUNED.clear()
+    gemv.tune_gemv(w, "normed", candidates=[(1, 4, 256, 4)])     # explicit candidates: timed, never cached
+    assert len(calls) == 4
+
+
+def test_tune_cache_tolerates_a_corrupt_file(tmp_path, monkeypatch):
+    import pytest
+
+    from kernels import gemv, tune_cache
+    monkeypatch.setenv("KERNELS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(gemv, "_TUNED", {})
+    monkeypatch.setattr(gemv, "_time_candidates", lambda *a: ((1, 16, 256, 4), 3.0))
+    path = tmp_path / tune_cache.FILE_NAME
+    path.write_text('{"gemv|partials|64x128": [1, 2')  # half a file
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert gemv.tune_gemv(torch.empty(64, 128), "partials") == ((1, 16, 256, 4), 3.0)  # retuned
+    assert (tmp_path / (tune_cache.FILE_NAME + ".corrupt")).exists()
+    assert tune_cache.get(gemv._key(torch.empty(64, 128), "partials")) == {"config": [1, 16, 256, 4], "us": 3.0}
+    key = gemv._key(torch.empty(64, 128), "swiglu")
+    tune_cache.put(key, {"config": "bad"})  # an entry of the wrong form: retuned, overwritten
+    assert gemv.tune_gemv(torch.empty(64, 128), "swiglu") == ((1, 16, 256, 4), 3.0)
+    assert tune_cache.get(key)["config"] == [1, 16, 256, 4]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave no temp files
+    monkeypatch.setenv("KERNELS_CACHE_DIR", "off")
+    assert tune_cache.get(key) is None and tune_cache.put(key, 1) is False
