@@ -41,6 +41,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.llama import llama_config  # noqa: E402
 from models.llava import LlavaConfig, LlavaModel  # noqa: E402
+from models.siglip import SIGLIP_CONFIGS, siglip_config  # noqa: E402
 from models.vit import vision_config  # noqa: E402
 
 VARIANTS = ("ours-qlora", "peft-qlora", "ours-lora", "peft-lora")
@@ -51,7 +52,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--llm", default="llama3-8b", help="decoder config (models/llama.py LLAMA_CONFIGS)")
-    ap.add_argument("--vision", default="clip-vit-l-336", help="vision config (models/vit.py VISION_CONFIGS)")
+    ap.add_argument("--vision", default="clip-vit-l-336", help="vision config: models/vit.py VISION_CONFIGS or "
+                    "models/siglip.py SIGLIP_CONFIGS (siglip-so400m-384: 729 image tokens)")
     ap.add_argument("--batch", type=int, default=2, help="samples per step, one image each")
     ap.add_argument("--text-tokens", type=int, default=128, help="text tokens per sample after the image tokens")
     ap.add_argument("--r", type=int, default=64, help="LoRA rank")
@@ -122,7 +124,8 @@ def make_batch(n_image, vocab, image_id, args, device):
 
 def our_config(args):
     text = llama_config(args.llm)
-    return LlavaConfig(vision=vision_config(args.vision), text=text, image_token_id=text.vocab_size - 1)
+    vision = siglip_config(args.vision) if args.vision in SIGLIP_CONFIGS else vision_config(args.vision)
+    return LlavaConfig(vision=vision, text=text, image_token_id=text.vocab_size - 1)
 
 
 # --- the two sides --------------------------------------------------------------------------------------------
