@@ -35,7 +35,7 @@ from tqdm import tqdm
 from models.coeus import COEUS_CONFIGS, Coeus, CoeusBlock, coeus_config
 from models.llama import Block as LlamaBlock, Llama, LlamaConfig
 from models.lora import format_report, lora_report, merge_lora
-from utils.adapters import add_lora_args, apply_lora_spec, lora_spec, save_adapter
+from utils.adapters import add_lora_args, apply_lora_spec, lora_of_run, save_adapter
 from utils.checkpoint import (check_same_config, load_checkpoint, load_train_state, prepare_out_folder,
                               restore_train_state, save_atomic, save_train_state)
 from utils.decoding import CoeusLM, Decoder, LlamaLM, decode_tokens
@@ -188,18 +188,6 @@ def read_init(path):
     except (FileNotFoundError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise SystemExit(f"error: --init {path}: {str(e).splitlines()[0]}")
 
-
-def lora_of_run(args, ckpt, dtype_name):
-    """The adapters of this run (utils.adapters spec, or None): the flags' for a new run, the checkpoint's on
-    --resume, where other LoRA flags than the run was started with are an error naming both."""
-    wanted = lora_spec(args, dtype_name)
-    if ckpt is None:
-        return wanted
-    have = ckpt.get("lora")
-    if have != wanted:
-        raise SystemExit(f"error: --resume {args.resume}: the run was started with LoRA {have} but the flags ask "
-                         f"for {wanted}; pass the same --lora-* / --qlora flags")
-    return have
 
 
 def write_adapter_outputs(model, args, cfg, tok, step, base):

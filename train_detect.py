@@ -42,7 +42,7 @@ from models.llava import LlavaConfig
 from models.matcher import HungarianMatcher
 from models.vit import Block as VitBlock, vision_config
 from utils.chat import ChatTemplate, PackCollator, PadCollator
-from utils.adapters import add_lora_args, apply_lora_spec, format_report, lora_spec, save_adapter
+from utils.adapters import add_lora_args, apply_lora_spec, format_report, lora_of_run, save_adapter
 from utils.checkpoint import (load_checkpoint, load_train_state, load_weights, prepare_out_folder, restore_train_state,
                               save_atomic, save_train_state)
 from utils.coco import CocoDetectionDataset
@@ -273,18 +273,6 @@ def model_from_config(model_config, lora=None):
     model = DetectionModel.from_model_config(model_config)
     return add_lora(model, lora) if lora is not None else model
 
-
-def lora_of_run(args, ckpt, dtype_name):
-    """The adapters of this run (utils.adapters spec, or None): the flags' for a new run, the checkpoint's on
-    --resume, where other LoRA flags than the run was started with are an error naming both."""
-    wanted = lora_spec(args, dtype_name)
-    if ckpt is None:
-        return wanted
-    have = ckpt.get("lora")
-    if have != wanted:
-        raise SystemExit(f"error: --resume {args.resume}: the run was started with LoRA {have} but the flags ask "
-                         f"for {wanted}; pass the same --lora-* / --qlora flags")
-    return have
 
 
 def build_model(args, ckpt, train_items, lora=None):

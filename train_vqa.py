@@ -37,7 +37,7 @@ from models.lora import lora_report
 from models.siglip import SIGLIP_CONFIGS, Block as SiglipBlock, siglip_config
 from models.vit import Block as VitBlock, VISION_CONFIGS, VisionConfig, vision_config
 from utils.chat import IMAGE_TAG, ChatTemplate, PackCollator, PadCollator, template_for
-from utils.adapters import add_lora_args, apply_lora_spec, format_report, lora_spec, save_adapter
+from utils.adapters import add_lora_args, apply_lora_spec, format_report, lora_of_run, save_adapter
 from utils.checkpoint import (check_same_config, load_checkpoint, load_train_state, load_weights, prepare_out_folder,
                               restore_train_state, save_atomic, save_train_state)
 from utils.distributed import (all_reduce_mean, all_reduce_sum, broadcast_object, cleanup_distributed, grad_sync,
@@ -391,18 +391,6 @@ def micro_batch_counts(batch, raw, info):
     return counts
 
 
-def lora_of_run(args, ckpt, ckpt_path, dtype_name):
-    """The adapters of this run (utils.adapters spec, or None): the flags' for a new run, the checkpoint's
-    otherwise; --resume with other LoRA flags than the run was started with is an error naming both."""
-    wanted = lora_spec(args, dtype_name)
-    if ckpt is None:
-        return wanted
-    have = ckpt.get("lora")
-    if args.resume and have != wanted:
-        raise SystemExit(f"error: --resume {ckpt_path}: the run was started with LoRA {have} but the flags ask for "
-                         f"{wanted}; pass the same --lora-* / --qlora flags")
-    return have
-
 
 def write_adapter_outputs(model, args, cfg, tok, meta, step):
     """The end of a LoRA run: --out/adapter (peft's folder: adapters + projector, the embeddings when they grew)
@@ -550,7 +538,7 @@ def main(argv=None):
     tok, cfg, processor, template = model_parts(args, ckpt, ckpt_path, train_entries)
     image_id, pad_id, n_vocab = special_ids(tok)
     eos_id = template.end_of_turn_id(tok)  # where an answer ends: eos, or the template's <|eot_id|> / <|im_end|>
-    lora = lora_of_run(args, ckpt, ckpt_path, dtype_name)
+    lora = lora_of_run(args, ckpt, dtype_name, source=ckpt_path)
     model = build_model(cfg, args, n_vocab, pretrained=ckpt is None, lora=lora, device=device)
     if args.eval_only:
         load_weights(model, ckpt["model"], ckpt_path)

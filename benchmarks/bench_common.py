@@ -74,3 +74,42 @@ def time_training(name, model, loss_fn, steps, warmup, lr, timer, weight_decay=0
     seconds = time.perf_counter() - t0
     return dict(seconds=seconds, warmup_s=warmup_s, losses=[float(x) for x in losses], fused_adamw=fused,
                 compile_error=compile_error)
+
+
+def compare_to_peers(results, rate, goal_speedup, goal_memory, cuda, mfu=False):
+    """Ours against each transformers row measured (results["transformers_eager" / "_compiled"]): ours_vs_<peer>
+    (`rate` ratios, e.g. tokens_per_s), memory_ratio_vs_<peer>, first_loss_diff_vs_<peer>; then speedup /
+    memory_ratio / goal_met against the strongest peer (compiled where measured). mfu: print both MFUs too."""
+    out, ours = {}, results["ours"]
+    for peer in ("eager", "compiled"):
+        r = results.get("transformers_" + peer)
+        if r is None:
+            continue
+        out[f"ours_vs_{peer}"] = ours[rate] / r[rate]
+        out[f"memory_ratio_vs_{peer}"] = ours["peak_mem_gb"] / r["peak_mem_gb"]
+        out[f"first_loss_diff_vs_{peer}"] = abs(ours["first_loss"] - r["first_loss"])
+        print(f"ours / transformers {peer}: {out[f'ours_vs_{peer}']:.3f}x {rate.replace('_per_s', '/s')}, peak "
+              f"memory ratio {out[f'memory_ratio_vs_{peer}']:.3f}, first-step loss difference "
+              f"{out[f'first_loss_diff_vs_{peer}']:.2e}" + (f", MFU {ours['mfu']:.1%} vs {r['mfu']:.1%}" if mfu else ""))
+    peer = "compiled" if "ours_vs_compiled" in out else "eager" if "ours_vs_eager" in out else None
+    if peer is None:
+        return out
+    out.update(peer=f"transformers_{peer}", speedup=out[f"ours_vs_{peer}"], memory_ratio=out[f"memory_ratio_vs_{peer}"],
+               first_loss_diff=max(v for k, v in out.items() if k.startswith("first_loss_diff_vs_")))
+    out["goal_met"] = peer == "compiled" and out["speedup"] >= goal_speedup and out["memory_ratio"] <= goal_memory
+    print(f"goal (>= {goal_speedup}x transformers compiled, memory <= {goal_memory}x): "
+          f"{'met' if out['goal_met'] else 'NOT met'}" + ("" if peer == "compiled" else " (compiled not measured)"))
+    if not cuda:
+        print("note: on CPU peak memory is the process's cumulative peak RSS; the ratio means nothing there")
+    return out
+
+
+def add_transformers_args(ap):
+    """The flags of which transformers rows a training benchmark measures, and how it compiles them."""
+    ap.add_argument("--compile-hf", nargs="?", const="compiled", default="both",
+                    choices=["both", "eager", "compiled", "off", "on"],
+                    help="the transformers model: both (default: eager, then torch.compile'd, in this run; ours is "
+                         "reported against each), eager (= off) or compiled (= on) alone")
+    ap.add_argument("--hf-compile-backend", default=None,
+                    help="torch.compile backend of transformers_compiled (default inductor; --smoke on CPU: aot_eager, "
+                         "which traces the same graphs in seconds where inductor's CPU code generation takes ~40 s)")

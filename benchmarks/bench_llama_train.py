@@ -38,7 +38,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_common import Timer, time_training  # noqa: E402
+from benchmarks.bench_common import Timer, add_transformers_args, compare_to_peers, time_training  # noqa: E402
 from models.hf_weights import decoder_family, llama_config_to_hf, ours_to_hf, qwen2_config_to_hf  # noqa: E402
 from models.llama import Llama, llama_config  # noqa: E402
 
@@ -58,13 +58,7 @@ def parse_args(argv=None):
     ap.add_argument("--loss", choices=["fused", "full"], default="fused",
                     help="OUR loss: chunked fused linear cross-entropy, or full logits as transformers does")
     ap.add_argument("--chunk", type=int, default=4096, help="rows per chunk of the fused cross-entropy")
-    ap.add_argument("--compile-hf", nargs="?", const="compiled", default="both",
-                    choices=["both", "eager", "compiled", "off", "on"],
-                    help="the transformers model: both (default: eager, then torch.compile'd, in this run; ours is "
-                         "reported against each), eager (= off) or compiled (= on) alone")
-    ap.add_argument("--hf-compile-backend", default=None,
-                    help="torch.compile backend of transformers_compiled (default inductor; --smoke on CPU: aot_eager, "
-                         "which traces the same graphs in seconds where inductor's CPU code generation takes ~40 s)")
+    add_transformers_args(ap)
     ap.add_argument("--skip-hf", action="store_true", help="measure only our model (no transformers needed)")
     ap.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (same for both)")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
@@ -143,32 +137,6 @@ def run_ours(cfg, init_state, compile_mode, ids, args, timer, name):
 GOAL_SPEEDUP, GOAL_MEMORY = 1.4, 0.9  # issue #19: >= 1.4x transformers compiled, peak memory <= 0.9x of it
 
 
-def compare(results, device):
-    """Ours against each transformers row measured: ours_vs_compiled / ours_vs_eager (tokens/s ratios) and their
-    memory ratios; speedup / memory_ratio / goal_met against the strongest peer (compiled where measured)."""
-    out, our_r = {}, results["ours"]
-    for peer in ("eager", "compiled"):
-        r = results.get("transformers_" + peer)
-        if r is None:
-            continue
-        out[f"ours_vs_{peer}"] = our_r["tokens_per_s"] / r["tokens_per_s"]
-        out[f"memory_ratio_vs_{peer}"] = our_r["peak_mem_gb"] / r["peak_mem_gb"]
-        out[f"first_loss_diff_vs_{peer}"] = abs(our_r["first_loss"] - r["first_loss"])
-        print(f"ours / transformers {peer}: {out[f'ours_vs_{peer}']:.3f}x tokens/s, peak memory ratio "
-              f"{out[f'memory_ratio_vs_{peer}']:.3f}, first-step loss difference "
-              f"{out[f'first_loss_diff_vs_{peer}']:.2e}, MFU {our_r['mfu']:.1%} vs {r['mfu']:.1%}")
-    peer = "compiled" if "ours_vs_compiled" in out else "eager" if "ours_vs_eager" in out else None
-    if peer is None:
-        return out
-    out.update(peer=f"transformers_{peer}", speedup=out[f"ours_vs_{peer}"], memory_ratio=out[f"memory_ratio_vs_{peer}"],
-               first_loss_diff=max(v for k, v in out.items() if k.startswith("first_loss_diff_vs_")))
-    out["goal_met"] = peer == "compiled" and out["speedup"] >= GOAL_SPEEDUP and out["memory_ratio"] <= GOAL_MEMORY
-    print(f"goal (>= {GOAL_SPEEDUP}x transformers compiled, memory <= {GOAL_MEMORY}x): "
-          f"{'met' if out['goal_met'] else 'NOT met'}" + ("" if peer == "compiled" else " (compiled not measured)"))
-    if not device.startswith("cuda"):
-        print("note: on CPU peak memory is the process's cumulative peak RSS; the ratio means nothing there")
-    return out
-
 
 def main(argv=None):
     args = parse_args(argv)
@@ -236,7 +204,7 @@ def main(argv=None):
     summary = dict(args=vars(args), env=env, n_params=n_params, flops_per_token=flops_per_token, results=results)
     for r in results.values():
         r["mfu"] = r["tokens_per_s"] * flops_per_token / (args.peak_tflops * 1e12)
-    summary.update(compare(results, device))
+    summary.update(compare_to_peers(results, "tokens_per_s", GOAL_SPEEDUP, GOAL_MEMORY, device.startswith("cuda"), mfu=True))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:

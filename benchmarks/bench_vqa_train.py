@@ -37,7 +37,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_common import Timer, time_training  # noqa: E402
+from benchmarks.bench_common import Timer, add_transformers_args, compare_to_peers, time_training  # noqa: E402
 from models.hf_weights import hf_to_ours, llava_config_to_hf  # noqa: E402
 from models.llama import llama_config  # noqa: E402
 from models.llava import LlavaConfig, LlavaModel  # noqa: E402
@@ -58,13 +58,7 @@ def parse_args(argv=None):
                     help="torch.compile for OUR model: each ViT and decoder block, or nothing")
     ap.add_argument("--loss", choices=["answer", "full"], default="answer",
                     help="OUR loss: head + CE on the learned positions only (chunked), or full logits as transformers")
-    ap.add_argument("--compile-hf", nargs="?", const="compiled", default="both",
-                    choices=["both", "eager", "compiled", "off", "on"],
-                    help="the transformers model: both (default: eager, then torch.compile'd, in this run; ours is "
-                         "reported against each), eager (= off) or compiled (= on) alone")
-    ap.add_argument("--hf-compile-backend", default=None,
-                    help="torch.compile backend of transformers_compiled (default inductor; --smoke on CPU: aot_eager, "
-                         "the same graphs traced in seconds instead of inductor's CPU code generation)")
+    add_transformers_args(ap)
     ap.add_argument("--skip-hf", action="store_true", help="measure only our model")
     ap.add_argument("--isolate", choices=["auto", "on", "off"], default="auto",
                     help="measure each model in a fresh process of its own (auto: on a GPU), so neither inherits "
@@ -236,37 +230,11 @@ def main(argv=None):
 GOAL_SPEEDUP, GOAL_MEMORY = 1.3, 0.9  # issue #19: >= 1.3x transformers compiled, peak memory <= 0.9x of it
 
 
-def compare(results, cuda):
-    """Ours against each transformers row measured: ours_vs_compiled / ours_vs_eager (samples/s ratios) and their
-    memory ratios; speedup / memory_ratio / goal_met against the strongest peer (compiled where measured)."""
-    out, o = {}, results["ours"]
-    for peer in ("eager", "compiled"):
-        h = results.get("transformers_" + peer)
-        if h is None:
-            continue
-        out[f"ours_vs_{peer}"] = o["samples_per_s"] / h["samples_per_s"]
-        out[f"memory_ratio_vs_{peer}"] = o["peak_mem_gb"] / h["peak_mem_gb"]
-        out[f"first_loss_diff_vs_{peer}"] = abs(o["first_loss"] - h["first_loss"])
-        print(f"ours / transformers {peer}: {out[f'ours_vs_{peer}']:.3f}x samples/s, peak memory ratio "
-              f"{out[f'memory_ratio_vs_{peer}']:.3f}, first-step loss difference "
-              f"{out[f'first_loss_diff_vs_{peer}']:.2e}")
-    peer = "compiled" if "ours_vs_compiled" in out else "eager" if "ours_vs_eager" in out else None
-    if peer is None:
-        return out
-    out.update(peer=f"transformers_{peer}", speedup=out[f"ours_vs_{peer}"], memory_ratio=out[f"memory_ratio_vs_{peer}"],
-               first_loss_diff=max(v for k, v in out.items() if k.startswith("first_loss_diff_vs_")))
-    out["goal_met"] = peer == "compiled" and out["speedup"] >= GOAL_SPEEDUP and out["memory_ratio"] <= GOAL_MEMORY
-    print(f"goal (>= {GOAL_SPEEDUP}x transformers compiled, memory <= {GOAL_MEMORY}x): "
-          f"{'met' if out['goal_met'] else 'NOT met'}" + ("" if peer == "compiled" else " (compiled not measured)"))
-    if not cuda:
-        print("note: on CPU peak memory is the process's cumulative peak RSS; the ratio means nothing there")
-    return out
-
 
 def summarize(args, env, n_params, results, cuda):
     summary = dict(args=vars(args), env=env, n_params=n_params, results=results)
     if "ours" in results:
-        summary.update(compare(results, cuda))
+        summary.update(compare_to_peers(results, "samples_per_s", GOAL_SPEEDUP, GOAL_MEMORY, cuda))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train_detect
+from utils.adapters import lora_spec
 from tests.test_train_detect import TINY
 from utils.load_model import load_model
 from utils.metrics import read_jsonl
@@ -71,7 +72,7 @@ def test_only_the_adapters_of_the_decoder_train(tmp_path):
     args = train_detect.get_args(TINY + ["--out", str(tmp_path / "x"), "--tokenizer-cache", str(tmp_path / "tok"),
                                          "--lora-r", "4"])
     train_items, _, _, _ = train_detect.build_items(args)
-    lora = train_detect.lora_spec(args)
+    lora = lora_spec(args)
     model = train_detect.build_model(args, None, train_items, lora)[0]
     lrs = {g: getattr(args, f"lr_{g}") for g in train_detect.GROUP_PATTERNS}
     _, names = train_detect.param_groups(model, lrs, args.weight_decay)

@@ -54,6 +54,19 @@ def lora_spec(args, dtype_name="float32"):
                 compute_dtype=dtype_name if args.qlora else None)
 
 
+def lora_of_run(args, ckpt, dtype_name, source=None):
+    """The adapters of a script's run (a spec, or None): the flags' for a new run, the checkpoint's otherwise;
+    --resume with other LoRA flags than the run was started with ends in one line naming both (SystemExit)."""
+    wanted = lora_spec(args, dtype_name)
+    if ckpt is None:
+        return wanted
+    have = ckpt.get("lora")
+    if getattr(args, "resume", None) and have != wanted:
+        raise SystemExit(f"error: --resume {source or args.resume}: the run was started with LoRA {have} but the "
+                         f"flags ask for {wanted}; pass the same --lora-* / --qlora flags")
+    return have
+
+
 def language_model_of(model):
     return getattr(model, "language_model", model)
 
@@ -164,32 +177,26 @@ def load_adapter(model, folder):
         return f"{PEFT_PREFIX}{hf_module_path(model, path, layout)}.{which}.weight"
     layout = max(("current", "legacy"), key=lambda lay: sum(key_of(p, lay, "lora_A") in state for p, _ in adapters))
     missing, misshaped, used = [], [], set()
+
+    def take(k, dst):  # the file's tensor k into dst, or why not
+        if k not in state:
+            missing.append(k)
+        elif state[k].shape != dst.shape:
+            misshaped.append(f"{k} file {tuple(state[k].shape)} vs model {tuple(dst.shape)}")
+        else:
+            dst.copy_(state[k])
+            used.add(k)
     with torch.no_grad():
         for path, m in adapters:
             for which in ("lora_A", "lora_B"):
-                k = key_of(path, layout, which)
-                dst = getattr(m, which).weight
-                if k not in state:
-                    missing.append(k)
-                elif state[k].shape != dst.shape:
-                    misshaped.append(f"{k} file {tuple(state[k].shape)} vs model {tuple(dst.shape)}")
-                else:
-                    dst.copy_(state[k])
-                    used.add(k)
+                take(key_of(path, layout, which), getattr(m, which).weight)
         ours_by_hf = {v: k for k, v in HF_MODULE_NAMES.items()}
         for name in cfg.get("modules_to_save") or []:
             if name not in ours_by_hf:
                 raise ValueError(f"{folder}: modules_to_save {name!r} is none of {sorted(ours_by_hf)}")
             for path, module in _modules_named(model, ours_by_hf[name]):
                 for k, dst in module.state_dict().items():
-                    fk = PEFT_PREFIX + hf_key(model, f"{path}.{k}", layout)
-                    if fk not in state:
-                        missing.append(fk)
-                    elif state[fk].shape != dst.shape:
-                        misshaped.append(f"{fk} file {tuple(state[fk].shape)} vs model {tuple(dst.shape)}")
-                    else:
-                        dst.copy_(state[fk])
-                        used.add(fk)
+                    take(PEFT_PREFIX + hf_key(model, f"{path}.{k}", layout), dst)
     if missing or misshaped:
         parts = [f"{what} ({len(x)}): {', '.join(x[:6])}{' ...' if len(x) > 6 else ''}"
                  for what, x in (("missing", missing), ("mis-shaped", misshaped)) if x]
