@@ -63,6 +63,10 @@ def test_lora_run_learns_and_resumes_bit_for_bit(base, tmp_path, qlora):
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids), merged.lm.model(ids), rtol=0, atol=1e-5)
+    # and generate.py reads it directly: adapters rebuilt (4-bit base too), loaded, merged
+    direct = load_model(str(tmp_path / "a" / "last.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(direct.lm.model(ids), merged.lm.model(ids), rtol=0, atol=1e-5)
 
     # --resume with other LoRA flags: one clear line
     msg = run_error(tiny_args(data, tmp_path / "b", "--model", "llama", "--lora-r", "8", "--max-iters", "9",
