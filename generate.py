@@ -5,6 +5,7 @@
     python generate.py --ckpt ckpt.pt --temperature 0                               # greedy
     python generate.py --ckpt ckpt.pt --interactive                                 # one prompt per stdin line
     python generate.py --ckpt vqa.pt --image cat.jpg --prompt "What is in the picture?"
+    python generate.py --ckpt vqa.pt --image a.png --image b.png --prompt "<image> and <image>: same colour?"
     python generate.py --ckpt path/to/TinyLlama-folder --prompt "Once upon a time"  # HF LlamaForCausalLM folder
     python generate.py --ckpt ckpt.pt --eval --eval-file data/valid.txt             # perplexity + degeneration
 
@@ -39,11 +40,16 @@ from utils.text_data import load_corpus, read_text
 
 # --- prompts -------------------------------------------------------------------------------------------
 
-def encode_prompt(loaded, text, image=None):
-    """-> (ids: list[int], pixel_values (1, 3, H, W) or None)."""
+def encode_prompt(loaded, text, images=None):
+    """-> (ids: list[int], pixel_values (n_images, 3, H, W) or None).
+
+    images: one path or a list of paths (--image, repeatable). The k-th <image> of the prompt stands for the
+    k-th image; a prompt with fewer tags than images gets the missing ones put in front (one per line, so the
+    first images go there), one with more tags than images is an error."""
     tok = loaded.tokenizer
+    images = [images] if isinstance(images, str) else list(images or [])
     if loaded.llava is None:
-        if image is not None:
+        if images:
             fail("--image needs a VQA (or detection) checkpoint")
         try:
             ids = tok.encode(text)
@@ -56,23 +62,24 @@ def encode_prompt(loaded, text, image=None):
         return ids, None
     from utils.chat import IMAGE_TAG, encode_conversation
     ex = loaded.extras
-    pixels = None
-    if image is not None:
+    n_tags = text.count(IMAGE_TAG)
+    if n_tags > len(images):
+        fail(f"the prompt holds {n_tags} {IMAGE_TAG} tag(s) but {len(images)} --image was given"
+             if images else f"the prompt holds {IMAGE_TAG} but no --image was given")
+    pixels = []
+    for path in images:
         try:
-            img = open_image(image)  # missing, truncated, not an image, a decompression bomb: one line
+            img = open_image(path)  # missing, truncated, not an image, a decompression bomb: one line
         except DataError as e:
             fail(str(e))
-        pixels = ex["processor"](img)[None]
-        if IMAGE_TAG not in text:
-            text = IMAGE_TAG + "\n" + text
-    elif IMAGE_TAG in text:
-        fail(f"the prompt holds {IMAGE_TAG} but no --image was given")
+        pixels.append(ex["processor"](img))
+    text = (IMAGE_TAG + "\n") * (len(images) - n_tags) + text
     try:
         enc = encode_conversation([{"from": "human", "value": text}], tok, ex["image_token_id"],
                                   loaded.llava.num_image_tokens, max_len=10 ** 9, template=ex["template"])
     except ValueError as e:
         fail(f"cannot encode the prompt: {e}")
-    return enc["input_ids"], pixels
+    return enc["input_ids"], (torch.stack(pixels) if pixels else None)
 
 
 def fit_context(ids, max_new_tokens, context, truncate_left, has_image=False):
@@ -194,7 +201,9 @@ def build_parser():
     a("--replace-invalid", action="store_true", help="--prompt-file: replace bytes that are not UTF-8 with U+FFFD "
       "instead of stopping")
     a("--interactive", action="store_true", help="read prompts from stdin, one per line, until EOF")
-    a("--image", default=None, help="image file for a VQA / detection checkpoint")
+    a("--image", action="append", default=None, help="image file for a VQA / detection checkpoint; repeat it for "
+      "several images (--image a.png --image b.png): the k-th <image> of the prompt is the k-th image; missing "
+      "<image> tags are put in front of the prompt (one per line), more tags than images is an error")
     a("--max-new-tokens", type=int, default=200, help="tokens to generate per sample")
     a("--num-samples", type=int, default=1, help="samples of the same prompt, decoded together as one batch")
     a("--temperature", type=float, default=d.temperature, help="softmax temperature; 0 = greedy")

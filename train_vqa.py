@@ -6,7 +6,8 @@ The seed configuration (CLIP-ViT-L/14-336 + TinyLlama-1.1B, full fine-tuning, bf
 Hugging Face folders or from random weights:
     python train_vqa.py --vision clip-vit-l-336 --llm tinyllama-1.1b \\
         --init-vision /models/clip-vit-large-patch14-336 --init-llm /models/TinyLlama-1.1B --batch-size 8
-Your own data (LLaVA conversation JSON + image folder):
+Your own data (LLaVA conversation JSON + image folder; an entry's "image" may be a list of paths, one <image> per
+path in its human turns, in order; see docs/vqa.md):
     python train_vqa.py --data train.json --image-folder images/ --val-data val.json --test-data test.json
 Stop and continue exactly where it stopped; evaluate a checkpoint:
     python train_vqa.py --resume            # reads --out/last.pt
@@ -82,7 +83,8 @@ def get_args(argv=None):
     g.add_argument("--max-len", type=int, default=None, help="context length in tokens (default: the LLM config's)")
     g.add_argument("--pack", action="store_true", help="pack samples into rows of --max-len (attention kept per sample)")
     g.add_argument("--strict", action="store_true", help="an unreadable image or an over-long text is an error "
-                   "(default: skip / truncate and count)")
+                   "(default: skip / truncate and count; a sample whose image tokens alone overflow the context is "
+                   "skipped, never cut inside an image)")
     g.add_argument("--system", default=None, help="system line put before the first user turn (default: none)")
     g.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 0 on CPU, 4 on GPU)")
     g = p.add_argument_group("model")

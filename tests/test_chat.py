@@ -5,8 +5,8 @@ import torch
 from models.llama import llama_config
 from models.llava import LlavaConfig, LlavaModel
 from models.vit import vision_config
-from utils.chat import (IGNORE, ChatTemplate, PackCollator, PadCollator, answer_spans, encode_conversation,
-                        template_for)
+from utils.chat import (IGNORE, ChatTemplate, ImagesDoNotFit, PackCollator, PadCollator, answer_spans,
+                        encode_conversation, template_for)
 from utils.tokenizer import SentencePieceTokenizer
 
 WORDS = ("what color is the shape red blue green circle square triangle yes no is there a in image "
@@ -75,8 +75,14 @@ def test_truncation_keeps_answers_and_image_tokens(tok):
     assert s["input_ids"][-len(answer_spans(full)[0]):] == answer_spans(full)[0]
     with pytest.raises(ValueError, match="longer than the context"):
         encode_conversation(c, tok, IMG, N, 40, strict=True)
-    with pytest.raises(ValueError, match="image tokens alone"):
+    with pytest.raises(ImagesDoNotFit, match=r"image tokens alone \(1 image\(s\), 50 tokens\)"):
         encode_conversation(c, tok, IMG, 50, 40)
+    two = conv("<image> and <image>\n" + " ".join(WORDS * 6), "a blue square")  # two images: both stay whole
+    s = encode_conversation(two, tok, IMG, N, 40)
+    assert s["truncated"] and len(s["input_ids"]) == 40 and s["input_ids"].count(IMG) == 2 * N and s["n_images"] == 2
+    assert tok.decode(answer_spans(s)[0][:-1]) == "a blue square"
+    with pytest.raises(ImagesDoNotFit, match=r"\(2 image\(s\), 50 tokens\)"):
+        encode_conversation(two, tok, IMG, 25, 40)
 
 
 def _samples(tok, seed=0, image_size=32):

@@ -277,6 +277,11 @@ def test_vqa_decoding_with_image_equals_full_recompute(tmp_path):
     assert res2[0]["token_ids"] == res[0]["token_ids"]
     with pytest.raises(SystemExit, match="needs a VQA"):
         generate.main(["--ckpt", save(tmp_path, "llama", tiny_llama()), "--image", str(img)])
+    with pytest.raises(SystemExit, match="the prompt holds <image> but no --image was given"):
+        generate.main(["--ckpt", ck, "--prompt", "<image> Speak?", "--max-new-tokens", "2"])
+    # one --image and a prompt without the tag: the tag goes in front, as it always did
+    assert generate.encode_prompt(loaded, "Speak?", [str(img)])[0] == generate.encode_prompt(loaded, "<image>\nSpeak?",
+                                                                                              str(img))[0]
 
 
 # --- metrics and --eval ----------------------------------------------------------------------------------

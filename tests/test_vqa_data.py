@@ -80,6 +80,7 @@ def entry(i, image="a.png", q="<image>\nwhat?", a="red"):
     ({"a": 1}, "expected a JSON list"),
     ([entry(0), entry(1, image=None)], r"entry 1 \(id 1\): field 'conversations' holds 1 <image> tag\(s\) but 'image' names 0"),
     ([entry(0, image=["a.png", "b.png"])], r"entry 0 .*holds 1 <image> tag\(s\) but 'image' names 2"),
+    ([entry(0, q="what?", a="<image>")], r"entry 0 \(id 0\): field 'conversations\[1\].value' holds <image> outside"),
     ([entry(0), {"id": "x", "image": "a.png"}], r"entry 1 \(id 'x'\): field 'conversations' is missing"),
     ([{"id": 7, "image": "a.png", "conversations": [{"from": "human", "value": "<image>"}, {"from": "bot", "value": "x"}]}],
      r"entry 0 \(id 7\): field 'conversations\[1\].from' must be human/gpt/system"),

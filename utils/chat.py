@@ -14,6 +14,8 @@ token t belongs to, -1 elsewhere, so a caller can split the loss per turn (teach
 
 Over-long samples keep the answer side: prompt text is cut first (from the front of the earliest user
 turns, never through the image tokens), then the last answer from its end; `truncated` says it happened.
+A conversation whose image tokens alone (every image's, N per `<image>`) do not fit raises `ImagesDoNotFit`:
+an image is never cut in half or dropped from a sample that still refers to it.
 
 Two more layouts, for the instruction-tuned families (`template_for` picks one by family / tokenizer):
 
@@ -41,6 +43,11 @@ import torch
 
 IMAGE_TAG = "<image>"
 IGNORE = -100
+
+
+class ImagesDoNotFit(ValueError):
+    """The image tokens of a conversation alone are longer than the context: no truncation can keep it whole."""
+
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                 "system": "system"}
 
@@ -239,7 +246,9 @@ def _truncate(segs, max_len):
             excess -= cut
     if excess > 0:
         n_img = sum(len(s[0]) for s in segs if s[1] == "image")
-        raise ValueError(f"the image tokens alone ({n_img}) do not fit in the context of {max_len} tokens")
+        n_runs = sum(s[1] == "image" for s in segs)
+        raise ImagesDoNotFit(f"the image tokens alone ({n_runs} image(s), {n_img} tokens) do not fit in the context "
+                             f"of {max_len} tokens")
 
 
 def encode_conversation(conversations, tokenizer, image_token_id, num_image_tokens, max_len,
@@ -297,7 +306,15 @@ def _meta(samples):
 
 
 def _stack_pixels(samples):
-    pix = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None and len(s["pixel_values"])]
+    """Every sample's images, in sample order: (total images, 3, H, W), or None without any."""
+    pix = []
+    for s in samples:
+        p = s.get("pixel_values")
+        n = 0 if p is None else len(p)
+        if "n_images" in s and n != s["n_images"]:  # a sample's image runs and its images must pair up one to one
+            raise ValueError(f"sample {s.get('id')!r}: {s['n_images']} image run(s) in input_ids but {n} image(s)")
+        if n:
+            pix.append(p)
     return torch.cat(pix) if pix else None
 
 

@@ -284,15 +284,16 @@ class Session:
     @torch.no_grad()
     def generate(self, ids, num_samples=1, max_new_tokens=200, pixels=None, stop=(), sync_every=16,
                  on_text=None, ignore_eos=False):
-        """ids: one prompt (list of ints), decoded num_samples times as one batch. Returns dict(texts,
+        """ids: one prompt (list of ints), decoded num_samples times as one batch; pixels: its images in the order
+        of their placeholder runs (n_images, 3, H, W), or None. Returns dict(texts,
         token_ids (per sample, up to EOS), new_tokens (kept, all samples), steps, prefill_and_first_chunk_s,
         total_s). on_text(str) receives sample 0's text as it grows (streaming)."""
         tok, dev = self.loaded.tokenizer, self.device
         prompt = torch.tensor([ids], dtype=torch.long, device=dev).expand(num_samples, -1).contiguous()
         self._setup(num_samples, len(ids) + max_new_tokens)
         embeds = None
-        if pixels is not None:
-            embeds = self.loaded.llava.embed(prompt, pixels.to(dev).expand(num_samples, -1, -1, -1))
+        if pixels is not None:  # pixels: the prompt's images (n_images, 3, H, W), embedded once for every sample
+            embeds = self.loaded.llava.embed(prompt[:1], pixels.to(dev)).expand(num_samples, -1, -1).contiguous()
         template = (self.loaded.extras or {}).get("template")
         # a chat answer ends with the template's end of turn (<|eot_id|>, <|im_end|>; the eos in the LLaVA layout)
         eos = None if ignore_eos else (template.end_of_turn_id(tok) if template is not None else tok.eos_id)

@@ -3,24 +3,27 @@
 (a) LLaVA format: a JSON list of
         {"id": ..., "image": "rel/path.png" | ["a.png", "b.png"],
          "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}
-    image paths are relative to an image folder. `load_conversations` validates every entry up front and
-    ends bad input in one line naming the entry and field.
+    image paths are relative to an image folder. Several images: the human turns hold one `<image>` per image,
+    the k-th tag (in reading order over the conversation) standing for the k-th path; each tag becomes that
+    image's N tokens. `load_conversations` validates every entry up front and ends bad input in one line naming
+    the entry and field (a tag count that differs from the image count; a tag outside a human turn).
 (b) easy-VQA (github.com/vzhou842/easy-VQA): 64x64 images of one coloured shape, 13 answers; shipped in
     the `easy-vqa` wheel on PyPI. `prepare_easy_vqa` fetches the wheel with `pip download`, checks its
     sha256, reads images and questions straight out of the zip and writes data/easy_vqa/{train,val,test}.json
     plus the images, and train_dialogs.json (one multi-turn conversation per training image).
     val = the questions of the last `val_images` training images (no image shared with train).
 
-`VQADataset` opens images lazily in __getitem__. An image that is missing or unreadable makes the sample
-None (the collators drop and count it; the training script reports the count each epoch); with
-strict=True it raises with the path. A sample is never given a blank image instead.
+`VQADataset` opens images lazily in __getitem__. An image that is missing or unreadable (any one of a sample's
+images) skips the sample with a reason (the collators drop and count it; the training script reports the count
+each epoch); with strict=True it raises with the path. A sample is never given a blank image instead. A sample
+whose image tokens alone do not fit the context is skipped the same way (strict: raised), never cut inside an image.
 """
 import json
 import random
 import os
 import zipfile
 
-from utils.chat import IMAGE_TAG, ROLE_ALIASES, encode_conversation, role_of
+from utils.chat import IMAGE_TAG, ROLE_ALIASES, ImagesDoNotFit, encode_conversation, role_of
 from utils.data_files import open_image, resolve_in_folder
 from utils.errors import DataError  # noqa: F401 (re-exported: scripts catch it from here)
 from utils.pypi_fetch import pip_download, sha256_of  # noqa: F401 (sha256_of re-exported: tests recompute digests)
@@ -96,6 +99,9 @@ def validate_entry(e, i, where="data"):
             bad(f"conversations[{j}].value", f"must be a string, got {type(turn.get('value')).__name__}")
     if not any(ROLE_ALIASES[str(t.get("from", t.get("role"))).lower()] == "assistant" for t in conv):
         bad("conversations", "has no gpt (assistant) turn to learn")
+    for j, turn in enumerate(conv):  # a tag elsewhere would be tokenised as text, not turned into an image
+        if IMAGE_TAG in turn["value"] and ROLE_ALIASES[str(turn.get("from", turn.get("role"))).lower()] != "user":
+            bad(f"conversations[{j}].value", f"holds {IMAGE_TAG} outside a human turn (images go in the questions)")
     n_tags = sum(t["value"].count(IMAGE_TAG) for t in conv)
     if n_tags != len(images):
         bad("conversations", f"holds {n_tags} {IMAGE_TAG} tag(s) but 'image' names {len(images)} image(s)")
@@ -122,6 +128,13 @@ class VQADataset:
     def __getitem__(self, i):
         import torch
         e = self.entries[i]
+        try:  # before the images are read: a sample that cannot fit is not worth decoding them for
+            sample = self.encode(e)
+        except ImagesDoNotFitError as err:
+            if self.strict:
+                raise
+            self.skipped.append(str(err))
+            return {"skipped": str(err)}
         pixels = []
         for name in e["images"]:
             try:  # a path out of the folder is refused; a bad image (a decompression bomb too) is one DataError
@@ -133,7 +146,9 @@ class VQADataset:
                     raise
                 self.skipped.append(str(err))
                 return {"skipped": str(err)}  # counted and named by the collators
-        sample = self.encode(e)
+        if sample.get("n_images", len(pixels)) != len(pixels):
+            raise DataError(f"entry {e.get('id', i)!r}: {sample['n_images']} image run(s) encoded for "
+                            f"{len(pixels)} image(s)")
         sample["pixel_values"] = torch.stack(pixels) if pixels else None
         sample["id"] = e.get("id", i)
         sample["index"] = i
@@ -141,6 +156,10 @@ class VQADataset:
 
 
 # --- entries -> model samples ----------------------------------------------------------------------
+class ImagesDoNotFitError(DataError):
+    """An entry whose image tokens alone exceed the context: VQADataset skips it (counted), or raises under strict."""
+
+
 class Encoder:
     """entry -> training sample (whole conversation) or eval sample (prompt up to the last answer + answer)."""
 
@@ -165,7 +184,8 @@ class Encoder:
         except ValueError as err:
             if isinstance(err, DataError):
                 raise
-            raise DataError(f"entry {e.get('id')!r}: {err}") from None
+            kind = ImagesDoNotFitError if isinstance(err, ImagesDoNotFit) else DataError
+            raise kind(f"entry {e.get('id')!r}: {err}") from None
         answer = conv[-1]["value"].strip()
         question = next((t["value"] for t in reversed(conv[:-1]) if role_of(t) == "user"), "")
         s.update(answer=answer, question=question.replace(IMAGE_TAG, "").strip(),

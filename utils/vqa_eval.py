@@ -1,5 +1,7 @@
 """The VQA evaluation of train_vqa.py: greedy answers (batched, KV cache) scored by exact match, overall and
-per question type, and the samples.png grid of test images with question, answer and prediction."""
+per question type, and the samples.png grid of test images (all of a sample's, side by side) with question,
+answer and prediction."""
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -41,8 +43,9 @@ def evaluate(model, dataset, indices, tok, pad_id, autocast, batch_size=256, max
                 correct[key] = correct.get(key, 0) + ok
                 total[key] = total.get(key, 0) + 1
             if len(kept) < n_keep:
+                images = [batch["pixel_values"][j] for j in range(first_image[k], first_image[k] + batch["n_images"][k])]
                 kept.append(dict(question=meta["question"][k], answer=meta["answer"][k], pred=pred, ok=ok,
-                                 image=batch["pixel_values"][first_image[k]] if batch["n_images"][k] else None))
+                                 images=images, image=images[0] if images else None))
     model.train(was_training)
     if not total:
         raise DataError(f"{desc}: no readable sample among {len(indices)} ({len(skipped)} skipped: "
@@ -51,7 +54,27 @@ def evaluate(model, dataset, indices, tok, pad_id, autocast, batch_size=256, max
     return acc, total, kept, skipped
 
 
+def record_images(r):
+    """A grid record's images: its `images` list, else its one `image` (records of one image), else none."""
+    if r.get("images") is not None:
+        return list(r["images"])
+    return [] if r.get("image") is None else [r["image"]]
+
+
+def side_by_side(images, processor, gap=2):
+    """(3, H, W) normalised tensors -> one (H, sum W + gaps, 3) uint8 array, white between the images."""
+    arrays = [denormalize(x, processor.mean, processor.std) for x in images]
+    h = max(a.shape[0] for a in arrays)
+    parts = []
+    for k, a in enumerate(arrays):
+        if k:
+            parts.append(np.full((h, gap, 3), 255, dtype=np.uint8))
+        parts.append(np.pad(a, ((0, h - a.shape[0]), (0, 0), (0, 0)), constant_values=255))
+    return np.concatenate(parts, axis=1)
+
+
 def save_grid(records, path, processor):
+    """records (question, answer, pred, ok, images) -> one cell per sample, every image of it side by side."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -59,12 +82,15 @@ def save_grid(records, path, processor):
         return
     cols = min(4, len(records))
     rows = -(-len(records) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+    widest = max(1, max(len(record_images(r)) for r in records))
+    cell_w = 3.2 * (1 + 0.6 * (min(widest, 4) - 1))  # wider cells for several images, up to 4 images' worth
+    fig, axes = plt.subplots(rows, cols, figsize=(cell_w * cols, 3.6 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, r in zip(axes.flat, records):
-        if r["image"] is not None:
-            ax.imshow(denormalize(r["image"], processor.mean, processor.std))
+        images = record_images(r)
+        if images:
+            ax.imshow(side_by_side(images, processor))
         pred = "".join(c if c.isprintable() else "?" for c in r["pred"])[:30]  # an untrained model says anything
         ax.set_title(f"Q: {r['question'][:40]}\nA: {r['answer']}  P: {pred}", fontsize=8,
                      color="green" if r["ok"] else "red")
