@@ -47,9 +47,10 @@ from utils.image_processing import FlipShift, ImageProcessor
 from utils.metrics import MetricsLogger, add_monitoring_args, describe_sample, group_norms, memory_stats
 from utils.runtime import CompiledBlocks, pick_device, seed_everything, setup_precision, warmup_cosine
 from utils.tokenizer import SentencePieceTokenizer, tokenizer_from_dict, tokenizer_from_folder
+from utils.vqa_benchmarks import BENCHMARKS, format_summary, read_benchmark, run_benchmark, to_conversation
 from utils.vqa_data import (DataError, QUESTION_TYPES, Encoder, VQADataset, load_conversations, make_loader,
-                            prepare_easy_vqa)
-from utils.vqa_eval import evaluate, save_grid, subset
+                            prepare_easy_vqa, validate_entry)
+from utils.vqa_eval import answer_all, evaluate, save_grid, subset
 
 # The default small model, sized for easy-VQA on a 2-core CPU: 64 px images, 8 px patches -> 64 image
 # tokens; 2-block ViT and 2-block decoder of width 128 (~0.9M parameters with a 512-piece vocabulary).
@@ -137,6 +138,16 @@ def get_args(argv=None):
                    "(without it, a fresh run refuses to replace another run's last.pt)")
     g.add_argument("--eval-only", action="store_true", help="evaluate --ckpt on the test split and stop")
     g.add_argument("--ckpt", default=None, help="checkpoint for --eval-only (default --out/best.pt, else last.pt)")
+    g.add_argument("--eval-format", default="own", choices=("own", *BENCHMARKS),
+                   help="the test set's format and score: own = a LLaVA JSON scored by exact match; vqav2 / textvqa "
+                        "(soft accuracy over ten answers), gqa (exact match), pope (accuracy, precision, recall, F1): "
+                        "the benchmark's own files as --test-data (pope: its question files, comma-separated), "
+                        "images from --image-folder, LLaVA-1.5's prompt, the official scoring; predictions in the "
+                        "upload format + summary.json under --out/<format>/, resumable (docs/vqa_benchmarks.md)")
+    g.add_argument("--annotations", default=None, help="--eval-format vqav2: the annotation JSON (ten answers per "
+                   "question); without it predictions are written but not scored (test-dev)")
+    g.add_argument("--image-pattern", default=None, help="--eval-format: the image file name of an item, e.g. "
+                   "'COCO_val2014_{image_id:012d}.jpg' (each benchmark's default otherwise)")
     g.add_argument("--log-every", type=int, default=10, help="steps between metrics rows")
     g.add_argument("--eval-every", type=int, default=None, help="steps between validations (default: each epoch)")
     g.add_argument("--save-every", type=int, default=500, help="steps between last.pt saves")
@@ -487,6 +498,24 @@ def test_and_report(model, test_set, args, tok, pad_id, eos_id, autocast, proces
     return acc
 
 
+def benchmark_report(model, args, encode, processor, tok, pad_id, eos_id, autocast):
+    """--eval-format vqav2|textvqa|gqa|pope: the benchmark's files read, answered greedily in batches with the
+    KV cache, scored as its official script does; written (and resumable) under --out/<format>/."""
+    items = read_benchmark(args.eval_format, args.test_data, args.annotations, args.image_pattern)
+    if args.test_samples:
+        items = [items[i] for i in subset(len(items), args.test_samples, args.seed)]
+
+    def answer_fn(batch_items):
+        entries = [validate_entry(to_conversation(it), i, args.test_data) for i, it in enumerate(batch_items)]
+        dataset = VQADataset(entries, args.image_folder, processor, encode, args.strict)
+        return answer_all(model, dataset, tok, pad_id, autocast, len(entries), args.max_new_tokens, eos_id)
+    summary = run_benchmark(args.eval_format, items, answer_fn, os.path.join(args.out, args.eval_format),
+                            args.eval_batch_size, progress=not args.no_progress, image_folder=args.image_folder,
+                            strict=args.strict)
+    print(format_summary(summary))
+    return summary
+
+
 def epoch_report(epoch, consumed, trained, skipped, n_truncated, log, step):
     """The end-of-epoch line: how many samples were skipped, the first few of them by name and reason (also a
     metrics row). An epoch that could use none of its samples stops the run instead of spinning through empty
@@ -532,9 +561,13 @@ def main(argv=None):
         train_json, val_json, test_json, image_folder = data_paths(args)
     train_entries = None if args.eval_only else load_conversations(train_json, image_folder)
     val_entries = load_conversations(val_json, image_folder) if val_json and not args.eval_only else None
-    test_entries = load_conversations(test_json, image_folder) if test_json else None
-    if args.eval_only and test_entries is None:
+    own_test = args.eval_format == "own"
+    test_entries = load_conversations(test_json, image_folder) if test_json and own_test else None
+    if args.eval_only and own_test and test_entries is None:
         raise SystemExit("error: --eval-only needs --test-data (a LLaVA JSON with answers)")
+    if not own_test and not (args.test_data and args.image_folder):
+        raise SystemExit(f"error: --eval-format {args.eval_format} needs --test-data (the benchmark's question "
+                         "file) and --image-folder (its images)")
 
     # --- tokenizer, model config, model: the checkpoint's, or new
     tok, cfg, processor, template = model_parts(args, ckpt, ckpt_path, train_entries)
@@ -554,7 +587,10 @@ def main(argv=None):
     eval_encode = Encoder(tok, image_id, n_img, max_len - args.max_new_tokens, template, args.strict, prompt_only=True)
     test_set = VQADataset(test_entries, image_folder, processor, eval_encode, args.strict) if test_entries else None
     if args.eval_only:
-        test_and_report(model, test_set, args, tok, pad_id, eos_id, autocast, processor, ckpt.get("step"))
+        if own_test:
+            test_and_report(model, test_set, args, tok, pad_id, eos_id, autocast, processor, ckpt.get("step"))
+        else:
+            benchmark_report(model, args, eval_encode, processor, tok, pad_id, eos_id, autocast)
         return
 
     # --- what trains, the wrapper (torchrun), optimizer, schedule, resume
@@ -724,6 +760,8 @@ def main(argv=None):
                          [f"gnorm_{g}" for g in ("projector", "llm", "vision")]])
         if test_set is not None:
             test_and_report(plain, test_set, args, tok, pad_id, eos_id, autocast, processor, run.step)
+        elif not own_test:
+            benchmark_report(plain, args, eval_encode, processor, tok, pad_id, eos_id, autocast)
         if lora is not None:
             write_adapter_outputs(plain, args, cfg, tok, meta, run.step)
     log.close()

@@ -54,6 +54,28 @@ def evaluate(model, dataset, indices, tok, pad_id, autocast, batch_size=256, max
     return acc, total, kept, skipped
 
 
+@torch.no_grad()
+def answer_all(model, dataset, tok, pad_id, autocast, batch_size=64, max_new_tokens=16, eos_id=None):
+    """Greedy answers (batched, KV cache) to every sample of dataset, in its order: the decoded text, or for a
+    sample the dataset skipped (unreadable image, too long) a DataError holding its reason."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        chunk = list(range(start, min(start + batch_size, len(dataset))))
+        batch = next(iter(make_loader(dataset, chunk, PadCollator(pad_id), len(chunk), 0)))
+        answers = {}
+        if batch["n_samples"]:
+            prompts = [row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["attention_mask"])]
+            gen = greedy_generate(model, prompts, batch["pixel_values"], tok.eos_id if eos_id is None else eos_id,
+                                  pad_id, max_new_tokens, autocast)
+            answers = {i: tok.decode(g) for i, g in zip(batch["meta"]["index"], gen)}
+        reasons = iter(batch["skipped"])  # the skipped samples' reasons, in sample order
+        out += [answers[i] if i in answers else DataError(next(reasons, "skipped")) for i in chunk]
+    model.train(was_training)
+    return out
+
+
 def record_images(r):
     """A grid record's images: its `images` list, else its one `image` (records of one image), else none."""
     if r.get("images") is not None:
