@@ -66,3 +66,18 @@ def test_benchmark_format_needs_its_files(trained):
     data, out = trained
     with pytest.raises(SystemExit, match="--image-folder"):
         train_vqa.cli(args_for(data, out, "--eval-only", "--eval-format", "gqa", "--image-folder", ""))
+
+
+def test_textvqa_and_gqa_files_scored_by_the_model(trained, tmp_path):
+    data, out = trained
+    save_images(tmp_path / "img", ["t1.jpg", "g1.jpg"])
+    textvqa = write(tmp_path / "TextVQA_0.5.1_val.json", {"data": [
+        {"question_id": 7, "image_id": "t1", "question": "what is written?", "answers": ["stop"] * 10}]})
+    gqa = write(tmp_path / "testdev_balanced_questions.json", {"5": {
+        "imageId": "g1", "question": "Is it red?", "answer": "yes", "types": {"structural": "verify",
+                                                                            "semantic": "attr", "detailed": "x"}}})
+    for fmt, test, pred_file in (("textvqa", textvqa, "textvqa_predictions.json"), ("gqa", gqa, "gqa_predictions.json")):
+        train_vqa.main(eval_args(data, out, fmt, test, str(tmp_path / "img")))
+        summary = json.load(open(os.path.join(out, fmt, "summary.json")))
+        assert summary["n_answered"] == 1 and summary["score"] is not None
+        assert len(json.load(open(os.path.join(out, fmt, pred_file)))) == 1
