@@ -225,6 +225,15 @@ def main(argv=None):
             row[f"ours_c{C}_fwd_ms"] = timer(fwd_only(ours[C], (q, k, v, g)), args.warmup, args.iters)
             row[f"ours_c{C}_ms"] = timer(run, args.warmup, args.iters)
             row[f"ours_c{C}_peak_mib"] = peak_mib(run, device)
+        if device.startswith("cuda"):  # the Triton kernels of kernels/gla.py (same math, fused per chunk)
+            from kernels.gla import chunk_gla_triton
+            tri = lambda q_, k_, v_, g_: chunk_gla_triton(q_, k_, v_, g_, chunk_size=chunk_sizes[0])[0]  # noqa: E731
+            row["triton_fwd_ms"] = timed_or_error(timer, fwd_only(tri, (q, k, v, g)), args, "kernels/gla.py forward")
+            leaves = [t.clone().requires_grad_() for t in (q, k, v, g)]
+            row["triton_ms"] = timed_or_error(timer, fwd_bwd(tri, leaves, do), args, "kernels/gla.py fwd+bwd")
+            if isinstance(row["triton_fwd_ms"], float):
+                with torch.no_grad():
+                    row["rel_err_o_triton_vs_ours"] = rel(tri(q, k, v, g), ours[chunk_sizes[0]](q, k, v, g))
         qt, kt, vt, dot = (t.transpose(1, 2).contiguous() for t in (q, k, v, do))   # (B, T, H, D) for fla
         gs = g.transpose(1, 2).contiguous()                                          # (B, T, H)
         if fla_note:
@@ -265,7 +274,8 @@ def main(argv=None):
                    fla_simple_fwd_over_ours=ratio(row.get("fla_simple_fwd_ms"), best_fwd),
                    ours_over_fla_simple=ratio(best, row.get("fla_simple_ms")),
                    ours_over_fla_chunk_gla=ratio(best, row.get("fla_chunk_gla_ms")),
-                   ours_over_sdpa=ratio(best, row.get("sdpa_causal_ms")))
+                   ours_over_sdpa=ratio(best, row.get("sdpa_causal_ms")),
+                   fla_simple_fwd_over_triton=ratio(row.get("fla_simple_fwd_ms"), row.get("triton_fwd_ms")))
         rows.append(row)
         print(json.dumps(row), flush=True)
         del q, k, v, g, do, qt, kt, vt, dot, gs
@@ -273,7 +283,8 @@ def main(argv=None):
             torch.cuda.empty_cache()
 
     cols = [("label", "B x T = tokens"), ("ours_best_fwd_ms", "ours fwd"), ("fla_simple_fwd_ms", "fla simple fwd"),
-            ("fla_simple_fwd_over_ours", "simple/ours fwd"), ("ours_best_ms", "ours fwd+bwd"),
+            ("fla_simple_fwd_over_ours", "simple/ours fwd"), ("triton_fwd_ms", "triton fwd"),
+            ("ours_best_ms", "ours fwd+bwd"), ("triton_ms", "triton f+b"),
             ("fla_simple_ms", "fla simple f+b"), ("fla_chunk_gla_ms", "chunk_gla f+b*"), ("sdpa_causal_ms", "SDPA f+b"),
             ("floor_fwd_bwd_ms", "floor f+b"), ("ours_over_floor", "ours/floor")]
     cols = [(c, h) for c, h in cols if any(c in r for r in rows)]

@@ -1,0 +1,366 @@
+"""Chunked gated linear attention (one log-decay per head and token) in Triton: forward and backward in five kernels,
+beside models/gla.py's plain-PyTorch chunk_gla, which stays the readable reference and the CPU path.
+
+The math (per batch row and head; chunk n of C tokens; b_i = g_1 + ... + g_i, the cumsum WITHIN the chunk; h_n the
+Dk x Dv state entering chunk n; q already multiplied by scale):
+    h_{n+1} = exp(b_C) h_n + sum_j exp(b_C - b_j) k_j v_j^T
+    o_i     = exp(b_i) q_i h_n + sum_{j<=i} (q_i . k_j) exp(b_i - b_j) v_j
+The design is fla's chunk_simple_gla (fla/ops/common/chunk_h.py, chunk_o.py, fla/ops/simple_gla/chunk.py):
+  forward   _fwd_h   grid (Dk/BK, Dv/BV, B*H): one program walks the chunks in order, writes every h_n (input dtype)
+                     and the final state (fp32);
+            _fwd_o   grid (Dv/BV, N, B*H): per chunk, (q exp(b)) @ h_n + causal((q k^T) * exp(b_i - b_j)) @ v,
+                     looping over Dk tiles;
+  backward  _fwd_h   again (the states are recomputed, not kept: O(T/C) memory between forward and backward);
+            _bwd_dh  grid (Dk/BK, Dv/BV, B*H): the reverse scan dh_n = exp(b_C) dh_{n+1} + (q exp(b))^T do over the
+                     chunk; writes the gradient of the state LEAVING each chunk, and that of the initial state;
+            _bwd_dqkvg grid (N, B*H), whole Dk and Dv in one tile: dq, dk, dv and dg of one chunk.
+dg: with b_t treated as free, dL/db_t = q_t . dq_t - k_t . dk_t, plus, at the chunk's last position,
+<dh_{n+1}, h_{n+1}> (the state leaving the chunk scales with exp(b_C)); dg is the reverse cumsum of that inside
+the chunk (fla's identity; tests/test_gla_kernel.py checks it against autograd through models.gla.chunk_gla).
+Decays only enter as exp(x) with x <= 0 (the causal mask is applied to the exponent, -inf above the diagonal), so a
+log-decay of -30 underflows to 0, never to Inf/NaN. Accumulation is fp32 (tl.dot into fp32); score matrices are
+rounded to the input dtype before their matmul, as in models/gla.py; fp32 inputs use IEEE fp32 dots, not TF32.
+A last chunk shorter than C is masked: its missing tokens load as q = k = v = 0 and g = 0.
+
+    o, S = chunk_gla_triton(q, k, v, g, chunk_size=64, initial_state=S0, output_final_state=True)
+    use_gla_kernels(model)   # every CUDA CoeusMixer's global_attn goes through the kernels; returns the count
+
+The launches are torch.library custom ops (gla::chunk_fwd, gla::chunk_bwd, with register_fake) so torch.compile
+treats them as opaque; off CUDA (and outside Triton's interpreter) they run models.gla.chunk_gla instead.
+"""
+import os
+
+import torch
+
+from kernels.launch import tl, triton
+from models.gla import chunk_gla
+
+BLOCK_K = 64   # Dk tile of _fwd_h / _bwd_dh / _fwd_o
+BLOCK_V = 32   # Dv tile of the two scans: more programs for the sequential walk over chunks (B*H*Dk/BK*Dv/BV)
+BLOCK_VO = 64  # Dv tile of _fwd_o
+MAX_D = 256    # _bwd_dqkvg holds the whole Dk and Dv of a chunk in one tile
+NUM_WARPS = 4
+NUM_WARPS_BWD = 8  # _bwd_dqkvg keeps ~7 (C, C)/(C, D) fp32 tiles live: 4 warps would spill at C = D = 64 (untuned)
+
+if triton is not None:
+    @triton.jit
+    def _fwd_h(k, v, g, h, h0, ht, T, NT, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+               BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, PREC: tl.constexpr, NT_LOOP: tl.constexpr):
+        # program (i_k, i_v, bh): the (BK, BV) tile of every state h_n of row bh, walking the chunks in order
+        i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rk = i_k * BK + tl.arange(0, BK)
+        rv = i_v * BV + tl.arange(0, BV)
+        rc = tl.arange(0, C)
+        km, vm = rk < DK, rv < DV
+        hoff = rk[:, None] * DV + rv[None, :]
+        hmask = km[:, None] & vm[None, :]
+        k += i_bh.to(tl.int64) * T * DK
+        v += i_bh.to(tl.int64) * T * DV
+        g += i_bh.to(tl.int64) * T
+        h += i_bh.to(tl.int64) * NT * DK * DV
+        b_h = tl.zeros((BK, BV), dtype=tl.float32)
+        if USE_H0:
+            b_h += tl.load(h0 + i_bh * DK * DV + hoff, mask=hmask, other=0.0).to(tl.float32)
+        for n in range(NT_LOOP if NT_LOOP > 0 else NT):
+            tl.store(h + n * DK * DV + hoff, b_h.to(h.dtype.element_ty), mask=hmask)
+            t = n * C + rc
+            tm = t < T
+            b_g = tl.load(g + t, mask=tm, other=0.0)
+            b_b = tl.cumsum(b_g, 0)                                                           # (C,)
+            b_last = tl.sum(b_g, 0)
+            b_k = tl.load(k + t[:, None] * DK + rk[None, :], mask=tm[:, None] & km[None, :], other=0.0)  # (C, BK)
+            b_v = tl.load(v + t[:, None] * DV + rv[None, :], mask=tm[:, None] & vm[None, :], other=0.0)  # (C, BV)
+            b_kd = (b_k * tl.exp(b_last - b_b)[:, None]).to(b_k.dtype)
+            b_h = b_h * tl.exp(b_last) + tl.dot(tl.trans(b_kd), b_v, input_precision=PREC)
+        tl.store(ht + i_bh * DK * DV + hoff, b_h, mask=hmask)
+
+    @triton.jit
+    def _fwd_o(q, k, v, g, h, o, scale, T, NT, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+               BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+        # program (i_v, n, bh): output columns [i_v*BV, +BV) of chunk n of row bh
+        i_v, n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rc = tl.arange(0, C)
+        rv = i_v * BV + tl.arange(0, BV)
+        t = n * C + rc
+        tm, vm = t < T, rv < DV
+        q += i_bh.to(tl.int64) * T * DK
+        k += i_bh.to(tl.int64) * T * DK
+        v += i_bh.to(tl.int64) * T * DV
+        o += i_bh.to(tl.int64) * T * DV
+        g += i_bh.to(tl.int64) * T
+        h += (i_bh.to(tl.int64) * NT + n) * DK * DV
+        b_o = tl.zeros((C, BV), dtype=tl.float32)
+        b_A = tl.zeros((C, C), dtype=tl.float32)
+        for i_k in range(tl.cdiv(DK, BK)):
+            rk = i_k * BK + tl.arange(0, BK)
+            km = rk < DK
+            b_q = tl.load(q + t[:, None] * DK + rk[None, :], mask=tm[:, None] & km[None, :], other=0.0)  # (C, BK)
+            b_k = tl.load(k + t[:, None] * DK + rk[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+            b_h = tl.load(h + rk[:, None] * DV + rv[None, :], mask=km[:, None] & vm[None, :], other=0.0)  # (BK, BV)
+            b_o += tl.dot(b_q, b_h, input_precision=PREC)
+            b_A += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+        b_b = tl.cumsum(tl.load(g + t, mask=tm, other=0.0), 0)
+        causal = rc[:, None] >= rc[None, :]
+        b_A = b_A * tl.exp(tl.where(causal, b_b[:, None] - b_b[None, :], float("-inf"))) * scale
+        b_v = tl.load(v + t[:, None] * DV + rv[None, :], mask=tm[:, None] & vm[None, :], other=0.0)  # (C, BV)
+        b_o = b_o * (tl.exp(b_b) * scale)[:, None] + tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PREC)
+        tl.store(o + t[:, None] * DV + rv[None, :], b_o.to(o.dtype.element_ty), mask=tm[:, None] & vm[None, :])
+
+    @triton.jit
+    def _bwd_dh(q, do, g, dh, dht, dh0, scale, T, NT, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, USE_DHT: tl.constexpr, PREC: tl.constexpr,
+                NT_LOOP: tl.constexpr):
+        # program (i_k, i_v, bh): walks the chunks from the last; dh[n] = gradient of the state leaving chunk n
+        i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rk = i_k * BK + tl.arange(0, BK)
+        rv = i_v * BV + tl.arange(0, BV)
+        rc = tl.arange(0, C)
+        km, vm = rk < DK, rv < DV
+        hoff = rk[:, None] * DV + rv[None, :]
+        hmask = km[:, None] & vm[None, :]
+        q += i_bh.to(tl.int64) * T * DK
+        do += i_bh.to(tl.int64) * T * DV
+        g += i_bh.to(tl.int64) * T
+        dh += i_bh.to(tl.int64) * NT * DK * DV
+        b_dh = tl.zeros((BK, BV), dtype=tl.float32)
+        if USE_DHT:
+            b_dh += tl.load(dht + i_bh * DK * DV + hoff, mask=hmask, other=0.0).to(tl.float32)
+        for i in range(NT_LOOP if NT_LOOP > 0 else NT):
+            n = NT - 1 - i
+            tl.store(dh + n * DK * DV + hoff, b_dh.to(dh.dtype.element_ty), mask=hmask)
+            t = n * C + rc
+            tm = t < T
+            b_g = tl.load(g + t, mask=tm, other=0.0)
+            b_b = tl.cumsum(b_g, 0)
+            b_last = tl.sum(b_g, 0)
+            b_q = tl.load(q + t[:, None] * DK + rk[None, :], mask=tm[:, None] & km[None, :], other=0.0)    # (C, BK)
+            b_do = tl.load(do + t[:, None] * DV + rv[None, :], mask=tm[:, None] & vm[None, :], other=0.0)  # (C, BV)
+            b_qd = (b_q * (tl.exp(b_b) * scale)[:, None]).to(b_q.dtype)
+            b_dh = b_dh * tl.exp(b_last) + tl.dot(tl.trans(b_qd), b_do, input_precision=PREC)
+        tl.store(dh0 + i_bh * DK * DV + hoff, b_dh, mask=hmask)
+
+    @triton.jit
+    def _bwd_dqkvg(q, k, v, g, h, do, dh, dq, dk, dv, dg, scale, T, NT, DK: tl.constexpr, DV: tl.constexpr,
+                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+        # program (n, bh): every gradient of chunk n of row bh; BK >= DK, BV >= DV
+        n, i_bh = tl.program_id(0), tl.program_id(1)
+        rc = tl.arange(0, C)
+        rk = tl.arange(0, BK)
+        rv = tl.arange(0, BV)
+        t = n * C + rc
+        tm, km, vm = t < T, rk < DK, rv < DV
+        qkoff = t[:, None] * DK + rk[None, :]
+        qkmask = tm[:, None] & km[None, :]
+        voff = t[:, None] * DV + rv[None, :]
+        vmask = tm[:, None] & vm[None, :]
+        hoff = rk[:, None] * DV + rv[None, :]
+        hmask = km[:, None] & vm[None, :]
+        bh64 = i_bh.to(tl.int64)
+        q += bh64 * T * DK
+        k += bh64 * T * DK
+        dq += bh64 * T * DK
+        dk += bh64 * T * DK
+        v += bh64 * T * DV
+        do += bh64 * T * DV
+        dv += bh64 * T * DV
+        g += bh64 * T
+        dg += bh64 * T
+        h += (bh64 * NT + n) * DK * DV
+        dh += (bh64 * NT + n) * DK * DV
+        b_q = tl.load(q + qkoff, mask=qkmask, other=0.0)      # (C, BK)
+        b_k = tl.load(k + qkoff, mask=qkmask, other=0.0)
+        b_v = tl.load(v + voff, mask=vmask, other=0.0)        # (C, BV)
+        b_do = tl.load(do + voff, mask=vmask, other=0.0)
+        b_h = tl.load(h + hoff, mask=hmask, other=0.0)        # (BK, BV) state entering the chunk
+        b_dh = tl.load(dh + hoff, mask=hmask, other=0.0)      # (BK, BV) gradient of the state leaving it
+        b_g = tl.load(g + t, mask=tm, other=0.0)
+        b_b = tl.cumsum(b_g, 0)
+        b_last = tl.sum(b_g, 0)
+        causal = rc[:, None] >= rc[None, :]
+        dec = tl.exp(tl.where(causal, b_b[:, None] - b_b[None, :], float("-inf"))) * scale   # (C, C) [i, j]
+        b_A = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * dec                        # scores
+        b_dA = tl.dot(b_do, tl.trans(b_v), input_precision=PREC) * dec                      # their gradient
+        e_in = tl.exp(b_b)                   # chunk start -> i
+        e_out = tl.exp(b_last - b_b)         # j -> chunk end
+        dt = b_q.dtype
+        b_dq = (tl.dot(b_dA.to(dt), b_k, input_precision=PREC)
+                + tl.dot(b_do, tl.trans(b_h), input_precision=PREC) * (e_in * scale)[:, None])   # (C, BK)
+        b_dk_s = tl.dot(b_v, tl.trans(b_dh), input_precision=PREC) * e_out[:, None]              # state part
+        b_dk = tl.dot(tl.trans(b_dA).to(dt), b_q, input_precision=PREC) + b_dk_s
+        b_dv = (tl.dot(tl.trans(b_A).to(dt), b_do, input_precision=PREC)
+                + tl.dot(b_k, b_dh, input_precision=PREC) * e_out[:, None])                      # (C, BV)
+        b_qf, b_kf = b_q.to(tl.float32), b_k.to(tl.float32)
+        # dL/db: q.dq - k.dk per row, and <dh_{n+1}, h_{n+1}> at the last row (h_{n+1} = exp(b_C) h_n + state part)
+        last = tl.sum(tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1), 0) * tl.exp(b_last) \
+            + tl.sum(tl.sum(b_kf * b_dk_s, 1), 0)
+        row = tl.sum(b_qf * b_dq, 1) - tl.sum(b_kf * b_dk, 1) + tl.where(rc == C - 1, last, 0.0)
+        b_dg = tl.sum(row, 0) - tl.cumsum(row, 0) + row          # reverse cumsum within the chunk
+        tl.store(dq + qkoff, b_dq.to(dq.dtype.element_ty), mask=qkmask)
+        tl.store(dk + qkoff, b_dk.to(dk.dtype.element_ty), mask=qkmask)
+        tl.store(dv + voff, b_dv.to(dv.dtype.element_ty), mask=vmask)
+        tl.store(dg + t, b_dg, mask=tm)
+
+
+def kernel_ok(device):
+    """Whether the kernels run for tensors on device: CUDA with Triton, or anywhere under Triton's interpreter."""
+    return triton is not None and (torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _np2(x):
+    return max(16, triton.next_power_of_2(x))  # tl.dot needs every dimension >= 16
+
+
+def _nt_loop(nt):
+    # the scans' loop bound: the runtime NT on a GPU (0 here: one compile for every T); under the interpreter a
+    # constant, since its range() cannot take a runtime scalar (a 1-element array, refused by NumPy 2)
+    return nt if os.environ.get("TRITON_INTERPRET") == "1" else 0
+
+
+def _prec(x):
+    return "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 inputs: exact fp32 dots (bf16/fp16 ignore it)
+
+
+def launch_fwd_h(k, v, g, h0, chunk_size):
+    """States entering every chunk (B, H, N, Dk, Dv) in k's dtype, and the final state (B, H, Dk, Dv) fp32."""
+    B, H, T, DK = k.shape
+    DV = v.shape[-1]
+    NT = triton.cdiv(T, chunk_size)
+    h = k.new_empty(B, H, NT, DK, DV)
+    ht = k.new_empty(B, H, DK, DV, dtype=torch.float32)
+    BK, BV = min(BLOCK_K, _np2(DK)), min(BLOCK_V, _np2(DV))
+    _fwd_h[(triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * H)](
+        k, v, g, h, h0 if h0 is not None else ht, ht, T, NT, DK=DK, DV=DV, C=chunk_size, BK=BK, BV=BV,
+        USE_H0=h0 is not None, PREC=_prec(k), NT_LOOP=_nt_loop(NT), num_warps=NUM_WARPS)
+    return h, ht
+
+
+def launch_fwd_o(q, k, v, g, h, scale, chunk_size):
+    B, H, T, DK = q.shape
+    DV = v.shape[-1]
+    NT = h.shape[2]
+    o = torch.empty_like(v)
+    BK, BV = min(BLOCK_K, _np2(DK)), min(BLOCK_VO, _np2(DV))
+    _fwd_o[(triton.cdiv(DV, BV), NT, B * H)](q, k, v, g, h, o, scale, T, NT, DK=DK, DV=DV, C=chunk_size, BK=BK,
+                                             BV=BV, PREC=_prec(q), num_warps=NUM_WARPS)
+    return o
+
+
+def launch_bwd(q, k, v, g, h0, do, dht, scale, chunk_size):
+    """(dq, dk, dv, dg fp32, dh0 fp32) for do = dL/do and dht = dL/d(final state) (or None)."""
+    B, H, T, DK = q.shape
+    DV = v.shape[-1]
+    if max(DK, DV) > MAX_D:
+        raise ValueError(f"chunk_gla_triton's backward holds a whole head in a tile: Dk, Dv <= {MAX_D}, got {DK}, {DV}")
+    h, _ = launch_fwd_h(k, v, g, h0, chunk_size)
+    NT = h.shape[2]
+    dh = torch.empty_like(h)
+    dh0 = q.new_empty(B, H, DK, DV, dtype=torch.float32)
+    BK, BV = min(BLOCK_K, _np2(DK)), min(BLOCK_V, _np2(DV))
+    _bwd_dh[(triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * H)](
+        q, do, g, dh, dht if dht is not None else dh0, dh0, scale, T, NT, DK=DK, DV=DV, C=chunk_size, BK=BK, BV=BV,
+        USE_DHT=dht is not None, PREC=_prec(q), NT_LOOP=_nt_loop(NT), num_warps=NUM_WARPS)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dg = torch.empty_like(g)
+    _bwd_dqkvg[(NT, B * H)](q, k, v, g, h, do, dh, dq, dk, dv, dg, scale, T, NT, DK=DK, DV=DV, C=chunk_size,
+                            BK=_np2(DK), BV=_np2(DV), PREC=_prec(q), num_warps=NUM_WARPS_BWD)
+    return dq, dk, dv, dg, dh0
+
+
+def _check_chunk(chunk_size):
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_gla_triton: chunk_size must be a power of 2 >= 16 (tl.dot), got {chunk_size}")
+
+
+@torch.library.custom_op("gla::chunk_fwd", mutates_args=())
+def chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                 initial_state: torch.Tensor | None, scale: float,
+                 chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o (B, H, T, Dv) in v's dtype, final state (B, H, Dk, Dv) fp32); q, k, v, g contiguous, g fp32."""
+    if not kernel_ok(q.device):
+        o, ht = chunk_gla(q, k, v, g, chunk_size, initial_state, scale, output_final_state=True)
+        return o, ht.float()
+    h, ht = launch_fwd_h(k, v, g, initial_state, chunk_size)
+    return launch_fwd_o(q, k, v, g, h, scale, chunk_size), ht
+
+
+@chunk_fwd_op.register_fake
+def _(q, k, v, g, initial_state, scale, chunk_size):
+    B, H, T, DK = q.shape
+    return torch.empty_like(v), q.new_empty(B, H, DK, v.shape[-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("gla::chunk_bwd", mutates_args=())
+def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                 initial_state: torch.Tensor | None, do: torch.Tensor, dht: torch.Tensor | None, scale: float,
+                 chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dg fp32, d initial_state fp32) of chunk_fwd_op, given do and dht (or None)."""
+    if not kernel_ok(q.device):  # eager fallback: the vjp of the plain-PyTorch form
+        s0 = (q.new_zeros(q.shape[0], q.shape[1], q.shape[-1], v.shape[-1], dtype=torch.float32)
+              if initial_state is None else initial_state)
+        _, vjp = torch.func.vjp(lambda *x: chunk_gla(*x[:4], chunk_size, x[4], scale, output_final_state=True),
+                                q, k, v, g, s0)
+        dq, dk, dv, dg, dh0 = vjp((do, torch.zeros_like(s0) if dht is None else dht))
+        return dq, dk, dv, dg.float(), dh0.float()
+    return launch_bwd(q, k, v, g, initial_state, do, dht, scale, chunk_size)
+
+
+@chunk_bwd_op.register_fake
+def _(q, k, v, g, initial_state, do, dht, scale, chunk_size):
+    B, H, T, DK = q.shape
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g, dtype=torch.float32),
+            q.new_empty(B, H, DK, v.shape[-1], dtype=torch.float32))
+
+
+class ChunkGLAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, initial_state, scale, chunk_size):
+        o, ht = chunk_fwd_op(q, k, v, g, initial_state, scale, chunk_size)
+        ctx.save_for_backward(q, k, v, g, initial_state)
+        ctx.scale, ctx.chunk_size = scale, chunk_size
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, initial_state = ctx.saved_tensors
+        dq, dk, dv, dg, dh0 = chunk_bwd_op(q, k, v, g, initial_state, do.contiguous(),
+                                           None if dht is None else dht.contiguous(), ctx.scale, ctx.chunk_size)
+        dh0 = dh0.to(initial_state.dtype) if initial_state is not None and ctx.needs_input_grad[4] else None
+        return dq, dk, dv, dg, dh0, None, None
+
+
+def chunk_gla_triton(q, k, v, g, chunk_size=64, scale=None, initial_state=None, output_final_state=False):
+    """models.gla.chunk_gla through the Triton kernels, differentiable in q, k, v, g and initial_state.
+
+    q, k (B, H, T, Dk); v (B, H, T, Dv) of one dtype; g (B, H, T) log-decays <= 0 (any float dtype, used in fp32);
+    initial_state (B, H, Dk, Dv) or None; scale multiplies q (default Dk ** -0.5); chunk_size a power of 2 >= 16.
+    Returns o (B, H, T, Dv) in v's dtype and the final state (B, H, Dk, Dv) fp32 if output_final_state, else None.
+    """
+    _check_chunk(chunk_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    dtype = v.dtype
+    q, k, v = (x.to(dtype).contiguous() for x in (q, k, v))  # under autocast the projections may disagree
+    g32 = g.float().contiguous()
+    s0 = None if initial_state is None else initial_state.float().contiguous()
+    o, ht = ChunkGLAFunction.apply(q, k, v, g32, s0, scale, chunk_size)
+    return o, (ht if output_final_state else None)
+
+
+def gla_attn(q, k, v, g, chunk_size=64, initial_state=None, scale=None, output_final_state=True, dropout_p=0.0,
+             exact_segsum=False):
+    """A drop-in for models.gla.chunk_gla (same arguments): the kernels, or chunk_gla itself with score dropout,
+    exact_segsum, or off the kernels' devices."""
+    if dropout_p or exact_segsum or not kernel_ok(q.device):
+        return chunk_gla(q, k, v, g, chunk_size, initial_state, scale, output_final_state, exact_segsum, dropout_p)
+    return chunk_gla_triton(q, k, v, g, chunk_size, scale, initial_state, output_final_state)
+
+
+def use_gla_kernels(model):
+    """Point every CoeusMixer of model whose weights the kernels can read (CUDA with Triton) at gla_attn; returns how
+    many. Off CUDA nothing changes."""
+    from models.coeus import CoeusMixer
+    n = 0
+    for m in model.modules():
+        if isinstance(m, CoeusMixer) and kernel_ok(m.q_proj.weight.device):
+            m.global_attn = gla_attn
+            n += 1
+    return n
