@@ -35,7 +35,7 @@ from tqdm import tqdm
 from models.coeus import COEUS_CONFIGS, Coeus, CoeusBlock, coeus_config
 from models.llama import Block as LlamaBlock, Llama, LlamaConfig
 from models.lora import format_report, lora_report, merge_lora
-from utils.adapters import add_lora_args, apply_lora_spec, lora_of_run, save_adapter
+from utils.adapters import add_lora_args, apply_lora_spec, lora_of_run, save_adapter, use_kernels
 from utils.checkpoint import (check_same_config, load_checkpoint, load_train_state, prepare_out_folder,
                               restore_train_state, save_atomic, save_train_state)
 from utils.decoding import CoeusLM, Decoder, LlamaLM, decode_tokens
@@ -428,6 +428,7 @@ def main(argv=None):
     else:
         model, cfg = build_model(args, tok.vocab_size, init_cfg, lora)
     model.to(device)
+    use_kernels(model)  # QLoRA's dequantise in Triton on CUDA (no-op otherwise)
     if ckpt and not from_init:
         check_resume_config(ckpt, cfg, args.resume)
     lora_base = (ckpt["args"].get("init") if ckpt else args.init) if lora is not None else None

@@ -42,7 +42,7 @@ from models.llava import LlavaConfig
 from models.matcher import HungarianMatcher
 from models.vit import Block as VitBlock, vision_config
 from utils.chat import ChatTemplate, PackCollator, PadCollator
-from utils.adapters import add_lora_args, apply_lora_spec, format_report, lora_of_run, save_adapter
+from utils.adapters import add_lora_args, apply_lora_spec, format_report, lora_of_run, save_adapter, use_kernels
 from utils.checkpoint import (load_checkpoint, load_train_state, load_weights, prepare_out_folder, restore_train_state,
                               save_atomic, save_train_state)
 from utils.coco import CocoDetectionDataset
@@ -514,6 +514,7 @@ def train(args):
     lora_base = (ckpt["args"].get("init_vqa") if ckpt is not None else args.init_vqa) if lora is not None else None
     model, tokenizer, processor, template, pad_id = build_model(args, ckpt, train_items, lora)
     model.to(device)
+    use_kernels(model)  # QLoRA's dequantise in Triton on CUDA (no-op otherwise)
     llava_cfg, head_cfg, n_img = model.llava.config, model.head.config, model.llava.num_image_tokens
     max_len = min(args.max_len, llava_cfg.text.max_seq_len)  # a VQA checkpoint may have a shorter context
     say(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "

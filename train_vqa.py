@@ -38,7 +38,7 @@ from models.lora import lora_report
 from models.siglip import SIGLIP_CONFIGS, Block as SiglipBlock, siglip_config
 from models.vit import Block as VitBlock, VISION_CONFIGS, VisionConfig, vision_config
 from utils.chat import IMAGE_TAG, ChatTemplate, PackCollator, PadCollator, template_for
-from utils.adapters import add_lora_args, apply_lora_spec, format_report, lora_of_run, save_adapter
+from utils.adapters import add_lora_args, apply_lora_spec, format_report, lora_of_run, save_adapter, use_kernels
 from utils.checkpoint import (check_same_config, load_checkpoint, load_train_state, load_weights, prepare_out_folder,
                               restore_train_state, save_atomic, save_train_state)
 from utils.distributed import (all_reduce_mean, all_reduce_sum, broadcast_object, cleanup_distributed, grad_sync,
@@ -578,6 +578,7 @@ def main(argv=None):
     if args.eval_only:
         load_weights(model, ckpt["model"], ckpt_path)
     model.to(device)
+    use_kernels(model)  # QLoRA's dequantise in Triton on CUDA (no-op otherwise)
     max_len, n_img = cfg.text.max_seq_len, model.num_image_tokens
     say(f"model: {model.num_params() / 1e6:.2f}M parameters (vision {model.vision_tower.num_params() / 1e6:.2f}M, "
         f"decoder {model.language_model.num_params() / 1e6:.2f}M); {n_img} image tokens; vocab {cfg.text.vocab_size}; "
