@@ -44,16 +44,21 @@ NUM_WARPS_BWD = 8  # _bwd_dqkvg keeps ~7 (C, C)/(C, D) fp32 tiles live: 4 warps 
 
 if triton is not None:
     @triton.jit
+    def _state_tile(i_k, i_v, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                    BV: tl.constexpr):
+        # the (BK, BV) tile (i_k, i_v) of a (DK, DV) state: key and value rows, the chunk's positions, masks and
+        # the tile's offsets in a row-major state
+        rk = i_k * BK + tl.arange(0, BK)
+        rv = i_v * BV + tl.arange(0, BV)
+        km, vm = rk < DK, rv < DV
+        return rk, rv, tl.arange(0, C), km, vm, rk[:, None] * DV + rv[None, :], km[:, None] & vm[None, :]
+
+    @triton.jit
     def _fwd_h(k, v, g, h, h0, ht, T, NT, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, PREC: tl.constexpr, NT_LOOP: tl.constexpr):
         # program (i_k, i_v, bh): the (BK, BV) tile of every state h_n of row bh, walking the chunks in order
         i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        rk = i_k * BK + tl.arange(0, BK)
-        rv = i_v * BV + tl.arange(0, BV)
-        rc = tl.arange(0, C)
-        km, vm = rk < DK, rv < DV
-        hoff = rk[:, None] * DV + rv[None, :]
-        hmask = km[:, None] & vm[None, :]
+        rk, rv, rc, km, vm, hoff, hmask = _state_tile(i_k, i_v, DK, DV, C, BK, BV)
         k += i_bh.to(tl.int64) * T * DK
         v += i_bh.to(tl.int64) * T * DV
         g += i_bh.to(tl.int64) * T
@@ -112,12 +117,7 @@ if triton is not None:
                 NT_LOOP: tl.constexpr):
         # program (i_k, i_v, bh): walks the chunks from the last; dh[n] = gradient of the state leaving chunk n
         i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        rk = i_k * BK + tl.arange(0, BK)
-        rv = i_v * BV + tl.arange(0, BV)
-        rc = tl.arange(0, C)
-        km, vm = rk < DK, rv < DV
-        hoff = rk[:, None] * DV + rv[None, :]
-        hmask = km[:, None] & vm[None, :]
+        rk, rv, rc, km, vm, hoff, hmask = _state_tile(i_k, i_v, DK, DV, C, BK, BV)
         q += i_bh.to(tl.int64) * T * DK
         do += i_bh.to(tl.int64) * T * DV
         g += i_bh.to(tl.int64) * T

@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 
 import generate
 import train_vqa
+from tests.test_train_vqa import args_for, losses  # the same tiny run flags
 from models.llama import llama_config
 from models.llava import LlavaConfig, LlavaModel
 from models.vit import vision_config
@@ -21,7 +22,6 @@ from utils.data_files import open_image
 from utils.decoding import Session, greedy_generate
 from utils.image_processing import ImageProcessor
 from utils.load_model import load_model
-from utils.metrics import read_jsonl
 from utils.sampling import SamplerConfig
 from utils.tokenizer import SentencePieceTokenizer
 from utils.vqa_data import DataError, Encoder, VQADataset, load_conversations
@@ -235,18 +235,6 @@ def test_grid_shows_every_image_of_a_sample(tmp_path):
 
 
 # --- train_vqa.py and generate.py end to end --------------------------------------------------------------------
-
-def args_for(data, out, *extra):
-    return ["--data", data["train"], "--val-data", data["val"], "--test-data", data["test"],
-            "--image-folder", data["root"], "--data-dir", os.path.join(data["root"], "cache"), "--out", out,
-            "--vision", "tiny", "--llm", "tiny", "--batch-size", "4", "--max-steps", "6", "--warmup", "2",
-            "--log-every", "1", "--eval-every", "3", "--val-samples", "0", "--n-grid", "4", "--no-progress",
-            "--lr", "3e-3", *extra]
-
-
-def losses(out):
-    return [(r["step"], r["loss"]) for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if "loss" in r]
-
 
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory):
