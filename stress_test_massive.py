@@ -48,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--lengths", default=DEFAULT_LENGTHS, help="comma-separated sequence lengths")
     p.add_argument("--max", action="store_true", help=f"also run {MAX_LENGTHS} (meant for a GPU)")
     p.add_argument("--modes", default="parallel,prefill,step,llama", help=f"which measurements, of {','.join(MODES)}")
+    p.add_argument("--gla", default="torch", choices=["torch", "triton"],
+                   help="Coeus's global branch: models/gla.py (plain PyTorch, compiled) or kernels/gla.py's Triton "
+                        "kernels (CUDA only; the CPU keeps the PyTorch form)")
     p.add_argument("--config", default="nano", choices=sorted(COEUS_CONFIGS))
     p.add_argument("--vocab-size", type=int, default=65, help="65 = tinyshakespeare characters")
     p.add_argument("--batch-size", type=int, default=1)
@@ -77,7 +80,11 @@ def build(mode, args, device, dtype):
         model = Llama(lcfg)
     else:
         model = Coeus(cfg)
-    return model.to(device, dtype).train(mode in TRAIN_MODES)
+    model = model.to(device, dtype).train(mode in TRAIN_MODES)
+    if args.gla == "triton":  # the global branch through kernels/gla.py (CUDA; elsewhere it stays plain PyTorch)
+        from kernels.gla import use_gla_kernels
+        use_gla_kernels(model)
+    return model
 
 
 def sync(device):
@@ -175,7 +182,7 @@ def run_point(mode, T, args, device, dtype):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{mode}:{T}", "--config", args.config,
            "--vocab-size", str(args.vocab_size), "--batch-size", str(args.batch_size), "--repeats", str(args.repeats),
            "--step-tokens", str(args.step_tokens), "--train-tokens", str(args.train_tokens), "--device", device,
-           "--dtype", args.dtype]
+           "--dtype", args.dtype, "--gla", args.gla]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     if r.returncode != 0:
         err = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]

@@ -109,6 +109,8 @@ def parse_args(argv=None):
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--no-compile", action="store_true", help="do not torch.compile the model")
+    g.add_argument("--gla-kernels", action="store_true", help="Coeus's global branch through kernels/gla.py's Triton "
+                   "kernels on CUDA (forward and backward; the branch's --gla-dropout keeps the PyTorch form)")
     g.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead"],
                    help="torch.compile mode of the blocks; reduce-overhead adds CUDA graphs (small models are "
                    "kernel-launch bound on a GPU)")
@@ -440,6 +442,10 @@ def main(argv=None):
           f"{corpus['source']}: {len(data['train']):,} train / {len(data['val']):,} val tokens | vocab "
           f"{tok.vocab_size} ({tok.kind}) | {device} {dtype_name}" + (f" | {args.dist} x {world}" if info.enabled else ""))
 
+    if args.gla_kernels:
+        from kernels.gla import use_gla_kernels
+        write(f"GLA Triton kernels in {use_gla_kernels(model)} layer(s)" + ("" if device.startswith("cuda") else
+                                                                       " (none off CUDA: the PyTorch form runs)"))
     t0 = time.time()  # the time budget counts compilation too
     if not args.no_compile:
         write(compile_blocks(model, data, args, autocast, device))

@@ -54,6 +54,13 @@ def test_stress_point_in_process():
         assert row["tokens"] == {"step": 5, "train": 140, "llama-train": 140}.get(mode, 70), mode
 
 
+def test_stress_gla_triton_flag_keeps_the_pytorch_form_off_cuda():
+    args = stress_test_massive.parse_args(["--config", "tiny", "--gla", "triton"])
+    model = stress_test_massive.build("parallel", args, "cpu", torch.float32)
+    from models.gla import chunk_gla
+    assert all(m.mixer.global_attn is chunk_gla for m in model.layers)  # kernels/gla.py only switches on CUDA
+
+
 def test_stress_train_step_learns():
     # the timed training step really trains: repeated steps on one batch lower its loss
     args = stress_test_massive.parse_args(["--config", "tiny"])

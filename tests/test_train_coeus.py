@@ -255,3 +255,8 @@ def test_fresh_run_never_overwrites_another_and_stale_temps_go(tmp_path):
     (out / ".tmp-killed.pt").write_bytes(b"half a checkpoint")  # what a save killed mid-write leaves
     train_coeus.main(tiny_args(data, out, "--max-iters", "1", "--overwrite"))
     assert not (out / ".tmp-killed.pt").exists() and (out / "last.pt").read_bytes() != before
+
+
+def test_gla_kernels_flag_runs_the_pytorch_form_off_cuda(tmp_path, capsys):
+    train_coeus.main(tiny_args(corpus_file(tmp_path), tmp_path / "out", "--max-iters", "2", "--gla-kernels"))
+    assert "GLA Triton kernels in 0 layer(s) (none off CUDA" in capsys.readouterr().out
