@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import dataclasses
 import os
-import shutil
 import time
 
 import torch
@@ -35,7 +34,8 @@ from tqdm import tqdm
 from models.coeus import COEUS_CONFIGS, Coeus, CoeusBlock, coeus_config
 from models.llama import Block as LlamaBlock, Llama, LlamaConfig
 from models.lora import format_report, lora_report, merge_lora
-from utils.adapters import add_lora_args, apply_lora_spec, lora_of_run, save_adapter, use_kernels
+from utils.adapters import (add_lora_args, apply_lora_spec, export_merged_hf, load_merged, lora_of_run,
+                            save_adapter, use_kernels)
 from utils.checkpoint import (check_same_config, load_checkpoint, load_train_state, prepare_out_folder,
                               restore_train_state, save_atomic, save_train_state)
 from utils.decoding import CoeusLM, Decoder, LlamaLM, decode_tokens
@@ -181,11 +181,8 @@ def read_init(path):
                 raise ValueError("not a Llama / Qwen2 (LlamaForCausalLM / Qwen2ForCausalLM) folder")
             return load_pretrained(path).train(), tokenizer_from_folder(path, prefer_sentencepiece=True)
         ckpt = load_checkpoint(path, expect_kind="llama")
-        model = Llama(LlamaConfig(**ckpt["model_config"]))
-        if ckpt.get("lora"):
-            apply_lora_spec(model, ckpt["lora"])
-        model.load_state_dict(ckpt["model"])
-        model = merge_lora(model).requires_grad_(True)
+        model = load_merged(Llama(LlamaConfig(**ckpt["model_config"])), ckpt["model"], ckpt.get("lora"))
+        model.requires_grad_(True)
         return model, tokenizer_from_dict(ckpt["tokenizer"])
     except (FileNotFoundError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise SystemExit(f"error: --init {path}: {str(e).splitlines()[0]}")
@@ -205,11 +202,7 @@ def write_adapter_outputs(model, args, cfg, tok, step, base):
                      tokenizer=tok.to_dict(), step=step, args=vars(args)), path)
     print(f"merged model -> {path}")
     if base and os.path.isdir(base):
-        from models.hf_weights import export_pretrained
-        hf = export_pretrained(merged, os.path.join(args.out, "merged_hf"))
-        for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
-            if os.path.isfile(os.path.join(base, name)):
-                shutil.copy(os.path.join(base, name), hf)
+        hf = export_merged_hf(merged, os.path.join(args.out, "merged_hf"), base)
         print(f"merged model (Hugging Face folder) -> {hf}")
 
 

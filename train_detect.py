@@ -42,7 +42,8 @@ from models.llava import LlavaConfig
 from models.matcher import HungarianMatcher
 from models.vit import Block as VitBlock, vision_config
 from utils.chat import ChatTemplate, PackCollator, PadCollator
-from utils.adapters import add_lora_args, apply_lora_spec, format_report, lora_of_run, save_adapter, use_kernels
+from utils.adapters import (add_lora_args, apply_lora_spec, format_report, load_merged, lora_of_run, save_adapter,
+                            use_kernels)
 from utils.checkpoint import (load_checkpoint, load_train_state, load_weights, prepare_out_folder, restore_train_state,
                               save_atomic, save_train_state)
 from utils.coco import CocoDetectionDataset
@@ -242,14 +243,11 @@ def read_vqa(path):
     weights = {k[len("llava."):] if k.startswith("llava.") else k: v for k, v in vqa["model"].items()}
     if vqa.get("lora"):  # a LoRA / QLoRA VQA run: its adapters are folded into the decoder first
         from models.llava import LlavaModel
-        llava = LlavaModel(llava_cfg)
-        apply_lora_spec(llava, vqa["lora"])
         try:
-            llava.load_state_dict(weights)
+            weights = load_merged(LlavaModel(llava_cfg), weights, vqa["lora"]).state_dict()
         except RuntimeError as e:
             raise SystemExit(f"error: --init-vqa {path}: its weights do not fit its LoRA spec "
                              f"({str(e).splitlines()[0]})")
-        weights = merge_lora(llava).state_dict()
     return (tokenizer_from_dict(vqa["tokenizer"]), llava_cfg, processor, template,
             vqa.get("special_tokens", {}).get("pad"), weights)
 

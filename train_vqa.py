@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 
 import torch
@@ -38,7 +37,8 @@ from models.lora import lora_report
 from models.siglip import SIGLIP_CONFIGS, Block as SiglipBlock, siglip_config
 from models.vit import Block as VitBlock, VISION_CONFIGS, VisionConfig, vision_config
 from utils.chat import IMAGE_TAG, ChatTemplate, PackCollator, PadCollator, template_for
-from utils.adapters import add_lora_args, apply_lora_spec, format_report, lora_of_run, save_adapter, use_kernels
+from utils.adapters import (add_lora_args, apply_lora_spec, export_merged_hf, format_report, lora_of_run,
+                            save_adapter, use_kernels)
 from utils.checkpoint import (check_same_config, load_checkpoint, load_train_state, load_weights, prepare_out_folder,
                               restore_train_state, save_atomic, save_train_state)
 from utils.distributed import (all_reduce_mean, all_reduce_sum, broadcast_object, cleanup_distributed, grad_sync,
@@ -408,7 +408,7 @@ def micro_batch_counts(batch, raw, info):
 def write_adapter_outputs(model, args, cfg, tok, meta, step):
     """The end of a LoRA run: --out/adapter (peft's folder: adapters + projector, the embeddings when they grew)
     and with --merge-lora the plain model merged.pt (+ merged_hf/ when the decoder came from an HF folder)."""
-    from models.hf_weights import export_pretrained, read_config
+    from models.hf_weights import read_config
     from models.lora import merge_lora
     keep = ["projector"] + (["vision_tower"] if train_vision(args) else [])
     if args.init_llm and cfg.text.vocab_size != read_config(args.init_llm).get("vocab_size"):  # rows were added
@@ -422,16 +422,8 @@ def write_adapter_outputs(model, args, cfg, tok, meta, step):
                      tokenizer=tok.to_dict(), step=step, args=vars(args)), os.path.join(args.out, "merged.pt"))
     print(f"merged model -> {os.path.join(args.out, 'merged.pt')}")
     if args.init_llm:
-        hf = export_pretrained(merged, os.path.join(args.out, "merged_hf"))
-        copy_tokenizer_files(args.init_llm, hf)
+        hf = export_merged_hf(merged, os.path.join(args.out, "merged_hf"), args.init_llm)
         print(f"merged model (Hugging Face folder) -> {hf}")
-
-
-def copy_tokenizer_files(src, dst):
-    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                 "generation_config.json"):
-        if os.path.isfile(os.path.join(src, name)):
-            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------

@@ -94,6 +94,28 @@ def apply_lora_spec(model, spec, train_modules=()):
                       use_rslora=spec["rslora"], train_modules=train_modules)
 
 
+def load_merged(model, state, spec=None):
+    """A checkpoint's state into model with its adapters folded in: the spec's adapters (and 4-bit base) first
+    when it has one, then the weights, then merge_lora. Returns the plain model (no LoRALinear left)."""
+    from models.lora import merge_lora
+    if spec:
+        apply_lora_spec(model, spec)
+    model.load_state_dict(state)
+    return merge_lora(model) if spec else model
+
+
+def export_merged_hf(model, folder, base):
+    """A merged model as a Hugging Face folder, with the tokenizer files of the base folder it came from."""
+    import shutil
+    from models.hf_weights import export_pretrained
+    export_pretrained(model, folder)
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                 "generation_config.json"):
+        if os.path.isfile(os.path.join(base, name)):
+            shutil.copy2(os.path.join(base, name), os.path.join(folder, name))
+    return folder
+
+
 # --- peft's adapter folder ---------------------------------------------------------------------------------
 
 def _adapters(model):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from utils.adapters import load_merged
 from utils.checkpoint import load_checkpoint
 from utils.decoding import CoeusLM, LlamaLM
 
@@ -56,8 +57,7 @@ def load_model(path, device="cpu", dtype=torch.float32, tokenizer_path=None, ada
     try:
         if kind == "llama":
             from models.llama import Llama, LlamaConfig
-            model = Llama(LlamaConfig(**mc))
-            _load_maybe_lora(model, ckpt)
+            model = load_merged(Llama(LlamaConfig(**mc)), ckpt["model"], ckpt.get("lora"))
         elif kind == "coeus":
             from models.coeus import Coeus, CoeusConfig
             model = Coeus(CoeusConfig(**mc))
@@ -69,8 +69,7 @@ def load_model(path, device="cpu", dtype=torch.float32, tokenizer_path=None, ada
                 state = {k[len("llava."):]: v for k, v in ckpt["model"].items() if k.startswith("llava.")}
             else:
                 state = ckpt["model"]
-            llava = LlavaModel(LlavaConfig.from_dict(mc))
-            _load_maybe_lora(llava, dict(ckpt, model=state))
+            llava = load_merged(LlavaModel(LlavaConfig.from_dict(mc)), state, ckpt.get("lora"))
             model = llava.language_model
             extras = _vqa_extras(ckpt, llava)
     except (TypeError, KeyError, RuntimeError) as e:
@@ -83,18 +82,6 @@ def load_model(path, device="cpu", dtype=torch.float32, tokenizer_path=None, ada
     else:
         fail(f"{path} carries no tokenizer; pass --tokenizer PATH (a sentencepiece .model)")
     return _finish(kind, model, tok, llava, extras, device, dtype, path)
-
-
-def _load_maybe_lora(model, ckpt):
-    """ckpt["model"] into model; a LoRA / QLoRA run's checkpoint: the same adapters first, folded in after."""
-    if ckpt.get("lora"):
-        from models.lora import merge_lora
-        from utils.adapters import apply_lora_spec
-        apply_lora_spec(model, ckpt["lora"])
-        model.load_state_dict(ckpt["model"])
-        merge_lora(model)
-    else:
-        model.load_state_dict(ckpt["model"])
 
 
 def _vqa_extras(ckpt, llava):
