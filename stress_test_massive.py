@@ -35,7 +35,7 @@ import torch
 
 from models.coeus import COEUS_CONFIGS, Coeus, coeus_config
 from models.llama import Llama, LlamaConfig
-from utils.runtime import CompiledOrEager, peak_rss_bytes, pick_device
+from utils.runtime import CompiledBlocks, CompiledOrEager, peak_rss_bytes, pick_device
 
 DEFAULT_LENGTHS = "1000,5000,10000,20000,30000"
 MAX_LENGTHS = "100000,300000,1000000"
@@ -61,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weights/activations dtype; auto = bf16 on GPU, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the step (step mode)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the step (step mode) and, in the train modes, "
+                   "every block of both models (utils.runtime.CompiledBlocks, as train_coeus.py does)")
     p.add_argument("--out", default="out/stress", help="folder for stress.csv / .json / .png")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "mode:T", internal
     args = p.parse_args(argv)
@@ -123,6 +124,8 @@ def _measure(mode, T, args, device, dtype):
     model = build(mode, args, device, torch.float32 if train else dtype)
     ids = torch.randint(0, args.vocab_size, (batch, T), device=device)
     if train:
+        if args.compile:
+            CompiledBlocks(model.layers, what=f"the {mode} blocks", dynamic=False)
         fn = train_step_fn(model, ids, device, dtype)
     elif mode == "parallel" or mode == "llama":
         fn = lambda: model(ids)  # noqa: E731
@@ -141,8 +144,10 @@ def _measure(mode, T, args, device, dtype):
     base_rss = _current_rss()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
     fn()  # warm-up (and compile)
     sync(device)
+    warmup_s = time.perf_counter() - t0
     times = []
     for _ in range(args.repeats):
         t = time.perf_counter()
@@ -151,7 +156,8 @@ def _measure(mode, T, args, device, dtype):
         times.append(time.perf_counter() - t)
     sec = statistics.median(times)
     tokens = batch * (min(T, args.step_tokens) if mode == "step" else T)
-    row = {"mode": mode, "T": T, "batch": batch, "tokens": tokens, "seconds": sec, "tokens_per_s": tokens / sec}
+    row = {"mode": mode, "T": T, "batch": batch, "tokens": tokens, "seconds": sec, "tokens_per_s": tokens / sec,
+           "warmup_s": warmup_s}
     if mode == "step":
         row.update(step_tokens=min(T, args.step_tokens), ms_per_token=1e3 * sec / min(T, args.step_tokens))
     if device.startswith("cuda"):
@@ -182,7 +188,7 @@ def run_point(mode, T, args, device, dtype):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{mode}:{T}", "--config", args.config,
            "--vocab-size", str(args.vocab_size), "--batch-size", str(args.batch_size), "--repeats", str(args.repeats),
            "--step-tokens", str(args.step_tokens), "--train-tokens", str(args.train_tokens), "--device", device,
-           "--dtype", args.dtype, "--gla", args.gla]
+           "--dtype", args.dtype, "--gla", args.gla] + (["--compile"] if args.compile else [])
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     if r.returncode != 0:
         err = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]

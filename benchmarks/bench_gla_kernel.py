@@ -44,7 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-compile", action="store_true", help="time ours eagerly")
-    p.add_argument("--no-sdpa", action="store_true")
+    p.add_argument("--no-sdpa", action="store_true", help="skip the causal-SDPA (FlashAttention) column")
+    p.add_argument("--heavy-peer", action="store_true",
+                   help="also time fla's chunk_gla (a decay per key dimension: more work; its autotuning takes minutes)")
     p.add_argument("--copy-mib", type=int, default=2048, help="buffer of the bandwidth-measuring copy")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="out/bench_gla", help="folder for results.json")
@@ -160,8 +162,11 @@ def first_line(e):
 def timed_or_error(timer, run, args, name, unsupported=None):
     """Median ms, or a string: one failing third-party kernel must not end the sweep. unsupported: what to
     record instead of the error (fla #640), the error itself is printed."""
+    t0 = time.perf_counter()
     try:
-        return timer(run, args.warmup, args.iters)
+        ms = timer(run, args.warmup, args.iters)
+        print(f"  {name}: {ms:.3f} ms ({time.perf_counter() - t0:.0f} s with warm-up)", flush=True)
+        return ms
     except torch.OutOfMemoryError:
         return "OOM"
     except Exception as e:  # noqa: BLE001
@@ -225,6 +230,7 @@ def main(argv=None):
             row[f"ours_c{C}_fwd_ms"] = timer(fwd_only(ours[C], (q, k, v, g)), args.warmup, args.iters)
             row[f"ours_c{C}_ms"] = timer(run, args.warmup, args.iters)
             row[f"ours_c{C}_peak_mib"] = peak_mib(run, device)
+            print(f"  ours C={C}: fwd {row[f'ours_c{C}_fwd_ms']:.3f} ms, fwd+bwd {row[f'ours_c{C}_ms']:.3f} ms", flush=True)
         if device.startswith("cuda"):  # the Triton kernels of kernels/gla.py (same math, fused per chunk)
             from kernels.gla import chunk_gla_triton
             tri = lambda q_, k_, v_, g_: chunk_gla_triton(q_, k_, v_, g_, chunk_size=chunk_sizes[0])[0]  # noqa: E731
@@ -249,7 +255,7 @@ def main(argv=None):
             if isinstance(row["fla_simple_fwd_ms"], float):  # numerics: same math, same decays
                 with torch.no_grad():
                     row["rel_err_o_vs_fla_simple"] = rel(ours[chunk_sizes[0]](q, k, v, g), f(qt, kt, vt, gs).transpose(1, 2))
-        if fla_gla is not None:
+        if fla_gla is not None and args.heavy_peer:
             kw = fla_kwargs(fla_gla)
             gk = gs[..., None].expand(B, T, H, D).contiguous()                       # the same decay on every key dim
             f = lambda q_, k_, v_, g_: fla_gla(q=q_, k=k_, v=v_, g=g_, output_final_state=False, **kw)[0]  # noqa: E731
@@ -278,6 +284,9 @@ def main(argv=None):
                    fla_simple_fwd_over_triton=ratio(row.get("fla_simple_fwd_ms"), row.get("triton_fwd_ms")))
         rows.append(row)
         print(json.dumps(row), flush=True)
+        save(args, rows, {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+                          "torch": torch.__version__, "compiled": not args.no_compile, "fla_note": fla_note,
+                          "copy_bandwidth_gb_s": bandwidth / 1e9})  # after every length: a timeout keeps the rest
         del q, k, v, g, do, qt, kt, vt, dot, gs
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -299,12 +308,13 @@ def main(argv=None):
         print(f"\ngoal at {r['label']}: forward >= 2x fla chunk_simple_gla's: "
               f"{'-' if fwd is None else ('met' if fwd >= 2 else 'NOT met') + f' ({fwd:.2f}x)'}; "
               f"fwd+bwd <= 0.8 ms: {'met' if r['ours_best_ms'] <= 0.8 else 'NOT met'} ({r['ours_best_ms']:.3f} ms)")
+    print(f"wrote {os.path.join(args.out, 'results.json')}")
+
+
+def save(args, rows, meta):
     os.makedirs(args.out, exist_ok=True)
-    meta = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "torch": torch.__version__,
-            "compiled": not args.no_compile, "fla_note": fla_note, "copy_bandwidth_gb_s": bandwidth / 1e9}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(f"wrote {os.path.join(args.out, 'results.json')}")
 
 
 def fmt(x):

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from models.gla import chunk_gla, gla_step
 from models.llama import RMSNorm, apply_rope, causal_lm_loss, rope_cos_sin
@@ -59,6 +60,7 @@ class CoeusConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     prefill_chunk: int = 4096  # tokens per parallel-form call in prefill()
+    recompute_mixer: bool = True  # training: keep only q, k, v, g per layer, redo both branches in backward
 
     def __post_init__(self):
         if self.prefill_chunk % self.chunk_size:
@@ -100,13 +102,27 @@ class CoeusMixer(nn.Module):
         self.local_attn = sliding_window_attention
 
     def _qkvg(self, x):
+        # one matmul for the four projections: under autocast x is cast to bf16 once (not once per Linear, each
+        # copy kept for backward), and q, k, v, g are views of one output
         B, T, _ = x.shape
         H, D = self.cfg.n_heads, self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, H, D).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, H, D).transpose(1, 2)
-        g = F.logsigmoid(self.gate_proj(x).float()).transpose(1, 2) / self.cfg.gate_temp  # (B, H, T) <= 0
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.gate_proj.weight])
+        b = torch.cat([self.gate_proj.bias.new_zeros(3 * H * D), self.gate_proj.bias])
+        q, k, v, g = F.linear(x, w, b).split([H * D, H * D, H * D, H], dim=-1)
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        g = F.logsigmoid(g.float()).transpose(1, 2) / self.cfg.gate_temp    # (B, H, T) <= 0
         return q, k, v, g
+
+    def _mix(self, q, k, v, g):
+        """Both branches of the training form, fused: (B, H, T, D) x 3, (B, H, T) -> (B, T, H*D)."""
+        B, H, T, D = q.shape
+        extra = {"dropout_p": self.cfg.gla_dropout} if self.training and self.cfg.gla_dropout else {}
+        o_g, _ = self.global_attn(q, k, v, g, chunk_size=self.cfg.chunk_size, output_final_state=False, **extra)
+        qr, kr = self._rope(q, k, torch.arange(T, device=q.device))
+        p = self.cfg.attn_dropout if self.training else 0.0
+        o_l = self.local_attn(qr, kr, v, self.cfg.window, dropout_p=p) if p else self.local_attn(qr, kr, v, self.cfg.window)
+        y = self.global_norm(o_g) + o_l.to(o_g.dtype)                   # (B, H, T, D)
+        return y.transpose(1, 2).reshape(B, T, H * D)
 
     def _rope(self, q, k, positions):
         cos, sin = rope_cos_sin(positions[None], self.cfg.head_dim, self.cfg.rope_theta, q.dtype)  # (1, T, D)
@@ -118,23 +134,24 @@ class CoeusMixer(nn.Module):
         B, T, _ = x.shape
         W = self.cfg.window
         q, k, v, g = self._qkvg(x)
-        pos = torch.zeros((), dtype=torch.long, device=x.device) if cache is None else cache["pos"]
-        extra = {"dropout_p": self.cfg.gla_dropout} if self.training and self.cfg.gla_dropout else {}
-        o_g, S = self.global_attn(q, k, v, g, chunk_size=self.cfg.chunk_size,
-                                  initial_state=None if cache is None else cache["S"],
-                                  output_final_state=cache is not None, **extra)
-        qr, kr = self._rope(q, k, pos + torch.arange(T, device=x.device))
         if cache is None:
-            p = self.cfg.attn_dropout if self.training else 0.0
-            o_l = self.local_attn(qr, kr, v, W, dropout_p=p) if p else self.local_attn(qr, kr, v, W)
-        else:
-            order = (pos + torch.arange(W, device=x.device)) % W  # ring slots, oldest first
-            pk, pv = cache["k"][:, :, order], cache["v"][:, :, order]
-            o_l = self.local_attn(qr, kr, v, W, prefix_k=pk, prefix_v=pv, prefix_len=torch.clamp(pos, max=W))
+            if self.cfg.recompute_mixer and torch.is_grad_enabled():
+                # saved for backward: only q, k, v, g (views of one projection output) and the output; the
+                # branches' own saves (rotated q/k, attention output and lse, normalised o_g) are redone then.
+                # Their forward is a few % of a step; without this Coeus keeps ~1.3x the matched Llama's bytes
+                y = torch.utils.checkpoint.checkpoint(self._mix, q, k, v, g, use_reentrant=False)
+            else:
+                y = self._mix(q, k, v, g)
+            return self.o_proj(y), None
+        pos = cache["pos"]
+        o_g, S = self.global_attn(q, k, v, g, chunk_size=self.cfg.chunk_size, initial_state=cache["S"],
+                                  output_final_state=True)
+        qr, kr = self._rope(q, k, pos + torch.arange(T, device=x.device))
+        order = (pos + torch.arange(W, device=x.device)) % W  # ring slots, oldest first
+        pk, pv = cache["k"][:, :, order], cache["v"][:, :, order]
+        o_l = self.local_attn(qr, kr, v, W, prefix_k=pk, prefix_v=pv, prefix_len=torch.clamp(pos, max=W))
         y = self.global_norm(o_g) + o_l.to(o_g.dtype)                   # (B, H, T, D)
         out = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-        if cache is None:
-            return out, None
         new_pos = pos + T
         last_k = torch.cat([pk, kr.to(pk.dtype)], 2)[:, :, -W:]          # chronological last W
         last_v = torch.cat([pv, v.to(pv.dtype)], 2)[:, :, -W:]
