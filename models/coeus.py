@@ -115,12 +115,17 @@ class CoeusMixer(nn.Module):
 
     def _mix(self, q, k, v, g):
         """Both branches of the training form, fused: (B, H, T, D) x 3, (B, H, T) -> (B, T, H*D)."""
-        B, H, T, D = q.shape
+        T = q.shape[2]
         extra = {"dropout_p": self.cfg.gla_dropout} if self.training and self.cfg.gla_dropout else {}
         o_g, _ = self.global_attn(q, k, v, g, chunk_size=self.cfg.chunk_size, output_final_state=False, **extra)
         qr, kr = self._rope(q, k, torch.arange(T, device=q.device))
         p = self.cfg.attn_dropout if self.training else 0.0
         o_l = self.local_attn(qr, kr, v, self.cfg.window, dropout_p=p) if p else self.local_attn(qr, kr, v, self.cfg.window)
+        return self._fuse(o_g, o_l)
+
+    def _fuse(self, o_g, o_l):
+        """The additive per-head fusion: (B, H, T, D) x 2 -> (B, T, H*D), ready for o_proj."""
+        B, H, T, D = o_g.shape
         y = self.global_norm(o_g) + o_l.to(o_g.dtype)                   # (B, H, T, D)
         return y.transpose(1, 2).reshape(B, T, H * D)
 
@@ -150,8 +155,7 @@ class CoeusMixer(nn.Module):
         order = (pos + torch.arange(W, device=x.device)) % W  # ring slots, oldest first
         pk, pv = cache["k"][:, :, order], cache["v"][:, :, order]
         o_l = self.local_attn(qr, kr, v, W, prefix_k=pk, prefix_v=pv, prefix_len=torch.clamp(pos, max=W))
-        y = self.global_norm(o_g) + o_l.to(o_g.dtype)                   # (B, H, T, D)
-        out = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        out = self.o_proj(self._fuse(o_g, o_l))
         new_pos = pos + T
         last_k = torch.cat([pk, kr.to(pk.dtype)], 2)[:, :, -W:]          # chronological last W
         last_v = torch.cat([pv, v.to(pv.dtype)], 2)[:, :, -W:]
