@@ -244,41 +244,90 @@ def time_hf(model, prompt, args, device, compile_ok):
                                       warmup_tokens=8, disable_compile=True)
             print(f"transformers generate, eager, dynamic cache, {name}: {row[name]['tokens_per_s']:.1f} tokens/s",
                   flush=True)
-    if "static" in args.hf:
-        compiled = compile_ok and args.hf_static_compile != "off"
-        row = out["hf_static_compiled"] = {"cache": "static", "compiled": compiled,
-                                           "compile": args.hf_static_compile if compiled else "off"}
-        gen_kw = dict(cache_implementation="static")
-        eager_forward = hf.forward
-        if compiled and args.hf_static_compile == "forward":  # transformers' documented static-cache recipe
-            compiled_forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
-
-            def forward(*a, **k):  # each call a new CUDA-graph step, else the cache written in place reads as stale
-                torch.compiler.cudagraph_mark_step_begin()
-                return compiled_forward(*a, **k)
-            hf.forward = forward
-            gen_kw["disable_compile"] = True  # generate's own compile of the decode steps: off (one compile, ours)
-        elif not compiled:
-            gen_kw["disable_compile"] = True
-        # else "auto": generate compiles the decode steps itself (CompileConfig: reduce-overhead)
-        t0 = time.perf_counter()
-        try:
-            for name, sampler in samplers.items():
-                torch.manual_seed(args.seed)
-                row[name] = time_generate(hf, prompt, args.new_tokens, sampler, device, args.warmup, args.repeats,
-                                          **gen_kw)
-                print(f"transformers generate, static cache, compiled={compiled}, {name}: "
-                      f"{row[name]['tokens_per_s']:.1f} tokens/s (warm-up {row[name]['warmup_s']:.0f} s)", flush=True)
-            row["startup_s"] = time.perf_counter() - t0 - sum(sum(row[n]["runs_s"]) for n in samplers)
-        except Exception as e:  # noqa: BLE001 - the peer failing must not lose our figures
-            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
-            print(f"transformers static-cache generate failed: {row['error']}", flush=True)
-        hf.forward = eager_forward
     del hf
-    torch._dynamo.reset()  # its graphs (and CUDA-graph pools) hold the model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
+    if "static" in args.hf:
+        out["hf_static_compiled"] = time_hf_static_in_child(args, weights_checksum(model))
     return out
+
+
+def weights_checksum(model):
+    """A float64 sum over every parameter: the child process must have rebuilt the same random weights."""
+    with torch.no_grad():
+        return float(sum(p.double().sum() for p in model.parameters()))
+
+
+def time_hf_static_in_child(args, checksum):
+    """The static-cache compiled row in a child process of this script: its CUDA-graph path has died with a
+    segfault (transformers' cache update under cudagraphs), which in-process would lose every other figure.
+    The child rebuilds the same weights from the seed and writes its row as JSON; a crash, a timeout or other
+    weights become the row's error."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "hf_static.json")
+        cmd = [sys.executable, os.path.abspath(__file__), *args.argv, "--hf-static-child", path]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.hf_static_timeout)
+        except subprocess.TimeoutExpired:
+            return {"cache": "static", "error": f"timed out after {args.hf_static_timeout} s"}
+        sys.stdout.write(proc.stdout)
+        if proc.returncode != 0 or not os.path.exists(path):
+            how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+            tail = " | ".join(proc.stderr.strip().splitlines()[-3:])[:400]
+            row = {"cache": "static", "error": f"child process died ({how}): {tail}"}
+            print(f"transformers static-cache generate failed: {row['error']}", flush=True)
+            return row
+        with open(path) as f:
+            row = json.load(f)
+    row["child_wall_s"] = time.perf_counter() - t0
+    if abs(row.pop("weights_checksum") - checksum) > 1e-6 * max(1.0, abs(checksum)):
+        row = {"cache": "static", "error": "the child process built other weights than ours"}
+    return row
+
+
+def time_hf_static(model, prompt, args, device, compile_ok):
+    """transformers' generate with a static cache and (on CUDA) a compiled forward; greedy and sampled."""
+    hf = hf_model(model, device)
+    samplers = {"greedy": None, "sampled": SAMPLED}
+    compiled = compile_ok and args.hf_static_compile != "off"
+    row = {"cache": "static", "compiled": compiled, "compile": args.hf_static_compile if compiled else "off"}
+    gen_kw = dict(cache_implementation="static")
+    if compiled and args.hf_static_compile == "forward":  # transformers' documented static-cache recipe
+        compiled_forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+
+        def forward(*a, **k):  # each call a new CUDA-graph step, else the cache written in place reads as stale
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled_forward(*a, **k)
+        hf.forward = forward
+        gen_kw["disable_compile"] = True  # generate's own compile of the decode steps: off (one compile, ours)
+    elif not compiled:
+        gen_kw["disable_compile"] = True
+    # else "auto": generate compiles the decode steps itself (CompileConfig: reduce-overhead)
+    t0 = time.perf_counter()
+    try:
+        for name, sampler in samplers.items():
+            torch.manual_seed(args.seed)
+            row[name] = time_generate(hf, prompt, args.new_tokens, sampler, device, args.warmup, args.repeats,
+                                      **gen_kw)
+            print(f"transformers generate, static cache, compiled={compiled}, {name}: "
+                  f"{row[name]['tokens_per_s']:.1f} tokens/s (warm-up {row[name]['warmup_s']:.0f} s)", flush=True)
+        row["startup_s"] = time.perf_counter() - t0 - sum(sum(row[n]["runs_s"]) for n in samplers)
+    except Exception as e:  # noqa: BLE001 - the peer failing must not lose our figures
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+        print(f"transformers static-cache generate failed: {row['error']}", flush=True)
+    return row
+
+
+def build_model(args, device, dtype):
+    """The random-weight model and prompt from the seed: the same in this process and in the static child."""
+    torch.manual_seed(args.seed)
+    cfg = llama_config(args.config)
+    model = Llama(cfg).to(device=device, dtype=dtype).eval()
+    prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), device=device)
+    return model, prompt
 
 
 def main(argv=None):
@@ -305,6 +354,10 @@ def main(argv=None):
                         "auto-compile of the decode steps) or off")
     p.add_argument("--hf-eager-repeats", type=int, default=1,
                    help="timed runs of the (slow) eager rows, after one short warm-up run")
+    p.add_argument("--hf-static-timeout", type=int, default=900,
+                   help="seconds the static row's child process may take (it runs apart: a crash there is a row error)")
+    p.add_argument("--hf-static-child", default=None, metavar="JSON",
+                   help="internal: run only the static-cache row and write it to JSON (the parent starts this)")
     p.add_argument("--skip-hf", action="store_true", help="skip transformers' generate")
     p.add_argument("--coeus-config", default="nano", help="Coeus config for its decode figure ('' to skip)")
     p.add_argument("--bandwidth-tbs", type=float, default=None,
@@ -320,6 +373,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--smoke", action="store_true", help="tiny configs on CPU, 1 repeat: checks the script runs")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.hf = [] if args.skip_hf else [h for h in args.hf.split(",") if h]
     bad = [h for h in args.hf if h not in ("eager", "static")]
     if bad:
@@ -338,6 +392,13 @@ def main(argv=None):
     caches = tune_cache.compile_caches()  # inductor's FX-graph / autotune / AOTAutograd caches on disk (default on)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
+    if args.hf_static_child:  # the child process of time_hf_static_in_child: the static row only
+        model, prompt = build_model(args, device, dtype)
+        row = time_hf_static(model, prompt, args, device, compile_ok)
+        row["weights_checksum"] = weights_checksum(model)
+        with open(args.hf_static_child, "w") as f:
+            json.dump(row, f)
+        return row
 
     res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
            "config": args.config, "dtype": args.dtype, "batch": 1, "prompt_len": args.prompt_len,
@@ -352,10 +413,7 @@ def main(argv=None):
     copy_mb = args.bandwidth_copy_mb or (1024 if cuda else 64)
     measured = measure_bandwidth(device, copy_mb * 2 ** 20)
     bw = args.bandwidth_tbs or measured
-    torch.manual_seed(args.seed)
-    cfg = llama_config(args.config)
-    model = Llama(cfg).to(device=device, dtype=dtype).eval()
-    prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), device=device)
+    model, prompt = build_model(args, device, dtype)
     wread, kv = bytes_read_per_token(model, args.prompt_len + args.new_tokens // 2)  # mean context of the decode
     res.update(params=model.num_params(), weight_bytes=weight_bytes(model), weight_bytes_read_per_token=wread,
                kv_bytes_read_per_token=kv, bytes_read_per_token=wread + kv,

@@ -24,6 +24,7 @@ def test_smoke_run_writes_every_row(tmp_path):
         for name in ("greedy", "sampled"):
             assert r[row][name]["tokens_per_s"] > 0, (row, name)
     assert r["hf_static_compiled"]["cache"] == "static" and r["hf_static_compiled"]["compiled"] is False  # CPU
+    assert r["hf_static_compiled"]["child_wall_s"] > 0  # the static row ran in its own process
     assert r["ours"]["tokens_per_s"] > 0 and r["coeus"]["tokens_per_s"] > 0
     for key in ("ours_vs_static_compiled_sampled", "ours_vs_static_compiled_greedy", "ours_vs_eager_dynamic_sampled",
                 "ours_vs_eager_dynamic_greedy", "startup_s", "wall_s", "fraction_of_floor"):
@@ -37,6 +38,23 @@ def test_smoke_run_writes_every_row(tmp_path):
     assert r["fp32_prefill_with_cache"]["ok"], r["fp32_prefill_with_cache"]
     assert r["coordinate_descent"] is False and r["compile_caches"]["fx_graph_cache"] is True
     assert r["first_logits_max_abs_diff_vs_ours"] < 1e-4
+
+
+def test_a_dying_static_child_is_a_row_error_not_a_lost_run(monkeypatch):
+    """The static-cache compiled peer has segfaulted under CUDA graphs; in its child process a death is a row."""
+    import argparse
+    import signal
+    import subprocess
+    bench = load_bench()
+    args = argparse.Namespace(argv=["--smoke"], hf_static_timeout=60)
+    real_run = subprocess.run
+
+    def killed(cmd, **kw):  # the child dies by SIGSEGV, as it did on the H200
+        return real_run([bench.sys.executable, "-c", f"import os; os.kill(os.getpid(), {int(signal.SIGSEGV)})"],
+                        **kw)
+    monkeypatch.setattr(subprocess, "run", killed)
+    row = bench.time_hf_static_in_child(args, 0.0)
+    assert row["error"].startswith(f"child process died (signal {int(signal.SIGSEGV)})"), row
 
 
 def test_help_names_the_peers(capsys):
