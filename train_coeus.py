@@ -35,7 +35,7 @@ from models.coeus import COEUS_CONFIGS, Coeus, CoeusBlock, coeus_config
 from models.llama import Block as LlamaBlock, Llama, LlamaConfig
 from models.lora import format_report, lora_report, merge_lora
 from utils.adapters import (add_lora_args, apply_lora_spec, export_merged_hf, load_merged, lora_of_run,
-                            save_adapter, use_kernels)
+                            save_adapter)
 from utils.checkpoint import (check_same_config, load_checkpoint, load_train_state, prepare_out_folder,
                               restore_train_state, save_atomic, save_train_state)
 from utils.decoding import CoeusLM, Decoder, LlamaLM, decode_tokens
@@ -43,7 +43,7 @@ from utils.distributed import (all_reduce_mean, all_reduce_sum, cleanup_distribu
                                plain_model_on_rank0, setup_script, shard_slice, wrap_model)
 from utils.ema import EMA
 from utils.metrics import MetricsLogger, add_monitoring_args, describe_sample, group_norms, memory_stats
-from utils.runtime import CompiledBlocks, pick_device, seed_everything, setup_precision, warmup_cosine
+from utils.runtime import CompiledBlocks, pick_device, seed_everything, setup_precision, use_kernels, warmup_cosine
 from utils.sampling import SamplerConfig
 from utils.text_data import DataError, build_tokenizer, encode_splits, full_windows, get_batch, load_corpus
 from utils.tokenizer import tokenizer_from_dict
@@ -423,7 +423,7 @@ def main(argv=None):
     else:
         model, cfg = build_model(args, tok.vocab_size, init_cfg, lora)
     model.to(device)
-    use_kernels(model)  # QLoRA's dequantise in Triton on CUDA (no-op otherwise)
+    use_kernels(model)  # Triton on CUDA: NF4 dequantise, the fused loss's cross-entropy (no-op elsewhere)
     if ckpt and not from_init:
         check_resume_config(ckpt, cfg, args.resume)
     lora_base = (ckpt["args"].get("init") if ckpt else args.init) if lora is not None else None

@@ -42,8 +42,7 @@ from models.llava import LlavaConfig
 from models.matcher import HungarianMatcher
 from models.vit import Block as VitBlock, vision_config
 from utils.chat import ChatTemplate, PackCollator, PadCollator
-from utils.adapters import (add_lora_args, apply_lora_spec, format_report, load_merged, lora_of_run, save_adapter,
-                            use_kernels)
+from utils.adapters import (add_lora_args, apply_lora_spec, format_report, load_merged, lora_of_run, save_adapter)
 from utils.checkpoint import (load_checkpoint, load_train_state, load_weights, prepare_out_folder, restore_train_state,
                               save_atomic, save_train_state)
 from utils.coco import CocoDetectionDataset
@@ -55,7 +54,7 @@ from utils.distributed import (all_reduce_mean, all_reduce_sum, broadcast_object
 from utils.errors import DataError
 from utils.image_processing import ImageProcessor
 from utils.metrics import MetricsLogger, add_monitoring_args, describe_sample, group_norms, memory_stats
-from utils.runtime import pick_device, seed_everything, setup_precision, warmup_cosine
+from utils.runtime import pick_device, seed_everything, setup_precision, use_kernels, warmup_cosine
 from utils.shapes_data import CATEGORIES, ShapesDataset
 from utils.tokenizer import SentencePieceTokenizer, tokenizer_from_dict
 
@@ -512,7 +511,7 @@ def train(args):
     lora_base = (ckpt["args"].get("init_vqa") if ckpt is not None else args.init_vqa) if lora is not None else None
     model, tokenizer, processor, template, pad_id = build_model(args, ckpt, train_items, lora)
     model.to(device)
-    use_kernels(model)  # QLoRA's dequantise in Triton on CUDA (no-op otherwise)
+    use_kernels(model)  # Triton on CUDA: NF4 dequantise, the fused loss's cross-entropy (no-op elsewhere)
     llava_cfg, head_cfg, n_img = model.llava.config, model.head.config, model.llava.num_image_tokens
     max_len = min(args.max_len, llava_cfg.text.max_seq_len)  # a VQA checkpoint may have a shorter context
     say(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "

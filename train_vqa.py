@@ -38,14 +38,14 @@ from models.siglip import SIGLIP_CONFIGS, Block as SiglipBlock, siglip_config
 from models.vit import Block as VitBlock, VISION_CONFIGS, VisionConfig, vision_config
 from utils.chat import IMAGE_TAG, ChatTemplate, PackCollator, PadCollator, template_for
 from utils.adapters import (add_lora_args, apply_lora_spec, export_merged_hf, format_report, lora_of_run,
-                            save_adapter, use_kernels)
+                            save_adapter)
 from utils.checkpoint import (check_same_config, load_checkpoint, load_train_state, load_weights, prepare_out_folder,
                               restore_train_state, save_atomic, save_train_state)
 from utils.distributed import (all_reduce_mean, all_reduce_sum, broadcast_object, cleanup_distributed, grad_sync,
                                plain_model_on_rank0, rank0_first, setup_script, stripe, unwrap_model, wrap_model)
 from utils.image_processing import FlipShift, ImageProcessor
 from utils.metrics import MetricsLogger, add_monitoring_args, describe_sample, group_norms, memory_stats
-from utils.runtime import CompiledBlocks, pick_device, seed_everything, setup_precision, warmup_cosine
+from utils.runtime import CompiledBlocks, pick_device, seed_everything, setup_precision, use_kernels, warmup_cosine
 from utils.tokenizer import SentencePieceTokenizer, tokenizer_from_dict, tokenizer_from_folder
 from utils.vqa_benchmarks import BENCHMARKS, format_summary, read_benchmark, run_benchmark, to_conversation
 from utils.vqa_data import (DataError, QUESTION_TYPES, Encoder, VQADataset, load_conversations, make_loader,
@@ -570,7 +570,7 @@ def main(argv=None):
     if args.eval_only:
         load_weights(model, ckpt["model"], ckpt_path)
     model.to(device)
-    use_kernels(model)  # QLoRA's dequantise in Triton on CUDA (no-op otherwise)
+    use_kernels(model)  # Triton on CUDA: NF4 dequantise, the fused loss's cross-entropy (no-op elsewhere)
     max_len, n_img = cfg.text.max_seq_len, model.num_image_tokens
     say(f"model: {model.num_params() / 1e6:.2f}M parameters (vision {model.vision_tower.num_params() / 1e6:.2f}M, "
         f"decoder {model.language_model.num_params() / 1e6:.2f}M); {n_img} image tokens; vocab {cfg.text.vocab_size}; "

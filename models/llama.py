@@ -309,6 +309,8 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
         self.cache_len = 0
+        # the fused loss's per-chunk step (loss(): head + cross-entropy); kernels/cross_entropy.py swaps in a kernel
+        self.chunk_loss = cross_entropy_chunk
         self.apply(self._init_weights)
 
     @staticmethod
@@ -434,7 +436,8 @@ class Llama(nn.Module):
         """
         h = self.hidden(input_ids, inputs_embeds, attention_mask, position_ids)
         h = h[:, :-1].reshape(-1, h.size(-1))  # position t predicts labels[t + 1]
-        return fused_linear_cross_entropy(h, self.lm_head.weight, labels[:, 1:].reshape(-1), chunk_size=chunk_size)
+        return fused_linear_cross_entropy(h, self.lm_head.weight, labels[:, 1:].reshape(-1), chunk_size=chunk_size,
+                                          chunk_loss=self.chunk_loss)
 
     def _build_mask(self, attention_mask, input_pos, B, T, device):
         """Boolean (B, 1, Tq, Tk) mask, or None for the plain causal case (SDPA's fast is_causal path)."""
@@ -464,39 +467,56 @@ def causal_lm_loss(logits, labels):
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
 
+def cross_entropy_chunk(logits, targets, ignore_index, grad_scale, need_grad):
+    """One chunk of the fused loss, in plain PyTorch: logits (C, V), targets (C,) -> the summed cross-entropy of the
+    rows whose target is not ignore_index (fp32 statistics for bf16/fp16, fp64 stays fp64). With need_grad, the logits
+    are overwritten by grad_scale * d(sum)/d(logits) = grad_scale * (softmax - onehot), 0 on ignored rows, in their
+    own dtype. grad_scale: a 0-dim tensor on the device (1 / number of rows learned, no host sync).
+
+    The reference of kernels/cross_entropy.py's one-kernel form (use_cross_entropy_kernel), which reads the bf16
+    logits twice and writes them once instead of materialising fp32 copies."""
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    valid = targets != ignore_index
+    tgt = targets.masked_fill(~valid, 0)
+    x = logits.to(acc)                                        # (C, V); the logits themselves when already acc
+    lse = torch.logsumexp(x, dim=-1)                          # (C,)
+    loss = ((lse - x.gather(1, tgt[:, None]).squeeze(1)) * valid).sum()
+    if need_grad:
+        g = x.sub_(lse[:, None]).exp_()                       # softmax, in place
+        g[torch.arange(g.shape[0], device=g.device), tgt] -= 1.0
+        logits.copy_(g.mul_(valid[:, None] * grad_scale.to(acc)))
+    return loss
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """mean CE(h @ W^T, targets) computed in row chunks; the gradients are formed in the same pass.
 
-    Per chunk: logits (C, V) in fp32, loss += logsumexp - target logit, dlogits = softmax - onehot (0 on ignored
-    rows), dh = dlogits @ W, dW += dlogits^T @ h. Only one chunk of logits ever exists; backward just scales
-    the stored gradients by the incoming one. (The idea of Liger-Kernel's fused linear cross-entropy.)
+    Per chunk: logits (C, V) in h's dtype, loss += the chunk's summed CE and the logits turned in place into
+    dlogits = (softmax - onehot) / n (0 on ignored rows) by chunk_loss (cross_entropy_chunk, or its Triton kernel),
+    dh = dlogits @ W, dW += dlogits^T @ h. Only one chunk of logits ever exists; backward just scales the stored
+    gradients by the incoming one. (The idea of Liger-Kernel's fused linear cross-entropy.)
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index, chunk_size):
+    def forward(ctx, h, weight, targets, ignore_index, chunk_size, chunk_loss):
         # h (N, d), weight (V, d), targets (N,)
         acc = torch.promote_types(h.dtype, torch.float32)  # fp32 statistics for bf16/fp16, fp64 stays fp64
-        valid = targets != ignore_index
-        n_valid = valid.sum().clamp(min=1).to(acc)
+        n_valid = (targets != ignore_index).sum().clamp(min=1).to(acc)
+        grad_scale = 1.0 / n_valid
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         loss = torch.zeros((), dtype=acc, device=h.device)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) \
             if ctx.needs_input_grad[1] else None
         for s in range(0, h.shape[0], chunk_size):
-            hc, tc, vc = h[s:s + chunk_size], targets[s:s + chunk_size], valid[s:s + chunk_size]
-            logits = (hc @ weight.t()).to(acc)               # (C, V)
-            lse = torch.logsumexp(logits, dim=-1)             # (C,)
-            tgt = tc.masked_fill(~vc, 0)
-            loss += ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * vc).sum()
-            if grad_h is None and grad_w is None:
-                continue
-            g = logits.sub_(lse[:, None]).exp_()              # softmax, in place of the logits
-            g[torch.arange(g.shape[0], device=g.device), tgt] -= 1.0
-            g = (g * (vc[:, None] / n_valid)).to(hc.dtype)   # d(mean loss)/d(logits), (C, V)
+            hc, tc = h[s:s + chunk_size], targets[s:s + chunk_size]
+            logits = hc @ weight.t()                          # (C, V)
+            loss += chunk_loss(logits, tc, ignore_index, grad_scale, need_grad)
+            g = logits                                        # now d(mean loss)/d(logits), (C, V)
             if grad_h is not None:
                 grad_h[s:s + chunk_size] = g @ weight.to(g.dtype)
             if grad_w is not None:
-                grad_w += (g.t() @ hc.to(g.dtype)).to(acc)
+                grad_w += (g.t() @ hc).to(acc)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss / n_valid
@@ -506,11 +526,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
-def fused_linear_cross_entropy(h, weight, targets, ignore_index=-100, chunk_size=4096):
+def fused_linear_cross_entropy(h, weight, targets, ignore_index=-100, chunk_size=4096, chunk_loss=None):
     """Mean cross-entropy of h @ weight.T (N, V) against targets (N,), ignoring ignore_index, never materialising
-    all N x V logits. Equals F.cross_entropy(F.linear(h, weight).float(), targets) (0 when every target is ignored)."""
-    return _FusedLinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_size)
-
+    all N x V logits. Equals F.cross_entropy(F.linear(h, weight).float(), targets) (0 when every target is ignored).
+    chunk_loss: the per-chunk loss and gradient (default cross_entropy_chunk; kernels/cross_entropy.py has a kernel)."""
+    return _FusedLinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_size,
+                                          chunk_loss or cross_entropy_chunk)

@@ -78,13 +78,6 @@ def quantize_base(model, spec):
                             double_quant=spec["double_quant"], compute_dtype=getattr(torch, spec["compute_dtype"]))
 
 
-def use_kernels(model):
-    """QLoRA's 4-bit layers dequantise through the Triton kernel (kernels/nf4.py) where they sit on CUDA; a no-op
-    elsewhere. Call after model.to(device). Returns how many layers were switched."""
-    from kernels.nf4 import use_nf4_kernels
-    return use_nf4_kernels(model)
-
-
 def apply_lora_spec(model, spec, train_modules=()):
     """Quantise (spec["qlora"]) and wrap the language model's targets in LoRALinear; everything else frozen but
     train_modules. Returns models.lora's report."""

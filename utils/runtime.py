@@ -43,6 +43,15 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def use_kernels(model):
+    """Switch on the training kernels of kernels/ for every part of model that sits on CUDA (a no-op elsewhere; call
+    after model.to(device)): QLoRA's NF4 dequantisation and the fused loss's cross-entropy. Both compute what the
+    PyTorch they replace computes. Returns {kernel: how many modules use it}."""
+    from kernels.cross_entropy import use_cross_entropy_kernel
+    from kernels.nf4 import use_nf4_kernels
+    return dict(nf4=use_nf4_kernels(model), cross_entropy=use_cross_entropy_kernel(model))
+
+
 def compile_works(device):
     """Run one tiny compiled function; False (with the reason) if the toolchain is missing."""
     try:
