@@ -1,4 +1,5 @@
-"""What the training benchmarks share: device sync, memory reset between the two models, peak memory."""
+"""What the training benchmarks share: device sync, memory reset between the two models, peak memory, timing and
+profiling a training step, the comparison with the transformers rows."""
 import gc
 import time
 
@@ -30,10 +31,62 @@ class Timer:
         return peak_rss_bytes()  # CPU: process peak RSS, cumulative over the run (not comparable between models)
 
 
-def time_training(name, model, loss_fn, steps, warmup, lr, timer, weight_decay=0.0, eager_loss_fn=None):
+# GPU kernels by what they do, matched on their names in this order (the first match wins)
+KERNEL_KINDS = [
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("cross-entropy kernel", ("_cross_entropy_kernel",)),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "splitk")),
+    ("fused elementwise (compiled)", ("triton_",)),
+]
+
+
+def kernel_kind(name):
+    low = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other (eager elementwise, copies, reductions)"
+
+
+def profile_step(step, timer, rows=15):
+    """Profile one call of step(): prints the costliest GPU kernels and the GPU time by kind of kernel; returns
+    {"gpu_busy_ms": total kernel time, "by_kind_ms": {...}, "top": [(name, ms), ...], "top_by_kind": the 5 costliest
+    of each kind} (CPU: only the table)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if timer.cuda else [])
+    timer.sync()
+    with profile(activities=activities) as prof:
+        step()
+        timer.sync()
+    print(prof.key_averages().table(sort_by="cuda_time_total" if timer.cuda else "cpu_time_total", row_limit=rows,
+                                    max_name_column_width=70), flush=True)
+    if not timer.cuda:
+        return {}
+    kernels = {}
+    for e in prof.events():  # GPU kernels and copies; not the annotations (e.g. Optimizer.step#AdamW.step) over them
+        if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False) \
+                and "#" not in e.name:
+            kernels[e.name] = kernels.get(e.name, 0.0) + e.time_range.elapsed_us() / 1000
+    by_kind, names_of_kind = {}, {}
+    for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1]):
+        kind = kernel_kind(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + ms
+        names_of_kind.setdefault(kind, []).append((name[:120], ms))
+    busy = sum(kernels.values())
+    print(f"GPU busy {busy:.1f} ms in the profiled step: " + ", ".join(
+        f"{k} {v:.1f} ms ({v / busy:.0%})" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])), flush=True)
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:rows]
+    return dict(gpu_busy_ms=busy, by_kind_ms=by_kind, top=[(n[:120], ms) for n, ms in top],
+                top_by_kind={k: v[:5] for k, v in names_of_kind.items()})
+
+
+def time_training(name, model, loss_fn, steps, warmup, lr, timer, weight_decay=0.0, eager_loss_fn=None,
+                  profile=False):
     """Warm up, then time `steps` optimizer steps of AdamW (fused where the device has it) on loss_fn().
 
     eager_loss_fn: if the first (compiling) step fails, say why and measure this uncompiled loss instead.
+    profile: after the timed steps, profile one more (profile_step) and return its summary as "profile".
     Returns seconds of the timed steps, warm-up seconds, every loss, whether AdamW was fused, the compile error.
     """
     if timer.cuda:  # the peak counts from here: weights (already there), then gradients, AdamW states, activations
@@ -72,8 +125,12 @@ def time_training(name, model, loss_fn, steps, warmup, lr, timer, weight_decay=0
         step()
     timer.sync()
     seconds = time.perf_counter() - t0
-    return dict(seconds=seconds, warmup_s=warmup_s, losses=[float(x) for x in losses], fused_adamw=fused,
-                compile_error=compile_error)
+    out = dict(seconds=seconds, warmup_s=warmup_s, losses=[float(x) for x in losses], fused_adamw=fused,
+               compile_error=compile_error)
+    if profile:
+        print(f"profile of one {name} step (timed: {1000 * seconds / steps:.1f} ms a step):", flush=True)
+        out["profile"] = profile_step(step, timer)
+    return out
 
 
 def compare_to_peers(results, rate, goal_speedup, goal_memory, cuda, mfu=False):
@@ -102,6 +159,31 @@ def compare_to_peers(results, rate, goal_speedup, goal_memory, cuda, mfu=False):
     if not cuda:
         print("note: on CPU peak memory is the process's cumulative peak RSS; the ratio means nothing there")
     return out
+
+
+SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
+
+
+def sdpa_context(spec):
+    """The SDPA backends a model's steps run under: "default" (PyTorch's own choice) or a comma list of flash,
+    efficient, cudnn, math in priority order (torch.nn.attention.sdpa_kernel with set_priority)."""
+    import contextlib
+    if spec == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    return sdpa_kernel([names[n] for n in spec.split(",")], set_priority=True)
+
+
+def add_sdpa_arg(ap):
+    def spec(text):
+        if text != "default" and not set(text.split(",")) <= set(SDPA_BACKENDS):
+            raise ValueError(text)
+        return text
+    ap.add_argument("--sdpa", type=spec, default="default",
+                    help="SDPA backends for OUR model, in priority order: default (PyTorch's choice) or a comma list "
+                         f"of {', '.join(SDPA_BACKENDS)}, e.g. cudnn,flash (benchmarks/bench_attention.py compares them)")
 
 
 def add_transformers_args(ap):

@@ -5,8 +5,10 @@
     python benchmarks/bench_llama_train.py --out bench_llama_train.json
     # the headline plus ablations in one run: whole-trunk compile, and no compile at all
     python benchmarks/bench_llama_train.py --compile blocks,model,none --out bench_llama_train.json
-    # ours with the full-logits loss (as transformers computes it)
-    python benchmarks/bench_llama_train.py --loss full --out bench_full_loss.json
+    # ours with the loss's cross-entropy in PyTorch instead of the kernel, and with the full logits (as transformers)
+    python benchmarks/bench_llama_train.py --loss fused,fused-torch,full --out bench_loss.json
+    # where a step's GPU time goes (costliest kernels; matmul / attention / compiled elementwise / optimizer)
+    python benchmarks/bench_llama_train.py --compile-hf compiled --profile --out bench_profile.json
     # CPU smoke test of the whole path on a tiny config (seconds)
     python benchmarks/bench_llama_train.py --smoke --out /tmp/bench_smoke.json
 
@@ -20,7 +22,8 @@ What differs is only the model code:
                 which materialises the (B, T, 32000) logits in bf16 and again in fp32 for the loss; measured
                 eagerly (results "transformers_eager") and under torch.compile of the whole model
                 (results "transformers_compiled", the strongest peer: "speedup" and "goal_met" are against it).
-  ours:         models.llama.Llama, loss via Llama.loss (chunked fused linear cross-entropy: no full logits),
+  ours:         models.llama.Llama, loss via Llama.loss (chunked fused linear cross-entropy: no full logits; each
+                chunk's cross-entropy and gradient in one Triton kernel on CUDA, kernels/cross_entropy.py),
                 and torch.compile of each decoder block (--compile blocks, the default) or of the whole trunk.
 
 Measured: tokens/s over --steps timed steps after --warmup untimed ones (compilation happens in warmup),
@@ -38,7 +41,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_common import Timer, add_transformers_args, compare_to_peers, time_training  # noqa: E402
+from benchmarks.bench_common import (Timer, add_sdpa_arg, add_transformers_args, compare_to_peers, sdpa_context,
+                                     time_training)  # noqa: E402
 from models.hf_weights import decoder_family, llama_config_to_hf, ours_to_hf, qwen2_config_to_hf  # noqa: E402
 from models.llama import Llama, llama_config  # noqa: E402
 
@@ -55,10 +59,17 @@ def parse_args(argv=None):
                          "a comma list (e.g. blocks,model,none) measures each in turn, the first is the headline")
     ap.add_argument("--compile-mode", default="default",
                     help="torch.compile mode, e.g. default, max-autotune-no-cudagraphs")
-    ap.add_argument("--loss", choices=["fused", "full"], default="fused",
-                    help="OUR loss: chunked fused linear cross-entropy, or full logits as transformers does")
-    ap.add_argument("--chunk", type=int, default=4096, help="rows per chunk of the fused cross-entropy")
+    ap.add_argument("--loss", default="fused",
+                    help="OUR loss: fused (chunked head + cross-entropy, the chunks' cross-entropy in one Triton kernel "
+                         "on CUDA: kernels/cross_entropy.py), fused-torch (the same chunks in PyTorch) or full (the "
+                         "whole logits, as transformers); a comma list measures each in turn after each --compile mode")
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing, profile one step of each model: its costliest GPU kernels and the GPU time "
+                         "by kind (matmul, attention, compiled elementwise, optimizer, ...)")
+    ap.add_argument("--chunk", default="4096", help="rows per chunk of the fused cross-entropy (a comma list measures "
+                                                   "each in turn, after each --compile mode and --loss kind)")
     add_transformers_args(ap)
+    add_sdpa_arg(ap)
     ap.add_argument("--skip-hf", action="store_true", help="measure only our model (no transformers needed)")
     ap.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (same for both)")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
@@ -70,10 +81,17 @@ def parse_args(argv=None):
                          "no compile unless --compile is given explicitly")
     ap.add_argument("--out", default="bench_llama_train.json", help="JSON file for the results")
     args = ap.parse_args(argv)
-    args.compile = args.compile.split(",")
+    args.compile, args.loss = args.compile.split(","), args.loss.split(",")
+    try:
+        args.chunk = [int(c) for c in args.chunk.split(",")]
+    except ValueError:
+        ap.error(f"--chunk: whole numbers, comma-separated (got {args.chunk!r})")
     bad = [m for m in args.compile if m not in ("none", "blocks", "model")]
     if bad:
         ap.error(f"--compile: unknown mode(s) {bad}; choose from none, blocks, model")
+    bad = [m for m in args.loss if m not in ("fused", "fused-torch", "full")]
+    if bad:
+        ap.error(f"--loss: unknown kind(s) {bad}; choose from fused, fused-torch, full")
     if args.smoke:
         args.batch, args.seq, args.steps, args.warmup = 2, 64, 3, 1
         args.config = args.config if args.config in ("tiny", "tiny-qwen2") else "tiny"
@@ -93,26 +111,29 @@ def measure(name, model, loss_fn, ids, args, timer, eager_loss_fn=None):
     """
     eager = None if eager_loss_fn is None else (lambda: eager_loss_fn(ids))
     t = time_training(name, model, lambda: loss_fn(ids), args.steps, args.warmup, args.lr, timer,
-                      weight_decay=0.1, eager_loss_fn=eager)
+                      weight_decay=0.1, eager_loss_fn=eager, profile=args.profile)
     dt, losses = t["seconds"], t["losses"]
     tokens = args.batch * args.seq * args.steps
     res = dict(name=name, tokens_per_s=tokens / dt, step_ms=1000 * dt / args.steps, warmup_s=t["warmup_s"],
                peak_mem_gb=timer.peak_bytes() / 1e9, fused_adamw=t["fused_adamw"], first_loss=losses[0],
-               last_loss=losses[-1], compile_error=t["compile_error"])
+               last_loss=losses[-1], compile_error=t["compile_error"], profile=t.get("profile"))
     print(f"{name:>20s}: {res['tokens_per_s']:>10,.0f} tokens/s  {res['step_ms']:8.1f} ms/step  "
           f"peak {res['peak_mem_gb']:6.2f} GB  loss {losses[0]:.4f} -> {losses[-1]:.4f}  "
           f"(warm-up {t['warmup_s']:.0f} s)", flush=True)
     return res
 
 
-def run_ours(cfg, init_state, compile_mode, ids, args, timer, name):
+def run_ours(cfg, init_state, compile_mode, loss, chunk, ids, args, timer, name):
     with torch.device(ids.device):
         ours = Llama(cfg)
     ours = ours.to(torch.bfloat16)
     ours.load_state_dict(init_state)
     ours.train()
-    if args.loss == "fused":
-        loss_fn = lambda x: ours.loss(x, x, chunk_size=args.chunk)  # noqa: E731
+    if loss == "fused":
+        from kernels.cross_entropy import use_cross_entropy_kernel
+        use_cross_entropy_kernel(ours)  # CUDA: the chunks' cross-entropy in one kernel (no-op elsewhere)
+    if loss != "full":
+        loss_fn = lambda x: ours.loss(x, x, chunk_size=chunk)  # noqa: E731
     else:
         loss_fn = lambda x: ours(x, labels=x)[1]  # noqa: E731
     eager_loss_fn = None
@@ -129,8 +150,9 @@ def run_ours(cfg, init_state, compile_mode, ids, args, timer, name):
             layer.compile(mode=args.compile_mode)
     elif compile_mode == "model":
         ours.hidden = torch.compile(ours.hidden, mode=args.compile_mode)
-    res = measure(name, ours, loss_fn, ids, args, timer, eager_loss_fn=eager_loss_fn)
-    res["compile"] = compile_mode
+    with sdpa_context(args.sdpa):
+        res = measure(name, ours, loss_fn, ids, args, timer, eager_loss_fn=eager_loss_fn)
+    res.update(compile=compile_mode, loss=loss, chunk=chunk, sdpa=args.sdpa)
     return res
 
 
@@ -195,10 +217,11 @@ def main(argv=None):
             results[name]["compile_backend"] = args.hf_compile_backend if compiled else None
             del hf, hf_forward
 
-    for i, mode in enumerate(args.compile):
-        name = "ours" if i == 0 else f"ours[compile={mode}]"  # the first mode is the headline figure
+    variants = [(mode, loss, chunk) for mode in args.compile for loss in args.loss for chunk in args.chunk]
+    for i, (mode, loss, chunk) in enumerate(variants):
+        name = "ours" if i == 0 else f"ours[compile={mode},loss={loss},chunk={chunk}]"  # the first is the headline
         left = timer.reset_memory()
-        results[name] = run_ours(cfg, init_state, mode, ids, args, timer, name)
+        results[name] = run_ours(cfg, init_state, mode, loss, chunk, ids, args, timer, name)
         results[name]["allocated_before_gb"] = left / 1e9
 
     summary = dict(args=vars(args), env=env, n_params=n_params, flops_per_token=flops_per_token, results=results)

@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.bench_common import Timer, profile_step  # noqa: E402
 from models.llama import llama_config  # noqa: E402
 from models.llava import LlavaConfig, LlavaModel  # noqa: E402
 from models.siglip import SIGLIP_CONFIGS, siglip_config  # noqa: E402
@@ -64,7 +65,7 @@ def parse_args(argv=None):
                     "(default: each torch.compile'd, as train_vqa.py --compile; its compile time is in warmup_s)")
     ap.add_argument("--no-grad-checkpointing", action="store_true", help="keep activations (both sides)")
     ap.add_argument("--profile", action="store_true", help="after timing, profile one step per variant and print "
-                    "its 15 costliest GPU kernels (where the time goes)")
+                    "its 15 costliest GPU kernels and the GPU time by kind (where the time goes)")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per variant's process")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--smoke", action="store_true", help="tiny configs, 2 + 1 steps, on the CPU unless --device")
@@ -251,16 +252,10 @@ def run_variant(args):
     if cuda:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-            step()
-            if cuda:
-                torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=15,
-                                        max_name_column_width=60), flush=True)
+    profiled = profile_step(step, Timer("cuda" if cuda else "cpu")) if args.profile else None
     res = dict(variant=args.worker, samples_per_s=args.batch * args.steps / dt, step_ms=1000 * dt / args.steps,
-               trainable=sum(p.numel() for p in params), build_s=build_s, warmup_s=warmup_s, losses=losses)
+               trainable=sum(p.numel() for p in params), build_s=build_s, warmup_s=warmup_s, losses=losses,
+               profile=profiled)
     if cuda:
         res.update(peak_gb=torch.cuda.max_memory_allocated() / 1e9, build_peak_gb=build_peak / 1e9)
     return res

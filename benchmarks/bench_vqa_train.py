@@ -37,7 +37,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_common import Timer, add_transformers_args, compare_to_peers, time_training  # noqa: E402
+from benchmarks.bench_common import (Timer, add_sdpa_arg, add_transformers_args, compare_to_peers, sdpa_context,
+                                     time_training)  # noqa: E402
 from models.hf_weights import hf_to_ours, llava_config_to_hf  # noqa: E402
 from models.llama import llama_config  # noqa: E402
 from models.llava import LlavaConfig, LlavaModel  # noqa: E402
@@ -54,11 +55,14 @@ def parse_args(argv=None):
     ap.add_argument("--text-tokens", type=int, default=128, help="text tokens per sample (incl. <s>)")
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps per model")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator warm-up)")
-    ap.add_argument("--compile", choices=["none", "blocks"], default="blocks",
-                    help="torch.compile for OUR model: each ViT and decoder block, or nothing")
+    ap.add_argument("--compile", default="blocks",
+                    help="torch.compile for OUR model: blocks (each ViT and decoder block), vision (the vision tower as "
+                         "one graph, each decoder block) or none; a comma list measures each in turn (the first is "
+                         "the headline)")
     ap.add_argument("--loss", choices=["answer", "full"], default="answer",
                     help="OUR loss: head + CE on the learned positions only (chunked), or full logits as transformers")
     add_transformers_args(ap)
+    add_sdpa_arg(ap)
     ap.add_argument("--skip-hf", action="store_true", help="measure only our model")
     ap.add_argument("--isolate", choices=["auto", "on", "off"], default="auto",
                     help="measure each model in a fresh process of its own (auto: on a GPU), so neither inherits "
@@ -67,6 +71,12 @@ def parse_args(argv=None):
                     default="both", help="which model(s) this process measures (--isolate runs one process per "
                                          "side; transformers: the --compile-hf rows)")
     ap.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks (both models)")
+    ap.add_argument("--ce-kernel", choices=["on", "off"], default="on",
+                    help="OUR fused loss's cross-entropy: the Triton kernel on CUDA (kernels/cross_entropy.py, on) or "
+                         "the PyTorch chunks (off)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing, profile one step of each model: its costliest GPU kernels and the GPU time "
+                         "by kind (matmul, attention, compiled elementwise, optimizer, ...)")
     ap.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (same for both)")
     ap.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
     ap.add_argument("--seed", type=int, default=0, help="seed for the weights and the batch")
@@ -81,6 +91,10 @@ def parse_args(argv=None):
             args.device = "cpu"
         if not any(a == "--compile" or a.startswith("--compile=") for a in (argv if argv is not None else sys.argv[1:])):
             args.compile = "none"
+    args.compile = args.compile.split(",")
+    bad = [m for m in args.compile if m not in ("none", "blocks", "vision")]
+    if bad:
+        ap.error(f"--compile: unknown mode(s) {bad}; choose from none, blocks, vision")
     if args.hf_compile_backend is None:
         args.hf_compile_backend = "aot_eager" if args.smoke and args.device == "cpu" else "inductor"
     return args
@@ -109,14 +123,54 @@ def make_batch(cfg, n_image, args, device):
 
 
 def measure(name, model, loss_fn, args, timer, eager_loss_fn=None):
-    t = time_training(name, model, loss_fn, args.steps, args.warmup, args.lr, timer, eager_loss_fn=eager_loss_fn)
+    t = time_training(name, model, loss_fn, args.steps, args.warmup, args.lr, timer, eager_loss_fn=eager_loss_fn,
+                      profile=args.profile)
     dt, losses = t["seconds"], t["losses"]
     res = dict(name=name, samples_per_s=args.batch * args.steps / dt, step_ms=1000 * dt / args.steps,
                warmup_s=t["warmup_s"], peak_mem_gb=timer.peak_bytes() / 1e9, fused_adamw=t["fused_adamw"],
-               first_loss=losses[0], last_loss=losses[-1], compile_error=t["compile_error"])
+               first_loss=losses[0], last_loss=losses[-1], compile_error=t["compile_error"],
+               profile=t.get("profile"))
     print(f"{name:>21s}: {res['samples_per_s']:8.1f} samples/s  {res['step_ms']:8.1f} ms/step  "
           f"peak {res['peak_mem_gb']:6.2f} GB  loss {losses[0]:.4f} -> {losses[-1]:.4f}  "
           f"(warm-up {t['warmup_s']:.0f} s)", flush=True)
+    return res
+
+
+def run_ours(cfg, state, mode, ids, labels, pixels, args, timer, name, device, dtype):
+    with torch.device(device):
+        ours = LlavaModel(cfg).to(dtype)
+    ours.load_state_dict(state)
+    ours.train()
+    if args.ce_kernel == "on":
+        from utils.runtime import use_kernels
+        use_kernels(ours)
+    if args.grad_checkpointing:
+        ours.language_model.gradient_checkpointing = ours.vision_tower.gradient_checkpointing = True
+    tower = ours.vision_tower
+    blocks = [*tower.blocks, *ours.language_model.layers]
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if mode == "blocks":
+        for b in blocks:
+            b.compile()
+    elif mode == "vision":  # one graph for the tower (23 small blocks: far fewer launches from Python), blocks after
+        tower.features = torch.compile(tower.features)
+        for b in ours.language_model.layers:
+            b.compile()
+    if args.loss == "answer":
+        loss_fn = lambda: ours.loss(ids, pixels, labels)  # noqa: E731
+    else:
+        loss_fn = lambda: ours(ids, pixels, labels=labels)[1]  # noqa: E731
+
+    def eager_loss_fn():
+        for b in blocks:
+            b._compiled_call_impl = None
+        tower.__dict__.pop("features", None)
+        torch._dynamo.reset()
+        return loss_fn()
+    timer.reset_memory() if not timer.cuda else torch.cuda.reset_peak_memory_stats()
+    with sdpa_context(args.sdpa):
+        res = measure(name, ours, loss_fn, args, timer, eager_loss_fn=eager_loss_fn if mode != "none" else None)
+    res.update(compile=mode, sdpa=args.sdpa)
     return res
 
 
@@ -197,33 +251,13 @@ def main(argv=None):
     if args.side.startswith("transformers"):
         return summarize(args, env, n_params, results, cuda=timer.cuda)
 
-    with torch.device(device):
-        ours = LlavaModel(cfg).to(dtype)
-    ours.load_state_dict(our_state)
-    del our_state, hf_state
-    ours.train()
-    if args.grad_checkpointing:
-        ours.language_model.gradient_checkpointing = ours.vision_tower.gradient_checkpointing = True
-    blocks = [*ours.vision_tower.blocks, *ours.language_model.layers]
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    if args.compile == "blocks":
-        for b in blocks:
-            b.compile()
-    if args.loss == "answer":
-        loss_fn = lambda: ours.loss(ids, pixels, labels)  # noqa: E731
-    else:
-        loss_fn = lambda: ours(ids, pixels, labels=labels)[1]  # noqa: E731
-
-    def eager_loss_fn():
-        for b in blocks:
-            b._compiled_call_impl = None
-        torch._dynamo.reset()
-        return loss_fn()
-    timer.reset_memory() if not timer.cuda else torch.cuda.reset_peak_memory_stats()
-    results["ours"] = measure("ours", ours, loss_fn, args, timer,
-                              eager_loss_fn=eager_loss_fn if args.compile != "none" else None)
-    results["ours"]["allocated_before_gb"] = left / 1e9
-
+    del hf_state
+    for i, mode in enumerate(args.compile):
+        name = "ours" if i == 0 else f"ours[compile={mode}]"  # the first mode is the headline figure
+        if i:
+            left = timer.reset_memory()
+        results[name] = run_ours(cfg, our_state, mode, ids, labels, pixels, args, timer, name, device, dtype)
+        results[name]["allocated_before_gb"] = left / 1e9
     return summarize(args, env, n_params, results, cuda=timer.cuda)
 
 

@@ -31,3 +31,21 @@ def test_smoke_run_of_the_qwen2_family(tmp_path):
                                       "--compile-hf", "eager", "--out", str(tmp_path / "bench.json")])
     assert set(summary["results"]) == {"transformers_eager", "ours"} and "ours_vs_compiled" not in summary
     assert summary["peer"] == "transformers_eager" and summary["first_loss_diff"] < 1e-2 and not summary["goal_met"]
+
+
+def test_loss_and_chunk_variants_and_profile(tmp_path):
+    """--loss and --chunk lists give one 'ours' row each (the first is the headline), all on the same weights and
+    batch; --profile profiles one more step of each and keeps its summary (on the CPU: the table only)."""
+    summary = bench_llama_train.main(["--smoke", "--steps", "1", "--warmup", "0", "--compile-hf", "off",
+                                      "--loss", "fused,fused-torch", "--chunk", "64,16", "--profile",
+                                      "--out", str(tmp_path / "bench.json")])
+    rows = summary["results"]
+    assert set(rows) == {"transformers_eager", "ours", "ours[compile=none,loss=fused,chunk=16]",
+                         "ours[compile=none,loss=fused-torch,chunk=64]", "ours[compile=none,loss=fused-torch,chunk=16]"}
+    assert rows["ours"]["loss"] == "fused" and rows["ours"]["chunk"] == 64 and rows["ours"]["profile"] == {}
+    first = {r["first_loss"] for name, r in rows.items() if name.startswith("ours")}
+    assert max(first) - min(first) < 1e-3  # the chunking and the loss's implementation change no loss
+    with pytest.raises(SystemExit):
+        bench_llama_train.parse_args(["--loss", "fused,bogus"])
+    with pytest.raises(SystemExit):
+        bench_llama_train.parse_args(["--chunk", "4k"])

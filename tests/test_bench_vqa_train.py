@@ -32,3 +32,4 @@ def test_isolated_processes_build_the_same_weights(tmp_path):
     saved = json.loads(out.read_text())
     assert set(saved["results"]) == {"transformers_eager", "ours"} and saved["peer"] == "transformers_eager"
     assert saved["first_loss_diff"] < 1e-2
+
