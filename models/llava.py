@@ -140,11 +140,15 @@ class LlavaModel(nn.Module):
         cross-entropy run only on the rows whose next token is learned, chunk by chunk
         (models.llama.fused_linear_cross_entropy): never the (B, T, vocab) logits."""
         lm = self.language_model
+        targets = self.learned_targets(input_ids, labels).flatten()   # (B * (T-1),)
+        # the learned rows, found before any work is queued: the step's host sync costs no GPU time here, where
+        # indexing h by a mask after the decoder would stall the GPU mid-step
+        rows = (targets != -100).nonzero().squeeze(1)                  # (n_learned,)
         h = lm.hidden(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask,
-                      position_ids=position_ids)                  # (B, T, dim)
-        targets = self.learned_targets(input_ids, labels)         # (B, T-1)
-        keep = targets != -100
-        return fused_linear_cross_entropy(h[:, :-1][keep], lm.lm_head.weight, targets[keep], chunk_size=chunk_size)
+                      position_ids=position_ids)                      # (B, T, dim)
+        h = h[:, :-1].reshape(-1, h.size(-1)).index_select(0, rows)    # (n_learned, dim)
+        return fused_linear_cross_entropy(h, lm.lm_head.weight, targets[rows], chunk_size=chunk_size,
+                                          chunk_loss=lm.chunk_loss)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, labels=None,
                 return_hidden=False):
