@@ -161,29 +161,10 @@ def compare_to_peers(results, rate, goal_speedup, goal_memory, cuda, mfu=False):
     return out
 
 
-SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
-
-
-def sdpa_context(spec):
-    """The SDPA backends a model's steps run under: "default" (PyTorch's own choice) or a comma list of flash,
-    efficient, cudnn, math in priority order (torch.nn.attention.sdpa_kernel with set_priority)."""
-    import contextlib
-    if spec == "default":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
-    return sdpa_kernel([names[n] for n in spec.split(",")], set_priority=True)
-
-
-def add_sdpa_arg(ap):
-    def spec(text):
-        if text != "default" and not set(text.split(",")) <= set(SDPA_BACKENDS):
-            raise ValueError(text)
-        return text
-    ap.add_argument("--sdpa", type=spec, default="default",
-                    help="SDPA backends for OUR model, in priority order: default (PyTorch's choice) or a comma list "
-                         f"of {', '.join(SDPA_BACKENDS)}, e.g. cudnn,flash (benchmarks/bench_attention.py compares them)")
+def add_profile_arg(ap):
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing, profile one step of each model: its costliest GPU kernels and the GPU time "
+                         "by kind (matmul, attention, compiled elementwise, optimizer, ...)")
 
 
 def add_transformers_args(ap):

@@ -41,8 +41,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_common import (Timer, add_sdpa_arg, add_transformers_args, compare_to_peers, sdpa_context,
-                                     time_training)  # noqa: E402
+from benchmarks.bench_common import (Timer, add_profile_arg, add_transformers_args, compare_to_peers,  # noqa: E402
+                                     time_training)
 from models.hf_weights import decoder_family, llama_config_to_hf, ours_to_hf, qwen2_config_to_hf  # noqa: E402
 from models.llama import Llama, llama_config  # noqa: E402
 
@@ -63,13 +63,10 @@ def parse_args(argv=None):
                     help="OUR loss: fused (chunked head + cross-entropy, the chunks' cross-entropy in one Triton kernel "
                          "on CUDA: kernels/cross_entropy.py), fused-torch (the same chunks in PyTorch) or full (the "
                          "whole logits, as transformers); a comma list measures each in turn after each --compile mode")
-    ap.add_argument("--profile", action="store_true",
-                    help="after timing, profile one step of each model: its costliest GPU kernels and the GPU time "
-                         "by kind (matmul, attention, compiled elementwise, optimizer, ...)")
     ap.add_argument("--chunk", default="4096", help="rows per chunk of the fused cross-entropy (a comma list measures "
                                                    "each in turn, after each --compile mode and --loss kind)")
     add_transformers_args(ap)
-    add_sdpa_arg(ap)
+    add_profile_arg(ap)
     ap.add_argument("--skip-hf", action="store_true", help="measure only our model (no transformers needed)")
     ap.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (same for both)")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
@@ -150,9 +147,8 @@ def run_ours(cfg, init_state, compile_mode, loss, chunk, ids, args, timer, name)
             layer.compile(mode=args.compile_mode)
     elif compile_mode == "model":
         ours.hidden = torch.compile(ours.hidden, mode=args.compile_mode)
-    with sdpa_context(args.sdpa):
-        res = measure(name, ours, loss_fn, ids, args, timer, eager_loss_fn=eager_loss_fn)
-    res.update(compile=compile_mode, loss=loss, chunk=chunk, sdpa=args.sdpa)
+    res = measure(name, ours, loss_fn, ids, args, timer, eager_loss_fn=eager_loss_fn)
+    res.update(compile=compile_mode, loss=loss, chunk=chunk)
     return res
 
 

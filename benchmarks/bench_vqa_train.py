@@ -37,8 +37,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_common import (Timer, add_sdpa_arg, add_transformers_args, compare_to_peers, sdpa_context,
-                                     time_training)  # noqa: E402
+from benchmarks.bench_common import (Timer, add_profile_arg, add_transformers_args, compare_to_peers,  # noqa: E402
+                                     time_training)
 from models.hf_weights import hf_to_ours, llava_config_to_hf  # noqa: E402
 from models.llama import llama_config  # noqa: E402
 from models.llava import LlavaConfig, LlavaModel  # noqa: E402
@@ -62,7 +62,7 @@ def parse_args(argv=None):
     ap.add_argument("--loss", choices=["answer", "full"], default="answer",
                     help="OUR loss: head + CE on the learned positions only (chunked), or full logits as transformers")
     add_transformers_args(ap)
-    add_sdpa_arg(ap)
+    add_profile_arg(ap)
     ap.add_argument("--skip-hf", action="store_true", help="measure only our model")
     ap.add_argument("--isolate", choices=["auto", "on", "off"], default="auto",
                     help="measure each model in a fresh process of its own (auto: on a GPU), so neither inherits "
@@ -74,9 +74,6 @@ def parse_args(argv=None):
     ap.add_argument("--ce-kernel", choices=["on", "off"], default="on",
                     help="OUR fused loss's cross-entropy: the Triton kernel on CUDA (kernels/cross_entropy.py, on) or "
                          "the PyTorch chunks (off)")
-    ap.add_argument("--profile", action="store_true",
-                    help="after timing, profile one step of each model: its costliest GPU kernels and the GPU time "
-                         "by kind (matmul, attention, compiled elementwise, optimizer, ...)")
     ap.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (same for both)")
     ap.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
     ap.add_argument("--seed", type=int, default=0, help="seed for the weights and the batch")
@@ -168,9 +165,8 @@ def run_ours(cfg, state, mode, ids, labels, pixels, args, timer, name, device, d
         torch._dynamo.reset()
         return loss_fn()
     timer.reset_memory() if not timer.cuda else torch.cuda.reset_peak_memory_stats()
-    with sdpa_context(args.sdpa):
-        res = measure(name, ours, loss_fn, args, timer, eager_loss_fn=eager_loss_fn if mode != "none" else None)
-    res.update(compile=mode, sdpa=args.sdpa)
+    res = measure(name, ours, loss_fn, args, timer, eager_loss_fn=eager_loss_fn if mode != "none" else None)
+    res["compile"] = mode
     return res
 
 
