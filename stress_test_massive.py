@@ -61,8 +61,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weights/activations dtype; auto = bf16 on GPU, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the step (step mode) and, in the train modes, "
-                   "every block of both models (utils.runtime.CompiledBlocks, as train_coeus.py does)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the step (step mode) and, in the parallel, "
+                   "llama and train modes, every block of both models (utils.runtime.CompiledBlocks, as train_coeus.py "
+                   "does); the first call's compile time is the row's warmup_s")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="parallel and llama modes on a GPU: capture the forward once and time graph replays, so "
+                        "neither model pays Python and launch overhead (at batch 1 and 8k tokens both are launch-bound)")
     p.add_argument("--out", default="out/stress", help="folder for stress.csv / .json / .png")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "mode:T", internal
     args = p.parse_args(argv)
@@ -111,6 +115,21 @@ def train_step_fn(model, ids, device, dtype):
     return fn
 
 
+def cuda_graph(fn):
+    """fn's work captured once as a CUDA graph (after two warm-up calls on a side stream, which also compile and
+    build the cached block masks); returns the replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def measure(mode, T, args, device, dtype):
     """One point: median seconds of `repeats` calls after a warm-up, and peak memory."""
     with torch.set_grad_enabled(mode in TRAIN_MODES):
@@ -123,12 +142,17 @@ def _measure(mode, T, args, device, dtype):
     batch = max(1, args.train_tokens // T) if train else args.batch_size
     model = build(mode, args, device, torch.float32 if train else dtype)
     ids = torch.randint(0, args.vocab_size, (batch, T), device=device)
+    t0 = time.perf_counter()  # warmup_s counts compilation and graph capture from here
     if train:
         if args.compile:
             CompiledBlocks(model.layers, what=f"the {mode} blocks", dynamic=False)
         fn = train_step_fn(model, ids, device, dtype)
     elif mode == "parallel" or mode == "llama":
+        if args.compile:
+            CompiledBlocks(model.layers, what=f"the {mode} blocks", dynamic=False)
         fn = lambda: model(ids)  # noqa: E731
+        if args.cuda_graph and device.startswith("cuda"):
+            fn = cuda_graph(fn)
     elif mode == "prefill":
         fn = lambda: model.prefill(ids, last_only=True)  # noqa: E731
     elif mode == "step":
@@ -144,7 +168,6 @@ def _measure(mode, T, args, device, dtype):
     base_rss = _current_rss()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
     fn()  # warm-up (and compile)
     sync(device)
     warmup_s = time.perf_counter() - t0
@@ -188,7 +211,8 @@ def run_point(mode, T, args, device, dtype):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{mode}:{T}", "--config", args.config,
            "--vocab-size", str(args.vocab_size), "--batch-size", str(args.batch_size), "--repeats", str(args.repeats),
            "--step-tokens", str(args.step_tokens), "--train-tokens", str(args.train_tokens), "--device", device,
-           "--dtype", args.dtype, "--gla", args.gla] + (["--compile"] if args.compile else [])
+           "--dtype", args.dtype, "--gla", args.gla] + (["--compile"] if args.compile else []) \
+        + (["--cuda-graph"] if args.cuda_graph else [])
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     if r.returncode != 0:
         err = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
@@ -196,6 +220,20 @@ def run_point(mode, T, args, device, dtype):
         return {"mode": mode, "T": T, "seconds": "OOM" if oom else "error", "peak_mib": "OOM" if oom else "error",
                 "note": err[:200]}
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def versus_llama(rows):
+    """Per length, Coeus against the matched Llama where both were measured: speed-up (Llama seconds / Coeus
+    seconds) and peak-memory ratio (Coeus / Llama), for the forward (parallel vs llama) and the training step."""
+    by = {(r["mode"], r["T"]): r for r in rows if isinstance(r["seconds"], float)}
+    out = []
+    for what, ours, theirs in (("forward", "parallel", "llama"), ("training step", "train", "llama-train")):
+        for T in sorted({r["T"] for r in rows}):
+            a, b = by.get((ours, T)), by.get((theirs, T))
+            if a and b:
+                out.append({"T": T, "what": what, "speedup": b["seconds"] / a["seconds"],
+                            "memory": a["peak_mib"] / b["peak_mib"]})
+    return out
 
 
 def plot(rows, path):
@@ -259,6 +297,9 @@ def main(argv=None):
             note = f"{row['ms_per_token']:.2f} ms/token over {row['step_tokens']}" if "ms_per_token" in row else ""
             note += row.get("note", "")
             print(f"{mode:>11} {T:>9} {row.get('batch', '-'):>5} {sec:>10} {tps:>11} {mem:>10}  {note}", flush=True)
+    comparison = versus_llama(rows)
+    for c in comparison:
+        print(f"T {c['T']:>9}: Coeus {c['what']} {c['speedup']:.2f}x the Llama's speed, {c['memory']:.2f}x its peak memory")
     keys = ["mode", "T", "batch", "tokens", "seconds", "tokens_per_s", "peak_mib", "rss_before_mib", "step_tokens",
             "ms_per_token", "note"]
     with open(os.path.join(args.out, "stress.csv"), "w", newline="") as f:
@@ -267,7 +308,8 @@ def main(argv=None):
         w.writerows(rows)
     with open(os.path.join(args.out, "stress.json"), "w") as f:
         json.dump({"device": device, "dtype": dtype_name, "config": args.config, "train_tokens": args.train_tokens,
-                   "rows": rows}, f, indent=1)
+                   "compile": args.compile, "cuda_graph": args.cuda_graph, "gla": args.gla, "rows": rows,
+                   "vs_llama": comparison}, f, indent=1)
     plot(rows, os.path.join(args.out, "stress.png"))
     print(f"wrote {args.out}/stress.csv, stress.json, stress.png")
 

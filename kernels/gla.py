@@ -40,6 +40,9 @@ BLOCK_V = 32   # Dv tile of the two scans: more programs for the sequential walk
 BLOCK_VO = 64  # Dv tile of _fwd_o
 MAX_D = 256    # _bwd_dqkvg holds the whole Dk and Dv of a chunk in one tile
 NUM_WARPS = 4
+SEG_LEN = None  # chunks per segment of the state walks; None: chosen from the GPU's size (segment_length)
+MIN_SEG = 4     # chunks per segment at least: more segments make the scan between the two walks longer
+SCAN_BLOCK = 256  # state elements per program of the scan over segments
 NUM_WARPS_BWD = 8  # _bwd_dqkvg keeps ~7 (C, C)/(C, D) fp32 tiles live: 4 warps would spill at C = D = 64 (untuned)
 
 if triton is not None:
@@ -54,10 +57,14 @@ if triton is not None:
         return rk, rv, tl.arange(0, C), km, vm, rk[:, None] * DV + rv[None, :], km[:, None] & vm[None, :]
 
     @triton.jit
-    def _fwd_h(k, v, g, h, h0, ht, T, NT, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
-               BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, PREC: tl.constexpr, NT_LOOP: tl.constexpr):
-        # program (i_k, i_v, bh): the (BK, BV) tile of every state h_n of row bh, walking the chunks in order
-        i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    def _fwd_h(k, v, g, h, h0, ht, gsum, T, NT, L, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+               BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, STORE_H: tl.constexpr,
+               STORE_HT: tl.constexpr, PREC: tl.constexpr, L_LOOP: tl.constexpr):
+        # program (i_k, i_v, bh * NS + s): the (BK, BV) tile of the states of segment s (chunks s*L .. s*L+L-1) of row
+        # bh, walking its chunks in order from h0[bh, s] (or zero). Chunks past NT load as zeros and change nothing.
+        i_k, i_v, i_bs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        NS = tl.cdiv(NT, L)
+        i_bh, i_s = i_bs // NS, i_bs % NS
         rk, rv, rc, km, vm, hoff, hmask = _state_tile(i_k, i_v, DK, DV, C, BK, BV)
         k += i_bh.to(tl.int64) * T * DK
         v += i_bh.to(tl.int64) * T * DV
@@ -65,19 +72,45 @@ if triton is not None:
         h += i_bh.to(tl.int64) * NT * DK * DV
         b_h = tl.zeros((BK, BV), dtype=tl.float32)
         if USE_H0:
-            b_h += tl.load(h0 + i_bh * DK * DV + hoff, mask=hmask, other=0.0).to(tl.float32)
-        for n in range(NT_LOOP if NT_LOOP > 0 else NT):
-            tl.store(h + n * DK * DV + hoff, b_h.to(h.dtype.element_ty), mask=hmask)
+            b_h += tl.load(h0 + i_bs.to(tl.int64) * DK * DV + hoff, mask=hmask, other=0.0).to(tl.float32)
+        b_gsum = tl.sum(tl.zeros((C,), dtype=tl.float32), 0)
+        for i in range(L_LOOP if L_LOOP > 0 else L):
+            n = i_s * L + i
+            if STORE_H:
+                tl.store(h + n * DK * DV + hoff, b_h.to(h.dtype.element_ty), mask=hmask & (n < NT))
             t = n * C + rc
             tm = t < T
             b_g = tl.load(g + t, mask=tm, other=0.0)
             b_b = tl.cumsum(b_g, 0)                                                           # (C,)
             b_last = tl.sum(b_g, 0)
+            b_gsum += b_last
             b_k = tl.load(k + t[:, None] * DK + rk[None, :], mask=tm[:, None] & km[None, :], other=0.0)  # (C, BK)
             b_v = tl.load(v + t[:, None] * DV + rv[None, :], mask=tm[:, None] & vm[None, :], other=0.0)  # (C, BV)
             b_kd = (b_k * tl.exp(b_last - b_b)[:, None]).to(b_k.dtype)
             b_h = b_h * tl.exp(b_last) + tl.dot(tl.trans(b_kd), b_v, input_precision=PREC)
-        tl.store(ht + i_bh * DK * DV + hoff, b_h, mask=hmask)
+        if STORE_HT:
+            tl.store(ht + i_bs.to(tl.int64) * DK * DV + hoff, b_h, mask=hmask)
+            if (i_k == 0) & (i_v == 0):
+                tl.store(gsum + i_bs, b_gsum)
+
+    @triton.jit
+    def _seg_scan(local, gsum, out, init, final, NS, E: tl.constexpr, BLOCK: tl.constexpr, USE_INIT: tl.constexpr,
+                  REVERSE: tl.constexpr, NS_LOOP: tl.constexpr):
+        # program (i_e, bh): elements [i_e*BLOCK, +BLOCK) of row bh's (Dk*Dv) state, scanned over the NS segments:
+        # out[s] = the running state before segment s; then cur = exp(gsum[s]) cur + local[s]. REVERSE walks from
+        # the last segment (the gradient's scan). final: the state after every segment.
+        i_e, i_bh = tl.program_id(0), tl.program_id(1)
+        re = i_e * BLOCK + tl.arange(0, BLOCK)
+        m = re < E
+        cur = tl.zeros((BLOCK,), dtype=tl.float32)
+        if USE_INIT:
+            cur += tl.load(init + i_bh.to(tl.int64) * E + re, mask=m, other=0.0)
+        for i in range(NS_LOOP if NS_LOOP > 0 else NS):
+            s = NS - 1 - i if REVERSE else i
+            off = (i_bh.to(tl.int64) * NS + s) * E + re
+            tl.store(out + off, cur, mask=m)
+            cur = cur * tl.exp(tl.load(gsum + i_bh * NS + s)) + tl.load(local + off, mask=m, other=0.0)
+        tl.store(final + i_bh.to(tl.int64) * E + re, cur, mask=m)
 
     @triton.jit
     def _fwd_o(q, k, v, g, h, o, scale, T, NT, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
@@ -112,11 +145,15 @@ if triton is not None:
         tl.store(o + t[:, None] * DV + rv[None, :], b_o.to(o.dtype.element_ty), mask=tm[:, None] & vm[None, :])
 
     @triton.jit
-    def _bwd_dh(q, do, g, dh, dht, dh0, scale, T, NT, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
-                BK: tl.constexpr, BV: tl.constexpr, USE_DHT: tl.constexpr, PREC: tl.constexpr,
-                NT_LOOP: tl.constexpr):
-        # program (i_k, i_v, bh): walks the chunks from the last; dh[n] = gradient of the state leaving chunk n
-        i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    def _bwd_dh(q, do, g, dh, dht, dh0, gsum, scale, T, NT, L, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH: tl.constexpr,
+                STORE_DH0: tl.constexpr, PREC: tl.constexpr, L_LOOP: tl.constexpr):
+        # program (i_k, i_v, bh * NS + s): walks segment s's chunks from its last, starting from dht[bh, s] (the
+        # gradient of the state leaving the segment) or zero; dh[n] = gradient of the state leaving chunk n; dh0[bh, s]
+        # = that of the state entering the segment
+        i_k, i_v, i_bs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        NS = tl.cdiv(NT, L)
+        i_bh, i_s = i_bs // NS, i_bs % NS
         rk, rv, rc, km, vm, hoff, hmask = _state_tile(i_k, i_v, DK, DV, C, BK, BV)
         q += i_bh.to(tl.int64) * T * DK
         do += i_bh.to(tl.int64) * T * DV
@@ -124,20 +161,26 @@ if triton is not None:
         dh += i_bh.to(tl.int64) * NT * DK * DV
         b_dh = tl.zeros((BK, BV), dtype=tl.float32)
         if USE_DHT:
-            b_dh += tl.load(dht + i_bh * DK * DV + hoff, mask=hmask, other=0.0).to(tl.float32)
-        for i in range(NT_LOOP if NT_LOOP > 0 else NT):
-            n = NT - 1 - i
-            tl.store(dh + n * DK * DV + hoff, b_dh.to(dh.dtype.element_ty), mask=hmask)
+            b_dh += tl.load(dht + i_bs.to(tl.int64) * DK * DV + hoff, mask=hmask, other=0.0).to(tl.float32)
+        b_gsum = tl.sum(tl.zeros((C,), dtype=tl.float32), 0)
+        for i in range(L_LOOP if L_LOOP > 0 else L):
+            n = i_s * L + L - 1 - i
+            if STORE_DH:
+                tl.store(dh + n * DK * DV + hoff, b_dh.to(dh.dtype.element_ty), mask=hmask & (n < NT))
             t = n * C + rc
             tm = t < T
             b_g = tl.load(g + t, mask=tm, other=0.0)
             b_b = tl.cumsum(b_g, 0)
             b_last = tl.sum(b_g, 0)
+            b_gsum += b_last
             b_q = tl.load(q + t[:, None] * DK + rk[None, :], mask=tm[:, None] & km[None, :], other=0.0)    # (C, BK)
             b_do = tl.load(do + t[:, None] * DV + rv[None, :], mask=tm[:, None] & vm[None, :], other=0.0)  # (C, BV)
             b_qd = (b_q * (tl.exp(b_b) * scale)[:, None]).to(b_q.dtype)
             b_dh = b_dh * tl.exp(b_last) + tl.dot(tl.trans(b_qd), b_do, input_precision=PREC)
-        tl.store(dh0 + i_bh * DK * DV + hoff, b_dh, mask=hmask)
+        if STORE_DH0:
+            tl.store(dh0 + i_bs.to(tl.int64) * DK * DV + hoff, b_dh, mask=hmask)
+            if (i_k == 0) & (i_v == 0):
+                tl.store(gsum + i_bs, b_gsum)
 
     @triton.jit
     def _bwd_dqkvg(q, k, v, g, h, do, dh, dq, dk, dv, dg, scale, T, NT, DK: tl.constexpr, DV: tl.constexpr,
@@ -220,18 +263,63 @@ def _prec(x):
     return "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 inputs: exact fp32 dots (bf16/fp16 ignore it)
 
 
-def launch_fwd_h(k, v, g, h0, chunk_size):
+def _programs_wanted(device):
+    # enough programs in each state walk to fill the GPU a few times over; the interpreter's value only decides
+    # how the tests' small inputs are cut into segments
+    if torch.device(device).type != "cuda":
+        return 8
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def segment_length(nt, tiles, seg_len=None, programs=8):
+    """Chunks per segment of the state walks. With B*H*tiles programs alone a walk over NT chunks leaves most of
+    the GPU idle (16 programs at 2 x 32k, H 4); cut into segments, each segment walks its chunks from zero in
+    parallel, a short scan over the segments gives the state entering each, and a second parallel walk from there
+    writes every chunk's state. One segment (L = NT) is the plain walk. programs: how many the device wants."""
+    seg_len = SEG_LEN if seg_len is None else seg_len
+    if seg_len is not None:
+        return max(1, min(int(seg_len), nt))
+    segments = max(1, programs // max(1, tiles))
+    return max(MIN_SEG, triton.cdiv(nt, segments)) if segments > 1 else nt
+
+
+def _seg_scan_launch(local, gsum, init, reverse):
+    """Scan the per-segment states local (BH, NS, Dk, Dv) fp32 with the segments' log-decays gsum (BH, NS):
+    returns the running state before each segment (same shape) and the one after all of them (BH, Dk, Dv)."""
+    BH, NS, DK, DV = local.shape
+    out = torch.empty_like(local)
+    final = local.new_empty(BH, DK, DV)
+    E = DK * DV
+    _seg_scan[(triton.cdiv(E, SCAN_BLOCK), BH)](local, gsum, out, init if init is not None else final, final, NS,
+                                                E=E, BLOCK=SCAN_BLOCK, USE_INIT=init is not None, REVERSE=reverse,
+                                                NS_LOOP=_nt_loop(NS), num_warps=NUM_WARPS)
+    return out, final
+
+
+def launch_fwd_h(k, v, g, h0, chunk_size, seg_len=None):
     """States entering every chunk (B, H, N, Dk, Dv) in k's dtype, and the final state (B, H, Dk, Dv) fp32."""
     B, H, T, DK = k.shape
     DV = v.shape[-1]
     NT = triton.cdiv(T, chunk_size)
-    h = k.new_empty(B, H, NT, DK, DV)
-    ht = k.new_empty(B, H, DK, DV, dtype=torch.float32)
     BK, BV = min(BLOCK_K, _np2(DK)), min(BLOCK_V, _np2(DV))
-    _fwd_h[(triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * H)](
-        k, v, g, h, h0 if h0 is not None else ht, ht, T, NT, DK=DK, DV=DV, C=chunk_size, BK=BK, BV=BV,
-        USE_H0=h0 is not None, PREC=_prec(k), NT_LOOP=_nt_loop(NT), num_warps=NUM_WARPS)
-    return h, ht
+    tiles = triton.cdiv(DK, BK) * triton.cdiv(DV, BV)
+    L = segment_length(NT, tiles * B * H, seg_len, _programs_wanted(k.device))
+    NS = triton.cdiv(NT, L)
+    h = k.new_empty(B, H, NT, DK, DV)
+    gsum = k.new_empty(B * H, NS, dtype=torch.float32)  # each segment's total log-decay
+    kw = dict(DK=DK, DV=DV, C=chunk_size, BK=BK, BV=BV, PREC=_prec(k), L_LOOP=_nt_loop(L), num_warps=NUM_WARPS)
+    grid = (triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * H * NS)
+    if NS == 1:
+        ht = k.new_empty(B, H, DK, DV, dtype=torch.float32)
+        _fwd_h[grid](k, v, g, h, h0 if h0 is not None else ht, ht, gsum, T, NT, L, USE_H0=h0 is not None,
+                     STORE_H=True, STORE_HT=True, **kw)
+        return h, ht
+    # each segment from zero: its own end state and total log-decay; the scan; the walk again from the true states
+    local = k.new_empty(B * H, NS, DK, DV, dtype=torch.float32)
+    _fwd_h[grid](k, v, g, h, local, local, gsum, T, NT, L, USE_H0=False, STORE_H=False, STORE_HT=True, **kw)
+    entering, ht = _seg_scan_launch(local, gsum, h0, reverse=False)
+    _fwd_h[grid](k, v, g, h, entering, local, gsum, T, NT, L, USE_H0=True, STORE_H=True, STORE_HT=False, **kw)
+    return h, ht.view(B, H, DK, DV)
 
 
 def launch_fwd_o(q, k, v, g, h, scale, chunk_size):
@@ -245,20 +333,42 @@ def launch_fwd_o(q, k, v, g, h, scale, chunk_size):
     return o
 
 
-def launch_bwd(q, k, v, g, h0, do, dht, scale, chunk_size):
+def launch_bwd_dh(q, do, g, dht, scale, chunk_size, seg_len=None):
+    """Gradients of the state leaving every chunk (B, H, N, Dk, Dv) in q's dtype, and that of the initial state fp32."""
+    B, H, T, DK = q.shape
+    DV = do.shape[-1]
+    NT = triton.cdiv(T, chunk_size)
+    BK, BV = min(BLOCK_K, _np2(DK)), min(BLOCK_V, _np2(DV))
+    tiles = triton.cdiv(DK, BK) * triton.cdiv(DV, BV)
+    L = segment_length(NT, tiles * B * H, seg_len, _programs_wanted(q.device))
+    NS = triton.cdiv(NT, L)
+    dh = q.new_empty(B, H, NT, DK, DV)
+    gsum = q.new_empty(B * H, NS, dtype=torch.float32)
+    kw = dict(DK=DK, DV=DV, C=chunk_size, BK=BK, BV=BV, PREC=_prec(q), L_LOOP=_nt_loop(L), num_warps=NUM_WARPS)
+    grid = (triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * H * NS)
+    if NS == 1:
+        dh0 = q.new_empty(B, H, DK, DV, dtype=torch.float32)
+        _bwd_dh[grid](q, do, g, dh, dht if dht is not None else dh0, dh0, gsum, scale, T, NT, L,
+                      USE_DHT=dht is not None, STORE_DH=True, STORE_DH0=True, **kw)
+        return dh, dh0
+    local = q.new_empty(B * H, NS, DK, DV, dtype=torch.float32)
+    _bwd_dh[grid](q, do, g, dh, local, local, gsum, scale, T, NT, L, USE_DHT=False, STORE_DH=False, STORE_DH0=True,
+                  **kw)
+    leaving, dh0 = _seg_scan_launch(local, gsum, dht, reverse=True)
+    _bwd_dh[grid](q, do, g, dh, leaving, local, gsum, scale, T, NT, L, USE_DHT=True, STORE_DH=True, STORE_DH0=False,
+                  **kw)
+    return dh, dh0.view(B, H, DK, DV)
+
+
+def launch_bwd(q, k, v, g, h0, do, dht, scale, chunk_size, seg_len=None):
     """(dq, dk, dv, dg fp32, dh0 fp32) for do = dL/do and dht = dL/d(final state) (or None)."""
     B, H, T, DK = q.shape
     DV = v.shape[-1]
     if max(DK, DV) > MAX_D:
         raise ValueError(f"chunk_gla_triton's backward holds a whole head in a tile: Dk, Dv <= {MAX_D}, got {DK}, {DV}")
-    h, _ = launch_fwd_h(k, v, g, h0, chunk_size)
+    h, _ = launch_fwd_h(k, v, g, h0, chunk_size, seg_len)
     NT = h.shape[2]
-    dh = torch.empty_like(h)
-    dh0 = q.new_empty(B, H, DK, DV, dtype=torch.float32)
-    BK, BV = min(BLOCK_K, _np2(DK)), min(BLOCK_V, _np2(DV))
-    _bwd_dh[(triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * H)](
-        q, do, g, dh, dht if dht is not None else dh0, dh0, scale, T, NT, DK=DK, DV=DV, C=chunk_size, BK=BK, BV=BV,
-        USE_DHT=dht is not None, PREC=_prec(q), NT_LOOP=_nt_loop(NT), num_warps=NUM_WARPS)
+    dh, dh0 = launch_bwd_dh(q, do, g, dht, scale, chunk_size, seg_len)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dg = torch.empty_like(g)
     _bwd_dqkvg[(NT, B * H)](q, k, v, g, h, do, dh, dq, dk, dv, dg, scale, T, NT, DK=DK, DV=DV, C=chunk_size,

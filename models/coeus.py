@@ -106,19 +106,25 @@ class CoeusMixer(nn.Module):
         # copy kept for backward), and q, k, v, g are views of one output
         B, T, _ = x.shape
         H, D = self.cfg.n_heads, self.cfg.head_dim
-        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.gate_proj.weight])
-        b = torch.cat([self.gate_proj.bias.new_zeros(3 * H * D), self.gate_proj.bias])
-        q, k, v, g = F.linear(x, w, b).split([H * D, H * D, H * D, H], dim=-1)
+        # zero rows pad the output to a multiple of 8 columns: 3*H*D + H wide, its rows are not 16-byte aligned in
+        # bf16 and cuBLAS falls back to a slow kernel for the matmul and both of its gradients (3x at nano, H100)
+        pad = -(3 * H * D + H) % 8
+        w = self.q_proj.weight
+        w = torch.cat([w, self.k_proj.weight, self.v_proj.weight, self.gate_proj.weight, w.new_zeros(pad, w.shape[1])])
+        b = self.gate_proj.bias
+        b = torch.cat([b.new_zeros(3 * H * D), b, b.new_zeros(pad)])
+        q, k, v, g, _ = F.linear(x, w, b).split([H * D, H * D, H * D, H, pad], dim=-1)
         q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         g = F.logsigmoid(g.float()).transpose(1, 2) / self.cfg.gate_temp    # (B, H, T) <= 0
         return q, k, v, g
 
-    def _mix(self, q, k, v, g):
-        """Both branches of the training form, fused: (B, H, T, D) x 3, (B, H, T) -> (B, T, H*D)."""
-        T = q.shape[2]
+    def _mix(self, q, k, v, g, cos, sin):
+        """Both branches of the training form, fused: (B, H, T, D) x 3, (B, H, T), RoPE's cos/sin (1, T, D) ->
+        (B, T, H*D)."""
         extra = {"dropout_p": self.cfg.gla_dropout} if self.training and self.cfg.gla_dropout else {}
         o_g, _ = self.global_attn(q, k, v, g, chunk_size=self.cfg.chunk_size, output_final_state=False, **extra)
-        qr, kr = self._rope(q, k, torch.arange(T, device=q.device))
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         p = self.cfg.attn_dropout if self.training else 0.0
         o_l = self.local_attn(qr, kr, v, self.cfg.window, dropout_p=p) if p else self.local_attn(qr, kr, v, self.cfg.window)
         return self._fuse(o_g, o_l)
@@ -129,24 +135,31 @@ class CoeusMixer(nn.Module):
         y = self.global_norm(o_g) + o_l.to(o_g.dtype)                   # (B, H, T, D)
         return y.transpose(1, 2).reshape(B, T, H * D)
 
+    def rope(self, positions):
+        """RoPE's cos/sin (1, T, D) fp32 for positions (T,). Coeus.forward makes them once for all layers: made
+        inside a compiled block, they were fused into the rotation and every sin/cos redone per element and head."""
+        return rope_cos_sin(positions[None], self.cfg.head_dim, self.cfg.rope_theta, torch.float32)
+
     def _rope(self, q, k, positions):
-        cos, sin = rope_cos_sin(positions[None], self.cfg.head_dim, self.cfg.rope_theta, q.dtype)  # (1, T, D)
+        cos, sin = (t.to(q.dtype) for t in self.rope(positions))  # (1, T, D)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, rope=None):
         """x (B, T, dim). cache None (training), or a dict with pos (0-dim long), S (B, H, Dk, Dv), k, v
-        (B, H, W, D) ring buffers: then the new cache is returned as well."""
+        (B, H, W, D) ring buffers: then the new cache is returned as well. rope: (cos, sin) of positions 0..T-1
+        from self.rope (training form; made here when not given)."""
         B, T, _ = x.shape
         W = self.cfg.window
         q, k, v, g = self._qkvg(x)
         if cache is None:
+            cos, sin = self.rope(torch.arange(T, device=x.device)) if rope is None else rope
             if self.cfg.recompute_mixer and torch.is_grad_enabled():
                 # saved for backward: only q, k, v, g (views of one projection output) and the output; the
                 # branches' own saves (rotated q/k, attention output and lse, normalised o_g) are redone then.
                 # Their forward is a few % of a step; without this Coeus keeps ~1.3x the matched Llama's bytes
-                y = torch.utils.checkpoint.checkpoint(self._mix, q, k, v, g, use_reentrant=False)
+                y = torch.utils.checkpoint.checkpoint(self._mix, q, k, v, g, cos, sin, use_reentrant=False)
             else:
-                y = self._mix(q, k, v, g)
+                y = self._mix(q, k, v, g, cos, sin)
             return self.o_proj(y), None
         pos = cache["pos"]
         o_g, S = self.global_attn(q, k, v, g, chunk_size=self.cfg.chunk_size, initial_state=cache["S"],
@@ -201,8 +214,8 @@ class CoeusBlock(nn.Module):
         self.mlp = SwiGLU(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cache=None):
-        h, cache = self.mixer(self.mixer_norm(x), cache)
+    def forward(self, x, cache=None, rope=None):
+        h, cache = self.mixer(self.mixer_norm(x), cache, rope)
         x = x + self.drop(h)
         return x + self.drop(self.mlp(self.mlp_norm(x))), cache
 
@@ -252,8 +265,9 @@ class Coeus(nn.Module):
         """input_ids (B, T) -> logits (B, T, V); with labels (HF convention, shifted inside, -100 ignored)
         also the mean loss."""
         x = self.drop(self.embed_tokens(input_ids))
+        rope = self.layers[0].mixer.rope(torch.arange(input_ids.shape[1], device=input_ids.device))
         for layer in self.layers:
-            x = layer(x)[0]
+            x = layer(x, rope=rope)[0]
         logits = self.lm_head(self.norm(x))
         if labels is None:
             return logits

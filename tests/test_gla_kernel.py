@@ -106,6 +106,37 @@ print("ok")
 
 
 @needs_triton
+def test_segmented_state_walks_match_the_single_walk():
+    # the state walks cut into segments (a walk per segment from zero, the scan over segments, the walk again):
+    # segments of 1 chunk, a ragged last segment, one segment for all; initial state and final-state gradient on
+    out = run_in_interpreter(PRELUDE + """
+B, H, T, DK, DV, C = 1, 2, 200, 32, 16, 16          # 13 chunks, the last one ragged
+base = inputs(B, H, T, DK, DV, seed=5)
+gen = torch.Generator().manual_seed(6)
+do, dS = torch.randn(B, H, T, DV, generator=gen), torch.randn(B, H, DK, DV, generator=gen)
+y = [t.clone().requires_grad_() for t in base]
+ro, rS = chunk_gla(*y[:4], C, y[4])
+((ro * do).sum() + (rS * dS).sum()).backward()
+for L in (1, 3, 5, 13):
+    assert G.segment_length(13, 2, L) == L and -(-13 // L) == {1: 13, 3: 5, 5: 3, 13: 1}[L]
+    G.SEG_LEN = L
+    x = [t.clone().requires_grad_() for t in base]
+    o, S = chunk_gla_triton(*x[:4], C, initial_state=x[4], output_final_state=True)
+    ((o * do).sum() + (S * dS).sum()).backward()
+    assert rel(o, ro) < 1e-4 and rel(S, rS) < 1e-4, (L, rel(o, ro), rel(S, rS))
+    for name, a, b in zip("q k v g s0".split(), x, y):
+        assert rel(a.grad, b.grad) < 1e-3, (L, name, rel(a.grad, b.grad))
+G.SEG_LEN = None
+# chosen from the size: one walk when the rows alone fill the device, segments of >= MIN_SEG chunks otherwise
+assert G.segment_length(512, 1000, programs=528) == 512
+assert G.segment_length(512, 16, programs=528) == 512 // 33 + 1
+assert G.segment_length(6, 1, programs=528) == G.MIN_SEG
+print("ok")
+""")
+    assert out.strip().endswith("ok")
+
+
+@needs_triton
 def test_strong_decays_stay_finite():
     out = run_in_interpreter(PRELUDE + """
 B, H, T, DK, DV, C = 1, 2, 80, 16, 16, 32
@@ -199,11 +230,15 @@ def test_off_kernel_devices_fall_back_to_chunk_gla():
 def test_cuda_matches_chunk_gla(dtype):
     # the compiled kernels on a GPU, bf16 included (which the interpreter cannot run): against the fp32 reference,
     # a ragged last chunk, Dk = Dv = 128, an initial state and the final state's gradient; then torch.compile
+    import kernels.gla as G
     from kernels.gla import chunk_gla_triton
     from models.gla import chunk_gla
     torch.manual_seed(0)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    for B, H, T, D, C in [(2, 4, 4096, 64, 64), (1, 3, 1000, 64, 64), (1, 2, 777, 128, 64), (1, 2, 300, 64, 32)]:
+    # the first two cut their state walks into segments (the GPU is large against B*H), the third forces one walk
+    for B, H, T, D, C, L in [(2, 4, 4096, 64, 64, None), (1, 3, 1000, 64, 64, None), (1, 2, 777, 128, 64, 10**6),
+                             (1, 2, 300, 64, 32, 3)]:
+        G.SEG_LEN = L
         q, k, v = (torch.randn(B, H, T, D, device="cuda").to(dtype) for _ in range(3))
         g = F.logsigmoid(torch.randn(B, H, T, device="cuda") * 2) / 4
         s0 = torch.randn(B, H, D, D, device="cuda")
@@ -217,7 +252,8 @@ def test_cuda_matches_chunk_gla(dtype):
         assert o.dtype == dtype and S.dtype == torch.float32
         for name, a, b in [("o", o, ro), ("S", S, rS)] + [("d" + n, a.grad, b.grad) for n, a, b in zip("qkvgs", x, y)]:
             err = ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-            assert err < tol * (10 if name == "dg" else 1), ((B, H, T, D, C), name, err)
+            assert err < tol * (10 if name == "dg" else 1), ((B, H, T, D, C, L), name, err)
+    G.SEG_LEN = None
     f = torch.compile(lambda *a: chunk_gla_triton(*a)[0].float().square().sum(), fullgraph=True)
     x = [t.detach().requires_grad_() for t in (q, k, v, g)]
     f(*x).backward()

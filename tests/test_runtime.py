@@ -44,6 +44,17 @@ def test_compiled_blocks_equal_eager_and_keep_parameter_names():
     assert not compiled.active and all("forward" not in b.__dict__ for b in blocks)
 
 
+def test_compiled_blocks_pass_keyword_arguments():
+    # Coeus's blocks take the shared RoPE tables as a keyword (rope=...): the compiled forward must accept it
+    from models.coeus import Coeus, coeus_config
+    torch.manual_seed(0)
+    model = Coeus(coeus_config("tiny"))
+    ids = torch.randint(0, 65, (2, 24))
+    want = model(ids)
+    compiled = CompiledBlocks(model.layers, backend="eager")
+    assert torch.allclose(model(ids), want, atol=1e-6) and compiled.active
+
+
 def test_compiled_blocks_fall_back_to_eager_for_good(monkeypatch):
     blocks, step = blocks_and_step()
     want = step()

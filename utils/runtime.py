@@ -79,18 +79,18 @@ class CompiledOrEager:
     def is_compiled(self):
         return self.fn is self.compiled
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         if self.fn is self.eager:
-            return self.eager(*args)
+            return self.eager(*args, **kwargs)
         try:
-            return self.fn(*args)
+            return self.fn(*args, **kwargs)
         except Exception as e:  # pragma: no cover - depends on the machine's compiler
             self.fn = self.eager
             if self.on_fail is not None:
                 self.on_fail(e)
             else:
                 warnings.warn(f"torch.compile of {self.what} failed ({_first_line(e)}); running it eagerly")
-            return self.eager(*args)
+            return self.eager(*args, **kwargs)
 
 
 def _first_line(e):
