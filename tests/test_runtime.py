@@ -55,6 +55,20 @@ def test_compiled_blocks_pass_keyword_arguments():
     assert torch.allclose(model(ids), want, atol=1e-6) and compiled.active
 
 
+def test_compiled_blocks_compile_a_whole_method_as_one_target():
+    # train_vqa --compile: the vision tower's features as one graph beside per-block decoders; uncompile restores it
+    from models.vit import VisionTransformer, vision_config
+    torch.manual_seed(0)
+    tower = VisionTransformer(vision_config("tiny"))
+    pixels = torch.randn(2, 3, tower.config.image_size, tower.config.image_size)
+    want = tower.features(pixels)
+    compiled = CompiledBlocks([], backend="eager", whole=[(tower, "features")])
+    assert compiled.active and isinstance(tower.__dict__["features"], CompiledOrEager)
+    assert torch.allclose(tower.features(pixels), want, atol=1e-6)
+    compiled.uncompile()
+    assert "features" not in tower.__dict__ and torch.allclose(tower.features(pixels), want, atol=1e-6)
+
+
 def test_compiled_blocks_fall_back_to_eager_for_good(monkeypatch):
     blocks, step = blocks_and_step()
     want = step()

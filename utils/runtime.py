@@ -105,25 +105,31 @@ class CompiledBlocks:
 
     A failure can surface in backward, outside any forward call: warm_up(fn) runs a throwaway step and run(fn)
     retries a real one; either falls back to eager for good (with one warning) when the compiled path raises.
-    enabled=False leaves the blocks eager (the same calls then just run fn)."""
+    enabled=False leaves the blocks eager (the same calls then just run fn).
 
-    def __init__(self, blocks, enabled=True, what="the blocks", **compile_kw):
-        self.blocks, self.what = list(blocks), what
-        self.active = bool(enabled) and bool(self.blocks)
+    whole: (module, method name) pairs compiled as ONE graph each, e.g. (vision_tower, "features"): a stack of
+    small blocks launched from one graph instead of one per block (the tower's 23 ViT blocks at batch 8 are about
+    as slow to launch as to run). Only where no per-block hooks (FSDP2) or checkpointing sit inside."""
+
+    def __init__(self, blocks, enabled=True, what="the blocks", whole=(), **compile_kw):
+        self.what = what
+        self.targets = [(b, "forward") for b in blocks] + list(whole)
+        self.blocks = list(blocks)
+        self.active = bool(enabled) and bool(self.targets)
         self.compiled = []
         if self.active:
-            for b in self.blocks:
-                b.forward = CompiledOrEager(b.forward, what, on_fail=self.uncompile, **compile_kw)
-                self.compiled.append(b.forward)
+            for obj, name in self.targets:
+                setattr(obj, name, CompiledOrEager(getattr(obj, name), what, on_fail=self.uncompile, **compile_kw))
+                self.compiled.append(getattr(obj, name))
 
     def uncompile(self, err=None):
         """Every block back to eager, also where a wrapper (activation checkpointing) now calls the compiled one."""
         if not self.active:
             return
-        for b, c in zip(self.blocks, self.compiled):
+        for (obj, name), c in zip(self.targets, self.compiled):
             c.fn = c.eager
-            if b.__dict__.get("forward") is c:
-                del b.forward  # the class's forward again (c.eager was the bound method it replaced)
+            if obj.__dict__.get(name) is c:
+                delattr(obj, name)  # the class's method again (c.eager was the bound method it replaced)
         self.active = False
         torch._dynamo.reset()
         if err is not None:
