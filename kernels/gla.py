@@ -1,4 +1,4 @@
-"""Chunked gated linear attention (one log-decay per head and token) in Triton: forward and backward in five kernels,
+"""Chunked gated linear attention (one log-decay per head and token) in Triton: forward and backward in six kernels,
 beside models/gla.py's plain-PyTorch chunk_gla, which stays the readable reference and the CPU path.
 
 The math (per batch row and head; chunk n of C tokens; b_i = g_1 + ... + g_i, the cumsum WITHIN the chunk; h_n the
@@ -6,14 +6,18 @@ Dk x Dv state entering chunk n; q already multiplied by scale):
     h_{n+1} = exp(b_C) h_n + sum_j exp(b_C - b_j) k_j v_j^T
     o_i     = exp(b_i) q_i h_n + sum_{j<=i} (q_i . k_j) exp(b_i - b_j) v_j
 The design is fla's chunk_simple_gla (fla/ops/common/chunk_h.py, chunk_o.py, fla/ops/simple_gla/chunk.py):
-  forward   _fwd_h   grid (Dk/BK, Dv/BV, B*H): one program walks the chunks in order, writes every h_n (input dtype)
+  forward   _fwd_h   grid (Dk/BK, Dv/BV, B*H*segments): walks the chunks in order, writes every h_n (input dtype)
                      and the final state (fp32);
             _fwd_o   grid (Dv/BV, N, B*H): per chunk, (q exp(b)) @ h_n + causal((q k^T) * exp(b_i - b_j)) @ v,
                      looping over Dk tiles;
   backward  _fwd_h   again (the states are recomputed, not kept: O(T/C) memory between forward and backward);
-            _bwd_dh  grid (Dk/BK, Dv/BV, B*H): the reverse scan dh_n = exp(b_C) dh_{n+1} + (q exp(b))^T do over the
-                     chunk; writes the gradient of the state LEAVING each chunk, and that of the initial state;
+            _bwd_dh  grid (Dk/BK, Dv/BV, B*H*segments): the reverse walk dh_n = exp(b_C) dh_{n+1} + (q exp(b))^T do;
+                     writes the gradient of the state LEAVING each chunk, and that of the initial state;
             _bwd_dqkvg grid (N, B*H), whole Dk and Dv in one tile: dq, dk, dv and dg of one chunk.
+The walks are sequential over chunks; with B*H*tiles programs alone (16 at 2 x 32k, H 4) most of a GPU idles. So
+they are cut into segments (fla's "split" chunk_h does the same): every segment walks from a zero state (its own
+end state and total decay), _seg_scan carries the true state over the segments (a few dozen steps), and the
+segments walk again from there, writing every chunk's state. A walk that fills the GPU alone stays one segment.
 dg: with b_t treated as free, dL/db_t = q_t . dq_t - k_t . dk_t, plus, at the chunk's last position,
 <dh_{n+1}, h_{n+1}> (the state leaving the chunk scales with exp(b_C)); dg is the reverse cumsum of that inside
 the chunk (fla's identity; tests/test_gla_kernel.py checks it against autograd through models.gla.chunk_gla).
@@ -57,11 +61,12 @@ if triton is not None:
         return rk, rv, tl.arange(0, C), km, vm, rk[:, None] * DV + rv[None, :], km[:, None] & vm[None, :]
 
     @triton.jit
-    def _fwd_h(k, v, g, h, h0, ht, gsum, T, NT, L, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
-               BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, STORE_H: tl.constexpr,
-               STORE_HT: tl.constexpr, PREC: tl.constexpr, L_LOOP: tl.constexpr):
+    def _fwd_h(k, v, g, h, h0, ht, gsum, scale, T, NT, L, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+               BK: tl.constexpr, BV: tl.constexpr, USE_START: tl.constexpr, STORE_ALL: tl.constexpr,
+               STORE_END: tl.constexpr, PREC: tl.constexpr, L_LOOP: tl.constexpr):
         # program (i_k, i_v, bh * NS + s): the (BK, BV) tile of the states of segment s (chunks s*L .. s*L+L-1) of row
         # bh, walking its chunks in order from h0[bh, s] (or zero). Chunks past NT load as zeros and change nothing.
+        # (scale: unused, the signature of _bwd_dh)
         i_k, i_v, i_bs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         NS = tl.cdiv(NT, L)
         i_bh, i_s = i_bs // NS, i_bs % NS
@@ -71,12 +76,12 @@ if triton is not None:
         g += i_bh.to(tl.int64) * T
         h += i_bh.to(tl.int64) * NT * DK * DV
         b_h = tl.zeros((BK, BV), dtype=tl.float32)
-        if USE_H0:
+        if USE_START:
             b_h += tl.load(h0 + i_bs.to(tl.int64) * DK * DV + hoff, mask=hmask, other=0.0).to(tl.float32)
         b_gsum = tl.sum(tl.zeros((C,), dtype=tl.float32), 0)
         for i in range(L_LOOP if L_LOOP > 0 else L):
             n = i_s * L + i
-            if STORE_H:
+            if STORE_ALL:
                 tl.store(h + n * DK * DV + hoff, b_h.to(h.dtype.element_ty), mask=hmask & (n < NT))
             t = n * C + rc
             tm = t < T
@@ -88,7 +93,7 @@ if triton is not None:
             b_v = tl.load(v + t[:, None] * DV + rv[None, :], mask=tm[:, None] & vm[None, :], other=0.0)  # (C, BV)
             b_kd = (b_k * tl.exp(b_last - b_b)[:, None]).to(b_k.dtype)
             b_h = b_h * tl.exp(b_last) + tl.dot(tl.trans(b_kd), b_v, input_precision=PREC)
-        if STORE_HT:
+        if STORE_END:
             tl.store(ht + i_bs.to(tl.int64) * DK * DV + hoff, b_h, mask=hmask)
             if (i_k == 0) & (i_v == 0):
                 tl.store(gsum + i_bs, b_gsum)
@@ -146,8 +151,8 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dh(q, do, g, dh, dht, dh0, gsum, scale, T, NT, L, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
-                BK: tl.constexpr, BV: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH: tl.constexpr,
-                STORE_DH0: tl.constexpr, PREC: tl.constexpr, L_LOOP: tl.constexpr):
+                BK: tl.constexpr, BV: tl.constexpr, USE_START: tl.constexpr, STORE_ALL: tl.constexpr,
+                STORE_END: tl.constexpr, PREC: tl.constexpr, L_LOOP: tl.constexpr):
         # program (i_k, i_v, bh * NS + s): walks segment s's chunks from its last, starting from dht[bh, s] (the
         # gradient of the state leaving the segment) or zero; dh[n] = gradient of the state leaving chunk n; dh0[bh, s]
         # = that of the state entering the segment
@@ -160,12 +165,12 @@ if triton is not None:
         g += i_bh.to(tl.int64) * T
         dh += i_bh.to(tl.int64) * NT * DK * DV
         b_dh = tl.zeros((BK, BV), dtype=tl.float32)
-        if USE_DHT:
+        if USE_START:
             b_dh += tl.load(dht + i_bs.to(tl.int64) * DK * DV + hoff, mask=hmask, other=0.0).to(tl.float32)
         b_gsum = tl.sum(tl.zeros((C,), dtype=tl.float32), 0)
         for i in range(L_LOOP if L_LOOP > 0 else L):
             n = i_s * L + L - 1 - i
-            if STORE_DH:
+            if STORE_ALL:
                 tl.store(dh + n * DK * DV + hoff, b_dh.to(dh.dtype.element_ty), mask=hmask & (n < NT))
             t = n * C + rc
             tm = t < T
@@ -177,7 +182,7 @@ if triton is not None:
             b_do = tl.load(do + t[:, None] * DV + rv[None, :], mask=tm[:, None] & vm[None, :], other=0.0)  # (C, BV)
             b_qd = (b_q * (tl.exp(b_b) * scale)[:, None]).to(b_q.dtype)
             b_dh = b_dh * tl.exp(b_last) + tl.dot(tl.trans(b_qd), b_do, input_precision=PREC)
-        if STORE_DH0:
+        if STORE_END:
             tl.store(dh0 + i_bs.to(tl.int64) * DK * DV + hoff, b_dh, mask=hmask)
             if (i_k == 0) & (i_v == 0):
                 tl.store(gsum + i_bs, b_gsum)
@@ -296,30 +301,41 @@ def _seg_scan_launch(local, gsum, init, reverse):
     return out, final
 
 
-def launch_fwd_h(k, v, g, h0, chunk_size, seg_len=None):
-    """States entering every chunk (B, H, N, Dk, Dv) in k's dtype, and the final state (B, H, Dk, Dv) fp32."""
-    B, H, T, DK = k.shape
-    DV = v.shape[-1]
+def _walk_states(kernel, a, b, g, start, scale, chunk_size, seg_len):
+    """One state walk over the chunks: kernel = _fwd_h over (k, v) in order (every chunk's entering state), or
+    _bwd_dh over (q, do) from the last chunk (every chunk's leaving-state gradient). start (B, H, Dk, Dv) or None.
+    Returns all states (B, H, N, Dk, Dv) in a's dtype and the end of the walk (B, H, Dk, Dv) fp32. Cut into
+    segments (segment_length): each walks from zero, a scan over the segments gives each its true start, and
+    the segments walk again from there."""
+    B, H, T, DK = a.shape
+    DV = b.shape[-1]
     NT = triton.cdiv(T, chunk_size)
     BK, BV = min(BLOCK_K, _np2(DK)), min(BLOCK_V, _np2(DV))
     tiles = triton.cdiv(DK, BK) * triton.cdiv(DV, BV)
-    L = segment_length(NT, tiles * B * H, seg_len, _programs_wanted(k.device))
+    L = segment_length(NT, tiles * B * H, seg_len, _programs_wanted(a.device))
     NS = triton.cdiv(NT, L)
-    h = k.new_empty(B, H, NT, DK, DV)
-    gsum = k.new_empty(B * H, NS, dtype=torch.float32)  # each segment's total log-decay
-    kw = dict(DK=DK, DV=DV, C=chunk_size, BK=BK, BV=BV, PREC=_prec(k), L_LOOP=_nt_loop(L), num_warps=NUM_WARPS)
+    states = a.new_empty(B, H, NT, DK, DV)
+    gsum = a.new_empty(B * H, NS, dtype=torch.float32)  # each segment's total log-decay
     grid = (triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * H * NS)
+
+    def walk(begin, end, use_start, store_all, store_end):
+        kernel[grid](a, b, g, states, begin, end, gsum, scale, T, NT, L, DK=DK, DV=DV, C=chunk_size, BK=BK, BV=BV,
+                     USE_START=use_start, STORE_ALL=store_all, STORE_END=store_end, PREC=_prec(a),
+                     L_LOOP=_nt_loop(L), num_warps=NUM_WARPS)
     if NS == 1:
-        ht = k.new_empty(B, H, DK, DV, dtype=torch.float32)
-        _fwd_h[grid](k, v, g, h, h0 if h0 is not None else ht, ht, gsum, T, NT, L, USE_H0=h0 is not None,
-                     STORE_H=True, STORE_HT=True, **kw)
-        return h, ht
-    # each segment from zero: its own end state and total log-decay; the scan; the walk again from the true states
-    local = k.new_empty(B * H, NS, DK, DV, dtype=torch.float32)
-    _fwd_h[grid](k, v, g, h, local, local, gsum, T, NT, L, USE_H0=False, STORE_H=False, STORE_HT=True, **kw)
-    entering, ht = _seg_scan_launch(local, gsum, h0, reverse=False)
-    _fwd_h[grid](k, v, g, h, entering, local, gsum, T, NT, L, USE_H0=True, STORE_H=True, STORE_HT=False, **kw)
-    return h, ht.view(B, H, DK, DV)
+        end = a.new_empty(B, H, DK, DV, dtype=torch.float32)
+        walk(start if start is not None else end, end, start is not None, True, True)
+        return states, end
+    local = a.new_empty(B * H, NS, DK, DV, dtype=torch.float32)
+    walk(local, local, False, False, True)
+    begins, end = _seg_scan_launch(local, gsum, start, reverse=kernel is _bwd_dh)
+    walk(begins, local, True, True, False)
+    return states, end.view(B, H, DK, DV)
+
+
+def launch_fwd_h(k, v, g, h0, chunk_size, seg_len=None):
+    """States entering every chunk (B, H, N, Dk, Dv) in k's dtype, and the final state (B, H, Dk, Dv) fp32."""
+    return _walk_states(_fwd_h, k, v, g, h0, 1.0, chunk_size, seg_len)
 
 
 def launch_fwd_o(q, k, v, g, h, scale, chunk_size):
@@ -335,29 +351,7 @@ def launch_fwd_o(q, k, v, g, h, scale, chunk_size):
 
 def launch_bwd_dh(q, do, g, dht, scale, chunk_size, seg_len=None):
     """Gradients of the state leaving every chunk (B, H, N, Dk, Dv) in q's dtype, and that of the initial state fp32."""
-    B, H, T, DK = q.shape
-    DV = do.shape[-1]
-    NT = triton.cdiv(T, chunk_size)
-    BK, BV = min(BLOCK_K, _np2(DK)), min(BLOCK_V, _np2(DV))
-    tiles = triton.cdiv(DK, BK) * triton.cdiv(DV, BV)
-    L = segment_length(NT, tiles * B * H, seg_len, _programs_wanted(q.device))
-    NS = triton.cdiv(NT, L)
-    dh = q.new_empty(B, H, NT, DK, DV)
-    gsum = q.new_empty(B * H, NS, dtype=torch.float32)
-    kw = dict(DK=DK, DV=DV, C=chunk_size, BK=BK, BV=BV, PREC=_prec(q), L_LOOP=_nt_loop(L), num_warps=NUM_WARPS)
-    grid = (triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * H * NS)
-    if NS == 1:
-        dh0 = q.new_empty(B, H, DK, DV, dtype=torch.float32)
-        _bwd_dh[grid](q, do, g, dh, dht if dht is not None else dh0, dh0, gsum, scale, T, NT, L,
-                      USE_DHT=dht is not None, STORE_DH=True, STORE_DH0=True, **kw)
-        return dh, dh0
-    local = q.new_empty(B * H, NS, DK, DV, dtype=torch.float32)
-    _bwd_dh[grid](q, do, g, dh, local, local, gsum, scale, T, NT, L, USE_DHT=False, STORE_DH=False, STORE_DH0=True,
-                  **kw)
-    leaving, dh0 = _seg_scan_launch(local, gsum, dht, reverse=True)
-    _bwd_dh[grid](q, do, g, dh, leaving, local, gsum, scale, T, NT, L, USE_DHT=True, STORE_DH=True, STORE_DH0=False,
-                  **kw)
-    return dh, dh0.view(B, H, DK, DV)
+    return _walk_states(_bwd_dh, q, do, g, dht, scale, chunk_size, seg_len)
 
 
 def launch_bwd(q, k, v, g, h0, do, dht, scale, chunk_size, seg_len=None):
