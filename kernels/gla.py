@@ -15,8 +15,9 @@ The design is fla's chunk_simple_gla (fla/ops/common/chunk_h.py, chunk_o.py, fla
                      writes the gradient of the state LEAVING each chunk, and that of the initial state;
             _bwd_dqkvg grid (N, B*H), whole Dk and Dv in one tile: dq, dk, dv and dg of one chunk.
 The walks are sequential over chunks; with B*H*tiles programs alone (16 at 2 x 32k, H 4) most of a GPU idles. So
-they are cut into segments: every segment walks from a zero state (its own end state and total decay), _seg_scan carries the true state over the segments (a few dozen steps), and the
-segments walk again from there, writing every chunk's state. A walk that fills the GPU alone stays one segment.
+they are cut into segments: every segment walks from a zero state (its own end state and total decay), _seg_scan
+carries the true state over the segments (a few dozen steps), and the segments walk again from there, writing every
+chunk's state. A walk that fills the GPU alone stays one segment.
 dg: with b_t treated as free, dL/db_t = q_t . dq_t - k_t . dk_t, plus, at the chunk's last position,
 <dh_{n+1}, h_{n+1}> (the state leaving the chunk scales with exp(b_C)); dg is the reverse cumsum of that inside
 the chunk (fla's identity; tests/test_gla_kernel.py checks it against autograd through models.gla.chunk_gla).
