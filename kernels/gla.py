@@ -61,7 +61,13 @@ if triton is not None:
         return rk, rv, tl.arange(0, C), km, vm, rk[:, None] * DV + rv[None, :], km[:, None] & vm[None, :]
 
     @triton.jit
-    def _fwd_h(k, v, g, h, h0, ht, gsum, scale, T, NT, L, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+    def _row(i_bh, H, sb, sh):
+        # offset of row (batch, head) = divmod(i_bh, H) in a (B, H, T, D) tensor of strides (sb, sh, st, 1)
+        return (i_bh // H).to(tl.int64) * sb + (i_bh % H).to(tl.int64) * sh
+
+    @triton.jit
+    def _fwd_h(k, v, g, h, h0, ht, gsum, scale, T, NT, L, H, skb, skh, skt, svb, svh, svt, DK: tl.constexpr,
+               DV: tl.constexpr, C: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, USE_START: tl.constexpr, STORE_ALL: tl.constexpr,
                STORE_END: tl.constexpr, PREC: tl.constexpr, L_LOOP: tl.constexpr):
         # program (i_k, i_v, bh * NS + s): the (BK, BV) tile of the states of segment s (chunks s*L .. s*L+L-1) of row
@@ -71,8 +77,8 @@ if triton is not None:
         NS = tl.cdiv(NT, L)
         i_bh, i_s = i_bs // NS, i_bs % NS
         rk, rv, rc, km, vm, hoff, hmask = _state_tile(i_k, i_v, DK, DV, C, BK, BV)
-        k += i_bh.to(tl.int64) * T * DK
-        v += i_bh.to(tl.int64) * T * DV
+        k += _row(i_bh, H, skb, skh)
+        v += _row(i_bh, H, svb, svh)
         g += i_bh.to(tl.int64) * T
         h += i_bh.to(tl.int64) * NT * DK * DV
         b_h = tl.zeros((BK, BV), dtype=tl.float32)
@@ -89,8 +95,8 @@ if triton is not None:
             b_b = tl.cumsum(b_g, 0)                                                           # (C,)
             b_last = tl.sum(b_g, 0)
             b_gsum += b_last
-            b_k = tl.load(k + t[:, None] * DK + rk[None, :], mask=tm[:, None] & km[None, :], other=0.0)  # (C, BK)
-            b_v = tl.load(v + t[:, None] * DV + rv[None, :], mask=tm[:, None] & vm[None, :], other=0.0)  # (C, BV)
+            b_k = tl.load(k + t[:, None] * skt + rk[None, :], mask=tm[:, None] & km[None, :], other=0.0)  # (C, BK)
+            b_v = tl.load(v + t[:, None] * svt + rv[None, :], mask=tm[:, None] & vm[None, :], other=0.0)  # (C, BV)
             b_kd = (b_k * tl.exp(b_last - b_b)[:, None]).to(b_k.dtype)
             b_h = b_h * tl.exp(b_last) + tl.dot(tl.trans(b_kd), b_v, input_precision=PREC)
         if STORE_END:
@@ -118,7 +124,8 @@ if triton is not None:
         tl.store(final + i_bh.to(tl.int64) * E + re, cur, mask=m)
 
     @triton.jit
-    def _fwd_o(q, k, v, g, h, o, scale, T, NT, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+    def _fwd_o(q, k, v, g, h, o, scale, T, NT, H, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+               DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
         # program (i_v, n, bh): output columns [i_v*BV, +BV) of chunk n of row bh
         i_v, n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -126,10 +133,10 @@ if triton is not None:
         rv = i_v * BV + tl.arange(0, BV)
         t = n * C + rc
         tm, vm = t < T, rv < DV
-        q += i_bh.to(tl.int64) * T * DK
-        k += i_bh.to(tl.int64) * T * DK
-        v += i_bh.to(tl.int64) * T * DV
-        o += i_bh.to(tl.int64) * T * DV
+        q += _row(i_bh, H, sqb, sqh)
+        k += _row(i_bh, H, skb, skh)
+        v += _row(i_bh, H, svb, svh)
+        o += _row(i_bh, H, sob, soh)
         g += i_bh.to(tl.int64) * T
         h += (i_bh.to(tl.int64) * NT + n) * DK * DV
         b_o = tl.zeros((C, BV), dtype=tl.float32)
@@ -137,20 +144,21 @@ if triton is not None:
         for i_k in range(tl.cdiv(DK, BK)):
             rk = i_k * BK + tl.arange(0, BK)
             km = rk < DK
-            b_q = tl.load(q + t[:, None] * DK + rk[None, :], mask=tm[:, None] & km[None, :], other=0.0)  # (C, BK)
-            b_k = tl.load(k + t[:, None] * DK + rk[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+            b_q = tl.load(q + t[:, None] * sqt + rk[None, :], mask=tm[:, None] & km[None, :], other=0.0)  # (C, BK)
+            b_k = tl.load(k + t[:, None] * skt + rk[None, :], mask=tm[:, None] & km[None, :], other=0.0)
             b_h = tl.load(h + rk[:, None] * DV + rv[None, :], mask=km[:, None] & vm[None, :], other=0.0)  # (BK, BV)
             b_o += tl.dot(b_q, b_h, input_precision=PREC)
             b_A += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
         b_b = tl.cumsum(tl.load(g + t, mask=tm, other=0.0), 0)
         causal = rc[:, None] >= rc[None, :]
         b_A = b_A * tl.exp(tl.where(causal, b_b[:, None] - b_b[None, :], float("-inf"))) * scale
-        b_v = tl.load(v + t[:, None] * DV + rv[None, :], mask=tm[:, None] & vm[None, :], other=0.0)  # (C, BV)
+        b_v = tl.load(v + t[:, None] * svt + rv[None, :], mask=tm[:, None] & vm[None, :], other=0.0)  # (C, BV)
         b_o = b_o * (tl.exp(b_b) * scale)[:, None] + tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PREC)
-        tl.store(o + t[:, None] * DV + rv[None, :], b_o.to(o.dtype.element_ty), mask=tm[:, None] & vm[None, :])
+        tl.store(o + t[:, None] * sot + rv[None, :], b_o.to(o.dtype.element_ty), mask=tm[:, None] & vm[None, :])
 
     @triton.jit
-    def _bwd_dh(q, do, g, dh, dht, dh0, gsum, scale, T, NT, L, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+    def _bwd_dh(q, do, g, dh, dht, dh0, gsum, scale, T, NT, L, H, sqb, sqh, sqt, sdb, sdh, sdt, DK: tl.constexpr,
+                DV: tl.constexpr, C: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, USE_START: tl.constexpr, STORE_ALL: tl.constexpr,
                 STORE_END: tl.constexpr, PREC: tl.constexpr, L_LOOP: tl.constexpr):
         # program (i_k, i_v, bh * NS + s): walks segment s's chunks from its last, starting from dht[bh, s] (the
@@ -160,8 +168,8 @@ if triton is not None:
         NS = tl.cdiv(NT, L)
         i_bh, i_s = i_bs // NS, i_bs % NS
         rk, rv, rc, km, vm, hoff, hmask = _state_tile(i_k, i_v, DK, DV, C, BK, BV)
-        q += i_bh.to(tl.int64) * T * DK
-        do += i_bh.to(tl.int64) * T * DV
+        q += _row(i_bh, H, sqb, sqh)
+        do += _row(i_bh, H, sdb, sdh)
         g += i_bh.to(tl.int64) * T
         dh += i_bh.to(tl.int64) * NT * DK * DV
         b_dh = tl.zeros((BK, BV), dtype=tl.float32)
@@ -178,8 +186,8 @@ if triton is not None:
             b_b = tl.cumsum(b_g, 0)
             b_last = tl.sum(b_g, 0)
             b_gsum += b_last
-            b_q = tl.load(q + t[:, None] * DK + rk[None, :], mask=tm[:, None] & km[None, :], other=0.0)    # (C, BK)
-            b_do = tl.load(do + t[:, None] * DV + rv[None, :], mask=tm[:, None] & vm[None, :], other=0.0)  # (C, BV)
+            b_q = tl.load(q + t[:, None] * sqt + rk[None, :], mask=tm[:, None] & km[None, :], other=0.0)    # (C, BK)
+            b_do = tl.load(do + t[:, None] * sdt + rv[None, :], mask=tm[:, None] & vm[None, :], other=0.0)  # (C, BV)
             b_qd = (b_q * (tl.exp(b_b) * scale)[:, None]).to(b_q.dtype)
             b_dh = b_dh * tl.exp(b_last) + tl.dot(tl.trans(b_qd), b_do, input_precision=PREC)
         if STORE_END:
@@ -188,7 +196,8 @@ if triton is not None:
                 tl.store(gsum + i_bs, b_gsum)
 
     @triton.jit
-    def _bwd_dqkvg(q, k, v, g, h, do, dh, dq, dk, dv, dg, scale, T, NT, DK: tl.constexpr, DV: tl.constexpr,
+    def _bwd_dqkvg(q, k, v, g, h, do, dh, dq, dk, dv, dg, scale, T, NT, H, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+                   sdb, sdh, sdt, sgqb, sgqh, sgqt, sgkb, sgkh, sgkt, sgvb, sgvh, sgvt, DK: tl.constexpr, DV: tl.constexpr,
                    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
         # program (n, bh): every gradient of chunk n of row bh; BK >= DK, BV >= DV
         n, i_bh = tl.program_id(0), tl.program_id(1)
@@ -197,28 +206,26 @@ if triton is not None:
         rv = tl.arange(0, BV)
         t = n * C + rc
         tm, km, vm = t < T, rk < DK, rv < DV
-        qkoff = t[:, None] * DK + rk[None, :]
         qkmask = tm[:, None] & km[None, :]
-        voff = t[:, None] * DV + rv[None, :]
         vmask = tm[:, None] & vm[None, :]
         hoff = rk[:, None] * DV + rv[None, :]
         hmask = km[:, None] & vm[None, :]
         bh64 = i_bh.to(tl.int64)
-        q += bh64 * T * DK
-        k += bh64 * T * DK
-        dq += bh64 * T * DK
-        dk += bh64 * T * DK
-        v += bh64 * T * DV
-        do += bh64 * T * DV
-        dv += bh64 * T * DV
+        q += _row(i_bh, H, sqb, sqh)
+        k += _row(i_bh, H, skb, skh)
+        v += _row(i_bh, H, svb, svh)
+        do += _row(i_bh, H, sdb, sdh)
+        dq += _row(i_bh, H, sgqb, sgqh)
+        dk += _row(i_bh, H, sgkb, sgkh)
+        dv += _row(i_bh, H, sgvb, sgvh)
         g += bh64 * T
         dg += bh64 * T
         h += (bh64 * NT + n) * DK * DV
         dh += (bh64 * NT + n) * DK * DV
-        b_q = tl.load(q + qkoff, mask=qkmask, other=0.0)      # (C, BK)
-        b_k = tl.load(k + qkoff, mask=qkmask, other=0.0)
-        b_v = tl.load(v + voff, mask=vmask, other=0.0)        # (C, BV)
-        b_do = tl.load(do + voff, mask=vmask, other=0.0)
+        b_q = tl.load(q + t[:, None] * sqt + rk[None, :], mask=qkmask, other=0.0)      # (C, BK)
+        b_k = tl.load(k + t[:, None] * skt + rk[None, :], mask=qkmask, other=0.0)
+        b_v = tl.load(v + t[:, None] * svt + rv[None, :], mask=vmask, other=0.0)       # (C, BV)
+        b_do = tl.load(do + t[:, None] * sdt + rv[None, :], mask=vmask, other=0.0)
         b_h = tl.load(h + hoff, mask=hmask, other=0.0)        # (BK, BV) state entering the chunk
         b_dh = tl.load(dh + hoff, mask=hmask, other=0.0)      # (BK, BV) gradient of the state leaving it
         b_g = tl.load(g + t, mask=tm, other=0.0)
@@ -243,9 +250,9 @@ if triton is not None:
             + tl.sum(tl.sum(b_kf * b_dk_s, 1), 0)
         row = tl.sum(b_qf * b_dq, 1) - tl.sum(b_kf * b_dk, 1) + tl.where(rc == C - 1, last, 0.0)
         b_dg = tl.sum(row, 0) - tl.cumsum(row, 0) + row          # reverse cumsum within the chunk
-        tl.store(dq + qkoff, b_dq.to(dq.dtype.element_ty), mask=qkmask)
-        tl.store(dk + qkoff, b_dk.to(dk.dtype.element_ty), mask=qkmask)
-        tl.store(dv + voff, b_dv.to(dv.dtype.element_ty), mask=vmask)
+        tl.store(dq + t[:, None] * sgqt + rk[None, :], b_dq.to(dq.dtype.element_ty), mask=qkmask)
+        tl.store(dk + t[:, None] * sgkt + rk[None, :], b_dk.to(dk.dtype.element_ty), mask=qkmask)
+        tl.store(dv + t[:, None] * sgvt + rv[None, :], b_dv.to(dv.dtype.element_ty), mask=vmask)
         tl.store(dg + t, b_dg, mask=tm)
 
 
@@ -301,6 +308,22 @@ def _seg_scan_launch(local, gsum, init, reverse):
     return out, final
 
 
+def _last_dim_dense(x):
+    # the kernels take any batch/head/token strides, but a contiguous last dimension
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _strides(x):
+    # (batch, head, token) strides of a (B, H, T, D) tensor whose last dimension is contiguous
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def bthd(B, H, T, D, like):
+    """An empty (B, H, T, D) tensor laid out as (B, T, H, D): the layout of the projections q, k, v are views of and
+    that o feeds (o_proj reads (B, T, H*D)), so neither side needs a transposing copy."""
+    return like.new_empty(B, T, H, D).transpose(1, 2)
+
+
 def _walk_states(kernel, a, b, g, start, scale, chunk_size, seg_len):
     """One state walk over the chunks: kernel = _fwd_h over (k, v) in order (every chunk's entering state), or
     _bwd_dh over (q, do) from the last chunk (every chunk's leaving-state gradient). start (B, H, Dk, Dv) or None.
@@ -319,7 +342,8 @@ def _walk_states(kernel, a, b, g, start, scale, chunk_size, seg_len):
     grid = (triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * H * NS)
 
     def walk(begin, end, use_start, store_all, store_end):
-        kernel[grid](a, b, g, states, begin, end, gsum, scale, T, NT, L, DK=DK, DV=DV, C=chunk_size, BK=BK, BV=BV,
+        kernel[grid](a, b, g, states, begin, end, gsum, scale, T, NT, L, H, *_strides(a), *_strides(b), DK=DK, DV=DV,
+                     C=chunk_size, BK=BK, BV=BV,
                      USE_START=use_start, STORE_ALL=store_all, STORE_END=store_end, PREC=_prec(a),
                      L_LOOP=_nt_loop(L), num_warps=NUM_WARPS)
     if NS == 1:
@@ -342,9 +366,10 @@ def launch_fwd_o(q, k, v, g, h, scale, chunk_size):
     B, H, T, DK = q.shape
     DV = v.shape[-1]
     NT = h.shape[2]
-    o = torch.empty_like(v)
+    o = bthd(B, H, T, DV, v)
     BK, BV = min(BLOCK_K, _np2(DK)), min(BLOCK_VO, _np2(DV))
-    _fwd_o[(triton.cdiv(DV, BV), NT, B * H)](q, k, v, g, h, o, scale, T, NT, DK=DK, DV=DV, C=chunk_size, BK=BK,
+    _fwd_o[(triton.cdiv(DV, BV), NT, B * H)](q, k, v, g, h, o, scale, T, NT, H, *_strides(q), *_strides(k),
+                                             *_strides(v), *_strides(o), DK=DK, DV=DV, C=chunk_size, BK=BK,
                                              BV=BV, PREC=_prec(q), num_warps=NUM_WARPS)
     return o
 
@@ -363,10 +388,11 @@ def launch_bwd(q, k, v, g, h0, do, dht, scale, chunk_size, seg_len=None):
     h, _ = launch_fwd_h(k, v, g, h0, chunk_size, seg_len)
     NT = h.shape[2]
     dh, dh0 = launch_bwd_dh(q, do, g, dht, scale, chunk_size, seg_len)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = bthd(B, H, T, DK, q), bthd(B, H, T, DK, k), bthd(B, H, T, DV, v)
     dg = torch.empty_like(g)
-    _bwd_dqkvg[(NT, B * H)](q, k, v, g, h, do, dh, dq, dk, dv, dg, scale, T, NT, DK=DK, DV=DV, C=chunk_size,
-                            BK=_np2(DK), BV=_np2(DV), PREC=_prec(q), num_warps=NUM_WARPS_BWD)
+    _bwd_dqkvg[(NT, B * H)](q, k, v, g, h, do, dh, dq, dk, dv, dg, scale, T, NT, H, *_strides(q), *_strides(k),
+                            *_strides(v), *_strides(do), *_strides(dq), *_strides(dk), *_strides(dv), DK=DK, DV=DV,
+                            C=chunk_size, BK=_np2(DK), BV=_np2(DV), PREC=_prec(q), num_warps=NUM_WARPS_BWD)
     return dq, dk, dv, dg, dh0
 
 
@@ -379,10 +405,11 @@ def _check_chunk(chunk_size):
 def chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                  initial_state: torch.Tensor | None, scale: float,
                  chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o (B, H, T, Dv) in v's dtype, final state (B, H, Dk, Dv) fp32); q, k, v, g contiguous, g fp32."""
+    """(o (B, H, T, Dv) in v's dtype, laid out (B, T, H, Dv); final state (B, H, Dk, Dv) fp32). q, k, v: any strides
+    with a contiguous last dimension; g (B, H, T) fp32 contiguous."""
     if not kernel_ok(q.device):
         o, ht = chunk_gla(q, k, v, g, chunk_size, initial_state, scale, output_final_state=True)
-        return o, ht.float()
+        return bthd(*o.shape, o).copy_(o), ht.float()
     h, ht = launch_fwd_h(k, v, g, initial_state, chunk_size)
     return launch_fwd_o(q, k, v, g, h, scale, chunk_size), ht
 
@@ -390,7 +417,7 @@ def chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
 @chunk_fwd_op.register_fake
 def _(q, k, v, g, initial_state, scale, chunk_size):
     B, H, T, DK = q.shape
-    return torch.empty_like(v), q.new_empty(B, H, DK, v.shape[-1], dtype=torch.float32)
+    return bthd(B, H, T, v.shape[-1], v), q.new_empty(B, H, DK, v.shape[-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("gla::chunk_bwd", mutates_args=())
@@ -404,15 +431,16 @@ def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
         _, vjp = torch.func.vjp(lambda *x: chunk_gla(*x[:4], chunk_size, x[4], scale, output_final_state=True),
                                 q, k, v, g, s0)
         dq, dk, dv, dg, dh0 = vjp((do, torch.zeros_like(s0) if dht is None else dht))
-        return dq, dk, dv, dg.float(), dh0.float()
+        return (bthd(*dq.shape, q).copy_(dq), bthd(*dk.shape, k).copy_(dk), bthd(*dv.shape, v).copy_(dv),
+                dg.float().contiguous(), dh0.float())
     return launch_bwd(q, k, v, g, initial_state, do, dht, scale, chunk_size)
 
 
 @chunk_bwd_op.register_fake
 def _(q, k, v, g, initial_state, do, dht, scale, chunk_size):
     B, H, T, DK = q.shape
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g, dtype=torch.float32),
-            q.new_empty(B, H, DK, v.shape[-1], dtype=torch.float32))
+    return (bthd(B, H, T, DK, q), bthd(B, H, T, DK, k), bthd(B, H, T, v.shape[-1], v),
+            torch.empty_like(g, dtype=torch.float32), q.new_empty(B, H, DK, v.shape[-1], dtype=torch.float32))
 
 
 class ChunkGLAFunction(torch.autograd.Function):
@@ -426,7 +454,7 @@ class ChunkGLAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, g, initial_state = ctx.saved_tensors
-        dq, dk, dv, dg, dh0 = chunk_bwd_op(q, k, v, g, initial_state, do.contiguous(),
+        dq, dk, dv, dg, dh0 = chunk_bwd_op(q, k, v, g, initial_state, _last_dim_dense(do),
                                            None if dht is None else dht.contiguous(), ctx.scale, ctx.chunk_size)
         dh0 = dh0.to(initial_state.dtype) if initial_state is not None and ctx.needs_input_grad[4] else None
         return dq, dk, dv, dg, dh0, None, None
@@ -437,12 +465,14 @@ def chunk_gla_triton(q, k, v, g, chunk_size=64, scale=None, initial_state=None, 
 
     q, k (B, H, T, Dk); v (B, H, T, Dv) of one dtype; g (B, H, T) log-decays <= 0 (any float dtype, used in fp32);
     initial_state (B, H, Dk, Dv) or None; scale multiplies q (default Dk ** -0.5); chunk_size a power of 2 >= 16.
-    Returns o (B, H, T, Dv) in v's dtype and the final state (B, H, Dk, Dv) fp32 if output_final_state, else None.
+    Returns o (B, H, T, Dv) in v's dtype (laid out (B, T, H, Dv): see bthd) and the final state (B, H, Dk, Dv) fp32
+    if output_final_state, else None. q, k, v may be strided views (their last dimension contiguous): no copies.
     """
     _check_chunk(chunk_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dtype = v.dtype
-    q, k, v = (x.to(dtype).contiguous() for x in (q, k, v))  # under autocast the projections may disagree
+    # under autocast the projections may disagree in dtype; views (Coeus's q, k, v of one projection) stay views
+    q, k, v = (_last_dim_dense(x.to(dtype)) for x in (q, k, v))
     g32 = g.float().contiguous()
     s0 = None if initial_state is None else initial_state.float().contiguous()
     o, ht = ChunkGLAFunction.apply(q, k, v, g32, s0, scale, chunk_size)

@@ -137,6 +137,35 @@ print("ok")
 
 
 @needs_triton
+def test_strided_views_in_and_bthd_layout_out():
+    # Coeus hands the kernels q, k, v as views of one (B, T, 3*H*D + H + pad) projection: read in place, and o, dq,
+    # dk, dv come back laid out (B, T, H, D); a transposed upstream gradient is read in place too
+    out = run_in_interpreter(PRELUDE + """
+B, H, T, D, C = 2, 2, 70, 16, 16
+gen = torch.Generator().manual_seed(7)
+proj = torch.randn(B, T, 3 * H * D + 5, generator=gen)
+q, k, v = (proj[..., i * H * D:(i + 1) * H * D].view(B, T, H, D).transpose(1, 2) for i in range(3))
+g = -torch.rand(B, H, T, generator=gen)
+assert not q.is_contiguous() and q.stride(2) == 3 * H * D + 5
+G.SEG_LEN = 2
+x = [t.clone().requires_grad_() for t in (proj, g)]
+qx, kx, vx = (x[0][..., i * H * D:(i + 1) * H * D].view(B, T, H, D).transpose(1, 2) for i in range(3))
+o, _ = chunk_gla_triton(qx, kx, vx, x[1], C)
+assert o.transpose(1, 2).is_contiguous()
+do = torch.randn(B, T, H, D, generator=gen).permute(0, 2, 1, 3)      # (B, H, T, D) view, not contiguous
+(o * do).sum().backward()
+y = [t.clone().requires_grad_() for t in (proj, g)]
+qy, ky, vy = (y[0][..., i * H * D:(i + 1) * H * D].view(B, T, H, D).transpose(1, 2) for i in range(3))
+ro, _ = chunk_gla(qy, ky, vy, y[1], C)
+(ro * do).sum().backward()
+assert rel(o, ro) < 1e-4, rel(o, ro)
+assert rel(x[0].grad, y[0].grad) < 1e-3 and rel(x[1].grad, y[1].grad) < 1e-3
+print("ok")
+""")
+    assert out.strip().endswith("ok")
+
+
+@needs_triton
 def test_strong_decays_stay_finite():
     out = run_in_interpreter(PRELUDE + """
 B, H, T, DK, DV, C = 1, 2, 80, 16, 16, 32
@@ -254,6 +283,14 @@ def test_cuda_matches_chunk_gla(dtype):
             err = ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
             assert err < tol * (10 if name == "dg" else 1), ((B, H, T, D, C, L), name, err)
     G.SEG_LEN = None
+    # strided views of one projection (as Coeus passes them), bf16 or fp32, against the reference
+    proj = torch.randn(2, 3000, 3 * 4 * 64 + 8, device="cuda").to(dtype).requires_grad_()
+    g = (F.logsigmoid(torch.randn(2, 4, 3000, device="cuda") * 2) / 4).requires_grad_()
+    views = [proj[..., i * 256:(i + 1) * 256].unflatten(-1, (4, 64)).transpose(1, 2) for i in range(3)]
+    o, _ = chunk_gla_triton(*views, g)
+    ro, _ = chunk_gla(*(t.float() for t in views), g)
+    err = ((o.double() - ro.double()).abs().max() / ro.double().abs().max()).item()
+    assert err < tol, ("strided", err)
     f = torch.compile(lambda *a: chunk_gla_triton(*a)[0].float().square().sum(), fullgraph=True)
     x = [t.detach().requires_grad_() for t in (q, k, v, g)]
     f(*x).backward()
