@@ -1,23 +1,25 @@
-"""Chunked gated linear attention (one log-decay per head and token) in Triton: forward and backward in six kernels,
+"""Chunked gated linear attention (one log-decay per head and token) in Triton: forward and backward in five kernels,
 beside models/gla.py's plain-PyTorch chunk_gla, which stays the readable reference and the CPU path.
 
 The math (per batch row and head; chunk n of C tokens; b_i = g_1 + ... + g_i, the cumsum WITHIN the chunk; h_n the
 Dk x Dv state entering chunk n; q already multiplied by scale):
     h_{n+1} = exp(b_C) h_n + sum_j exp(b_C - b_j) k_j v_j^T
     o_i     = exp(b_i) q_i h_n + sum_{j<=i} (q_i . k_j) exp(b_i - b_j) v_j
-The design is fla's chunk_simple_gla (fla/ops/common/chunk_h.py, chunk_o.py, fla/ops/simple_gla/chunk.py):
-  forward   _fwd_h   grid (Dk/BK, Dv/BV, B*H*segments): walks the chunks in order, writes every h_n (input dtype)
-                     and the final state (fp32);
-            _fwd_o   grid (Dv/BV, N, B*H): per chunk, (q exp(b)) @ h_n + causal((q k^T) * exp(b_i - b_j)) @ v,
-                     looping over Dk tiles;
-  backward  _fwd_h   again (the states are recomputed, not kept: O(T/C) memory between forward and backward);
-            _bwd_dh  grid (Dk/BK, Dv/BV, B*H*segments): the reverse walk dh_n = exp(b_C) dh_{n+1} + (q exp(b))^T do;
-                     writes the gradient of the state LEAVING each chunk, and that of the initial state;
+The design follows fla's chunk_simple_gla (fla/ops/common/chunk_h.py, chunk_o.py, fla/ops/simple_gla/chunk.py):
+  forward   _fwd_h   (from zero, per segment: its end state) and _seg_scan (the state entering each segment), then
+            _fwd_ho  grid (Dv/BV, B*H*segments): walks the segment's chunks with the state tile in registers, each
+                     chunk's output (q exp(b)) @ h_n + causal((q k^T) * exp(b_i - b_j)) @ v read off on the way, so no
+                     chunk's state is written (fla writes every h_n, as large as k, and reads it back);
+  backward  _fwd_h   grid (Dk/BK, Dv/BV, B*H*segments): the states again, every h_n written this time (recomputed, not
+                     kept: O(T/C) memory between forward and backward);
+            _bwd_dh  the same grid: the reverse walk dh_n = exp(b_C) dh_{n+1} + (q exp(b))^T do; writes the gradient
+                     of the state LEAVING each chunk, and that of the initial state;
             _bwd_dqkvg grid (N, B*H), whole Dk and Dv in one tile: dq, dk, dv and dg of one chunk.
 The walks are sequential over chunks; with B*H*tiles programs alone (16 at 2 x 32k, H 4) most of a GPU idles. So
 they are cut into segments: every segment walks from a zero state (its own end state and total decay), _seg_scan
-carries the true state over the segments (a few dozen steps), and the segments walk again from there, writing every
-chunk's state. A walk that fills the GPU alone stays one segment.
+carries the true state over the segments (a few dozen steps), and the segments walk again from there. A walk that
+fills the GPU alone stays one segment. q, k, v, do are read through their strides (Coeus passes views of one
+projection); o, dq, dk, dv are written laid out (B, T, H, D).
 dg: with b_t treated as free, dL/db_t = q_t . dq_t - k_t . dk_t, plus, at the chunk's last position,
 <dh_{n+1}, h_{n+1}> (the state leaving the chunk scales with exp(b_C)); dg is the reverse cumsum of that inside
 the chunk (fla's identity; tests/test_gla_kernel.py checks it against autograd through models.gla.chunk_gla).
@@ -39,10 +41,10 @@ import torch
 from kernels.launch import tl, triton
 from models.gla import chunk_gla
 
-BLOCK_K = 64   # Dk tile of _fwd_h / _bwd_dh / _fwd_o
+BLOCK_K = 64   # Dk tile of _fwd_h / _bwd_dh
 BLOCK_V = 32   # Dv tile of the two scans: more programs for the sequential walk over chunks (B*H*Dk/BK*Dv/BV)
-BLOCK_VO = 64  # Dv tile of _fwd_o
-MAX_D = 256    # _bwd_dqkvg holds the whole Dk and Dv of a chunk in one tile
+BLOCK_VO = 64  # Dv tile of _fwd_ho
+MAX_D = 256    # _fwd_ho holds a whole Dk, _bwd_dqkvg the whole Dk and Dv of a chunk in one tile
 NUM_WARPS = 4
 SEG_LEN = None  # chunks per segment of the state walks; None: chosen from the GPU's size (segment_length)
 MIN_SEG = 4     # chunks per segment at least: more segments make the scan between the two walks longer
@@ -124,37 +126,43 @@ if triton is not None:
         tl.store(final + i_bh.to(tl.int64) * E + re, cur, mask=m)
 
     @triton.jit
-    def _fwd_o(q, k, v, g, h, o, scale, T, NT, H, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-               DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
-               BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-        # program (i_v, n, bh): output columns [i_v*BV, +BV) of chunk n of row bh
-        i_v, n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        rc = tl.arange(0, C)
-        rv = i_v * BV + tl.arange(0, BV)
-        t = n * C + rc
-        tm, vm = t < T, rv < DV
+    def _fwd_ho(q, k, v, g, h0, ht, o, scale, T, NT, L, H, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+                DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                USE_START: tl.constexpr, STORE_END: tl.constexpr, PREC: tl.constexpr, L_LOOP: tl.constexpr):
+        # program (i_v, bh * NS + s): output columns [i_v*BV, +BV) of segment s's chunks. The (BK >= DK, BV) state tile
+        # walks the chunks in registers from h0[bh, s] (or zero), each chunk's output read off it on the way: the
+        # forward without writing any chunk's state (every h_n is as large as k)
+        i_v, i_bs = tl.program_id(0), tl.program_id(1)
+        NS = tl.cdiv(NT, L)
+        i_bh, i_s = i_bs // NS, i_bs % NS
+        rk, rv, rc, km, vm, hoff, hmask = _state_tile(0, i_v, DK, DV, C, BK, BV)
         q += _row(i_bh, H, sqb, sqh)
         k += _row(i_bh, H, skb, skh)
         v += _row(i_bh, H, svb, svh)
         o += _row(i_bh, H, sob, soh)
         g += i_bh.to(tl.int64) * T
-        h += (i_bh.to(tl.int64) * NT + n) * DK * DV
-        b_o = tl.zeros((C, BV), dtype=tl.float32)
-        b_A = tl.zeros((C, C), dtype=tl.float32)
-        for i_k in range(tl.cdiv(DK, BK)):
-            rk = i_k * BK + tl.arange(0, BK)
-            km = rk < DK
+        b_h = tl.zeros((BK, BV), dtype=tl.float32)
+        if USE_START:
+            b_h += tl.load(h0 + i_bs.to(tl.int64) * DK * DV + hoff, mask=hmask, other=0.0).to(tl.float32)
+        causal = rc[:, None] >= rc[None, :]
+        for i in range(L_LOOP if L_LOOP > 0 else L):
+            t = (i_s * L + i) * C + rc
+            tm = t < T
+            b_g = tl.load(g + t, mask=tm, other=0.0)
+            b_b = tl.cumsum(b_g, 0)
+            b_last = tl.sum(b_g, 0)
             b_q = tl.load(q + t[:, None] * sqt + rk[None, :], mask=tm[:, None] & km[None, :], other=0.0)  # (C, BK)
             b_k = tl.load(k + t[:, None] * skt + rk[None, :], mask=tm[:, None] & km[None, :], other=0.0)
-            b_h = tl.load(h + rk[:, None] * DV + rv[None, :], mask=km[:, None] & vm[None, :], other=0.0)  # (BK, BV)
-            b_o += tl.dot(b_q, b_h, input_precision=PREC)
-            b_A += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
-        b_b = tl.cumsum(tl.load(g + t, mask=tm, other=0.0), 0)
-        causal = rc[:, None] >= rc[None, :]
-        b_A = b_A * tl.exp(tl.where(causal, b_b[:, None] - b_b[None, :], float("-inf"))) * scale
-        b_v = tl.load(v + t[:, None] * svt + rv[None, :], mask=tm[:, None] & vm[None, :], other=0.0)  # (C, BV)
-        b_o = b_o * (tl.exp(b_b) * scale)[:, None] + tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PREC)
-        tl.store(o + t[:, None] * sot + rv[None, :], b_o.to(o.dtype.element_ty), mask=tm[:, None] & vm[None, :])
+            b_v = tl.load(v + t[:, None] * svt + rv[None, :], mask=tm[:, None] & vm[None, :], other=0.0)  # (C, BV)
+            b_A = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+            b_A = b_A * tl.exp(tl.where(causal, b_b[:, None] - b_b[None, :], float("-inf"))) * scale
+            b_o = (tl.dot(b_q, b_h.to(b_q.dtype), input_precision=PREC) * (tl.exp(b_b) * scale)[:, None]
+                   + tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PREC))
+            tl.store(o + t[:, None] * sot + rv[None, :], b_o.to(o.dtype.element_ty), mask=tm[:, None] & vm[None, :])
+            b_kd = (b_k * tl.exp(b_last - b_b)[:, None]).to(b_k.dtype)
+            b_h = b_h * tl.exp(b_last) + tl.dot(tl.trans(b_kd), b_v, input_precision=PREC)
+        if STORE_END:
+            tl.store(ht + i_bh.to(tl.int64) * DK * DV + hoff, b_h, mask=hmask)
 
     @triton.jit
     def _bwd_dh(q, do, g, dh, dht, dh0, gsum, scale, T, NT, L, H, sqb, sqh, sqt, sdb, sdh, sdt, DK: tl.constexpr,
@@ -324,37 +332,54 @@ def bthd(B, H, T, D, like):
     return like.new_empty(B, T, H, D).transpose(1, 2)
 
 
-def _walk_states(kernel, a, b, g, start, scale, chunk_size, seg_len):
-    """One state walk over the chunks: kernel = _fwd_h over (k, v) in order (every chunk's entering state), or
-    _bwd_dh over (q, do) from the last chunk (every chunk's leaving-state gradient). start (B, H, Dk, Dv) or None.
-    Returns all states (B, H, N, Dk, Dv) in a's dtype and the end of the walk (B, H, Dk, Dv) fp32. Cut into
-    segments (segment_length): each walks from zero, a scan over the segments gives each its true start, and
-    the segments walk again from there."""
+def _walker(kernel, a, b, g, scale, chunk_size, L):
+    """A launcher of one state walk (kernel = _fwd_h over (k, v), or _bwd_dh over (q, do)) in segments of L chunks:
+    walk(begin, end, use_start, store_all, store_end) -> fills `states` (B, H, N, Dk, Dv) in a's dtype when store_all.
+    Returns walk, states, gsum (B*H, NS) (each segment's total log-decay, written by a store_end walk) and NS."""
     B, H, T, DK = a.shape
     DV = b.shape[-1]
     NT = triton.cdiv(T, chunk_size)
     BK, BV = min(BLOCK_K, _np2(DK)), min(BLOCK_V, _np2(DV))
-    tiles = triton.cdiv(DK, BK) * triton.cdiv(DV, BV)
-    L = segment_length(NT, tiles * B * H, seg_len, _programs_wanted(a.device))
     NS = triton.cdiv(NT, L)
     states = a.new_empty(B, H, NT, DK, DV)
-    gsum = a.new_empty(B * H, NS, dtype=torch.float32)  # each segment's total log-decay
+    gsum = a.new_empty(B * H, NS, dtype=torch.float32)
     grid = (triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * H * NS)
 
     def walk(begin, end, use_start, store_all, store_end):
         kernel[grid](a, b, g, states, begin, end, gsum, scale, T, NT, L, H, *_strides(a), *_strides(b), DK=DK, DV=DV,
-                     C=chunk_size, BK=BK, BV=BV,
-                     USE_START=use_start, STORE_ALL=store_all, STORE_END=store_end, PREC=_prec(a),
-                     L_LOOP=_nt_loop(L), num_warps=NUM_WARPS)
+                     C=chunk_size, BK=BK, BV=BV, USE_START=use_start, STORE_ALL=store_all, STORE_END=store_end,
+                     PREC=_prec(a), L_LOOP=_nt_loop(L), num_warps=NUM_WARPS)
+    return walk, states, gsum, NS
+
+
+def _segment_starts(walk, gsum, start, shape, reverse):
+    """The true state at the start of every segment (B*H, NS, Dk, Dv) fp32, and the walk's end (B, H, Dk, Dv): each
+    segment walks from zero (its own end state and total log-decay), then the scan over the segments."""
+    B, H, NS, DK, DV = shape
+    local = gsum.new_empty(B * H, NS, DK, DV)
+    walk(local, local, False, False, True)
+    begins, end = _seg_scan_launch(local, gsum, start, reverse=reverse)
+    return begins, end.view(B, H, DK, DV)
+
+
+def _walk_states(kernel, a, b, g, start, scale, chunk_size, seg_len):
+    """One state walk over the chunks: kernel = _fwd_h over (k, v) in order (every chunk's entering state), or
+    _bwd_dh over (q, do) from the last chunk (every chunk's leaving-state gradient). start (B, H, Dk, Dv) or None.
+    Returns all states (B, H, N, Dk, Dv) in a's dtype and the end of the walk (B, H, Dk, Dv) fp32. Cut into
+    segments (segment_length) where the rows alone leave the GPU idle."""
+    B, H, T, DK = a.shape
+    DV = b.shape[-1]
+    NT = triton.cdiv(T, chunk_size)
+    tiles = triton.cdiv(DK, min(BLOCK_K, _np2(DK))) * triton.cdiv(DV, min(BLOCK_V, _np2(DV)))
+    L = segment_length(NT, tiles * B * H, seg_len, _programs_wanted(a.device))
+    walk, states, gsum, NS = _walker(kernel, a, b, g, scale, chunk_size, L)
     if NS == 1:
         end = a.new_empty(B, H, DK, DV, dtype=torch.float32)
         walk(start if start is not None else end, end, start is not None, True, True)
         return states, end
-    local = a.new_empty(B * H, NS, DK, DV, dtype=torch.float32)
-    walk(local, local, False, False, True)
-    begins, end = _seg_scan_launch(local, gsum, start, reverse=kernel is _bwd_dh)
-    walk(begins, local, True, True, False)
-    return states, end.view(B, H, DK, DV)
+    begins, end = _segment_starts(walk, gsum, start, (B, H, NS, DK, DV), reverse=kernel is _bwd_dh)
+    walk(begins, begins, True, True, False)
+    return states, end
 
 
 def launch_fwd_h(k, v, g, h0, chunk_size, seg_len=None):
@@ -362,16 +387,28 @@ def launch_fwd_h(k, v, g, h0, chunk_size, seg_len=None):
     return _walk_states(_fwd_h, k, v, g, h0, 1.0, chunk_size, seg_len)
 
 
-def launch_fwd_o(q, k, v, g, h, scale, chunk_size):
+def launch_fwd(q, k, v, g, h0, scale, chunk_size, seg_len=None):
+    """The forward (o laid out (B, T, H, Dv), final state fp32) without writing every chunk's state: the segments'
+    starts (a walk from zero per segment and the scan), then _fwd_ho per segment. Dk <= MAX_D (one tile)."""
     B, H, T, DK = q.shape
     DV = v.shape[-1]
-    NT = h.shape[2]
+    _check_head(DK, DV)
+    NT = triton.cdiv(T, chunk_size)
+    BK, BV = _np2(DK), min(BLOCK_VO, _np2(DV))
+    L = segment_length(NT, triton.cdiv(DV, BV) * B * H, seg_len, _programs_wanted(q.device))
     o = bthd(B, H, T, DV, v)
-    BK, BV = min(BLOCK_K, _np2(DK)), min(BLOCK_VO, _np2(DV))
-    _fwd_o[(triton.cdiv(DV, BV), NT, B * H)](q, k, v, g, h, o, scale, T, NT, H, *_strides(q), *_strides(k),
-                                             *_strides(v), *_strides(o), DK=DK, DV=DV, C=chunk_size, BK=BK,
-                                             BV=BV, PREC=_prec(q), num_warps=NUM_WARPS)
-    return o
+    if triton.cdiv(NT, L) == 1:
+        begins, end, use_start = h0, q.new_empty(B, H, DK, DV, dtype=torch.float32), h0 is not None
+    else:
+        walk, _, gsum, NS = _walker(_fwd_h, k, v, g, 1.0, chunk_size, L)
+        begins, end = _segment_starts(walk, gsum, h0, (B, H, NS, DK, DV), reverse=False)
+        use_start = True
+    NS = triton.cdiv(NT, L)
+    _fwd_ho[(triton.cdiv(DV, BV), B * H * NS)](
+        q, k, v, g, begins if use_start else end, end, o, scale, T, NT, L, H, *_strides(q), *_strides(k),
+        *_strides(v), *_strides(o), DK=DK, DV=DV, C=chunk_size, BK=BK, BV=BV, USE_START=use_start,
+        STORE_END=NS == 1, PREC=_prec(q), L_LOOP=_nt_loop(L), num_warps=NUM_WARPS)
+    return o, end
 
 
 def launch_bwd_dh(q, do, g, dht, scale, chunk_size, seg_len=None):
@@ -383,8 +420,7 @@ def launch_bwd(q, k, v, g, h0, do, dht, scale, chunk_size, seg_len=None):
     """(dq, dk, dv, dg fp32, dh0 fp32) for do = dL/do and dht = dL/d(final state) (or None)."""
     B, H, T, DK = q.shape
     DV = v.shape[-1]
-    if max(DK, DV) > MAX_D:
-        raise ValueError(f"chunk_gla_triton's backward holds a whole head in a tile: Dk, Dv <= {MAX_D}, got {DK}, {DV}")
+    _check_head(DK, DV)
     h, _ = launch_fwd_h(k, v, g, h0, chunk_size, seg_len)
     NT = h.shape[2]
     dh, dh0 = launch_bwd_dh(q, do, g, dht, scale, chunk_size, seg_len)
@@ -394,6 +430,11 @@ def launch_bwd(q, k, v, g, h0, do, dht, scale, chunk_size, seg_len=None):
                             *_strides(v), *_strides(do), *_strides(dq), *_strides(dk), *_strides(dv), DK=DK, DV=DV,
                             C=chunk_size, BK=_np2(DK), BV=_np2(DV), PREC=_prec(q), num_warps=NUM_WARPS_BWD)
     return dq, dk, dv, dg, dh0
+
+
+def _check_head(DK, DV):
+    if max(DK, DV) > MAX_D:
+        raise ValueError(f"chunk_gla_triton holds a whole head in a tile: Dk, Dv <= {MAX_D}, got {DK}, {DV}")
 
 
 def _check_chunk(chunk_size):
@@ -410,8 +451,7 @@ def chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
     if not kernel_ok(q.device):
         o, ht = chunk_gla(q, k, v, g, chunk_size, initial_state, scale, output_final_state=True)
         return bthd(*o.shape, o).copy_(o), ht.float()
-    h, ht = launch_fwd_h(k, v, g, initial_state, chunk_size)
-    return launch_fwd_o(q, k, v, g, h, scale, chunk_size), ht
+    return launch_fwd(q, k, v, g, initial_state, scale, chunk_size)
 
 
 @chunk_fwd_op.register_fake
@@ -483,7 +523,7 @@ def gla_attn(q, k, v, g, chunk_size=64, initial_state=None, scale=None, output_f
              exact_segsum=False):
     """A drop-in for models.gla.chunk_gla (same arguments): the kernels, or chunk_gla itself with score dropout,
     exact_segsum, or off the kernels' devices."""
-    if dropout_p or exact_segsum or not kernel_ok(q.device):
+    if dropout_p or exact_segsum or not kernel_ok(q.device) or max(q.shape[-1], v.shape[-1]) > MAX_D:
         return chunk_gla(q, k, v, g, chunk_size, initial_state, scale, output_final_state, exact_segsum, dropout_p)
     return chunk_gla_triton(q, k, v, g, chunk_size, scale, initial_state, output_final_state)
 

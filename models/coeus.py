@@ -135,10 +135,11 @@ class CoeusMixer(nn.Module):
         y = self.global_norm(o_g) + o_l.to(o_g.dtype)                   # (B, H, T, D)
         return y.transpose(1, 2).reshape(B, T, H * D)
 
-    def rope(self, positions):
-        """RoPE's cos/sin (1, T, D) fp32 for positions (T,). Coeus.forward makes them once for all layers: made
-        inside a compiled block, they were fused into the rotation and every sin/cos redone per element and head."""
-        return rope_cos_sin(positions[None], self.cfg.head_dim, self.cfg.rope_theta, torch.float32)
+    def rope(self, positions, dtype=torch.float32):
+        """RoPE's cos/sin (1, T, D) for positions (T,), computed in fp32 and stored in dtype. Coeus.forward makes them
+        once for all layers: made inside a compiled block, they were fused into the rotation and every sin/cos redone
+        per element and head."""
+        return rope_cos_sin(positions[None], self.cfg.head_dim, self.cfg.rope_theta, dtype)
 
     def _rope(self, q, k, positions):
         cos, sin = (t.to(q.dtype) for t in self.rope(positions))  # (1, T, D)
@@ -265,7 +266,8 @@ class Coeus(nn.Module):
         """input_ids (B, T) -> logits (B, T, V); with labels (HF convention, shifted inside, -100 ignored)
         also the mean loss."""
         x = self.drop(self.embed_tokens(input_ids))
-        rope = self.layers[0].mixer.rope(torch.arange(input_ids.shape[1], device=input_ids.device))
+        # in the activations' dtype (fp32 under autocast, where the blocks round them to bf16 as before)
+        rope = self.layers[0].mixer.rope(torch.arange(input_ids.shape[1], device=input_ids.device), x.dtype)
         for layer in self.layers:
             x = layer(x, rope=rope)[0]
         logits = self.lm_head(self.norm(x))
