@@ -31,8 +31,9 @@ A last chunk shorter than C is masked: its missing tokens load as q = k = v = 0 
     o, S = chunk_gla_triton(q, k, v, g, chunk_size=64, initial_state=S0, output_final_state=True)
     use_gla_kernels(model)   # every CUDA CoeusMixer's global_attn goes through the kernels; returns the count
 
-The launches are torch.library custom ops (gla::chunk_fwd, gla::chunk_bwd, with register_fake) so torch.compile
-treats them as opaque; off CUDA (and outside Triton's interpreter) they run models.gla.chunk_gla instead.
+Under torch.compile the launches are torch.library custom ops (gla::chunk_fwd, gla::chunk_bwd, with register_fake),
+opaque to it; eager calls skip the custom-op dispatch. Off CUDA (and outside Triton's interpreter) they run
+models.gla.chunk_gla instead.
 """
 import os
 
@@ -442,16 +443,35 @@ def _check_chunk(chunk_size):
         raise ValueError(f"chunk_gla_triton: chunk_size must be a power of 2 >= 16 (tl.dot), got {chunk_size}")
 
 
-@torch.library.custom_op("gla::chunk_fwd", mutates_args=())
-def chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                 initial_state: torch.Tensor | None, scale: float,
-                 chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def chunk_fwd(q, k, v, g, initial_state, scale, chunk_size):
     """(o (B, H, T, Dv) in v's dtype, laid out (B, T, H, Dv); final state (B, H, Dk, Dv) fp32). q, k, v: any strides
     with a contiguous last dimension; g (B, H, T) fp32 contiguous."""
     if not kernel_ok(q.device):
         o, ht = chunk_gla(q, k, v, g, chunk_size, initial_state, scale, output_final_state=True)
         return bthd(*o.shape, o).copy_(o), ht.float()
     return launch_fwd(q, k, v, g, initial_state, scale, chunk_size)
+
+
+def chunk_bwd(q, k, v, g, initial_state, do, dht, scale, chunk_size):
+    """(dq, dk, dv, dg fp32, d initial_state fp32) of chunk_fwd, given do and dht (or None)."""
+    if not kernel_ok(q.device):  # eager fallback: the vjp of the plain-PyTorch form
+        s0 = (q.new_zeros(q.shape[0], q.shape[1], q.shape[-1], v.shape[-1], dtype=torch.float32)
+              if initial_state is None else initial_state)
+        _, vjp = torch.func.vjp(lambda *x: chunk_gla(*x[:4], chunk_size, x[4], scale, output_final_state=True),
+                                q, k, v, g, s0)
+        dq, dk, dv, dg, dh0 = vjp((do, torch.zeros_like(s0) if dht is None else dht))
+        return (bthd(*dq.shape, q).copy_(dq), bthd(*dk.shape, k).copy_(dk), bthd(*dv.shape, v).copy_(dv),
+                dg.float().contiguous(), dh0.float())
+    return launch_bwd(q, k, v, g, initial_state, do, dht, scale, chunk_size)
+
+
+# the same two as torch.library custom ops: what torch.compile sees (opaque, with fakes of the same layout). Eager
+# calls go to the functions directly, without the custom op's Python dispatch on every call
+@torch.library.custom_op("gla::chunk_fwd", mutates_args=())
+def chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                 initial_state: torch.Tensor | None, scale: float,
+                 chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return chunk_fwd(q, k, v, g, initial_state, scale, chunk_size)
 
 
 @chunk_fwd_op.register_fake
@@ -464,16 +484,7 @@ def _(q, k, v, g, initial_state, scale, chunk_size):
 def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                  initial_state: torch.Tensor | None, do: torch.Tensor, dht: torch.Tensor | None, scale: float,
                  chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dg fp32, d initial_state fp32) of chunk_fwd_op, given do and dht (or None)."""
-    if not kernel_ok(q.device):  # eager fallback: the vjp of the plain-PyTorch form
-        s0 = (q.new_zeros(q.shape[0], q.shape[1], q.shape[-1], v.shape[-1], dtype=torch.float32)
-              if initial_state is None else initial_state)
-        _, vjp = torch.func.vjp(lambda *x: chunk_gla(*x[:4], chunk_size, x[4], scale, output_final_state=True),
-                                q, k, v, g, s0)
-        dq, dk, dv, dg, dh0 = vjp((do, torch.zeros_like(s0) if dht is None else dht))
-        return (bthd(*dq.shape, q).copy_(dq), bthd(*dk.shape, k).copy_(dk), bthd(*dv.shape, v).copy_(dv),
-                dg.float().contiguous(), dh0.float())
-    return launch_bwd(q, k, v, g, initial_state, do, dht, scale, chunk_size)
+    return chunk_bwd(q, k, v, g, initial_state, do, dht, scale, chunk_size)
 
 
 @chunk_bwd_op.register_fake
@@ -486,7 +497,8 @@ def _(q, k, v, g, initial_state, do, dht, scale, chunk_size):
 class ChunkGLAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, initial_state, scale, chunk_size):
-        o, ht = chunk_fwd_op(q, k, v, g, initial_state, scale, chunk_size)
+        o, ht = (chunk_fwd_op if torch.compiler.is_compiling() else chunk_fwd)(q, k, v, g, initial_state, scale,
+                                                                              chunk_size)
         ctx.save_for_backward(q, k, v, g, initial_state)
         ctx.scale, ctx.chunk_size = scale, chunk_size
         return o, ht
@@ -494,8 +506,9 @@ class ChunkGLAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, g, initial_state = ctx.saved_tensors
-        dq, dk, dv, dg, dh0 = chunk_bwd_op(q, k, v, g, initial_state, _last_dim_dense(do),
-                                           None if dht is None else dht.contiguous(), ctx.scale, ctx.chunk_size)
+        bwd = chunk_bwd_op if torch.compiler.is_compiling() else chunk_bwd
+        dq, dk, dv, dg, dh0 = bwd(q, k, v, g, initial_state, _last_dim_dense(do),
+                                  None if dht is None else dht.contiguous(), ctx.scale, ctx.chunk_size)
         dh0 = dh0.to(initial_state.dtype) if initial_state is not None and ctx.needs_input_grad[4] else None
         return dq, dk, dv, dg, dh0, None, None
 
