@@ -60,7 +60,7 @@ class CoeusConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     prefill_chunk: int = 4096  # tokens per parallel-form call in prefill()
-    recompute_mixer: bool = True  # training: keep only q, k, v, g per layer, redo both branches in backward
+    recompute_mixer: bool = True  # training: keep only the mixer's input and output, redo norm, projection, branches
 
     def __post_init__(self):
         if self.prefill_chunk % self.chunk_size:
@@ -154,14 +154,7 @@ class CoeusMixer(nn.Module):
         q, k, v, g = self._qkvg(x)
         if cache is None:
             cos, sin = self.rope(torch.arange(T, device=x.device)) if rope is None else rope
-            if self.cfg.recompute_mixer and torch.is_grad_enabled():
-                # saved for backward: only q, k, v, g (views of one projection output) and the output; the
-                # branches' own saves (rotated q/k, attention output and lse, normalised o_g) are redone then.
-                # Their forward is a few % of a step; without this Coeus keeps ~1.3x the matched Llama's bytes
-                y = torch.utils.checkpoint.checkpoint(self._mix, q, k, v, g, cos, sin, use_reentrant=False)
-            else:
-                y = self._mix(q, k, v, g, cos, sin)
-            return self.o_proj(y), None
+            return self.o_proj(self._mix(q, k, v, g, cos, sin)), None
         pos = cache["pos"]
         o_g, S = self.global_attn(q, k, v, g, chunk_size=self.cfg.chunk_size, initial_state=cache["S"],
                                   output_final_state=True)
@@ -215,8 +208,21 @@ class CoeusBlock(nn.Module):
         self.mlp = SwiGLU(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
+    def _normed_mix(self, x, cos, sin):
+        m = self.mixer
+        return m._mix(*m._qkvg(self.mixer_norm(x)), cos, sin)
+
     def forward(self, x, cache=None, rope=None):
-        h, cache = self.mixer(self.mixer_norm(x), cache, rope)
+        m = self.mixer
+        if cache is None and m.cfg.recompute_mixer and torch.is_grad_enabled():
+            # training: of the mixer's work only its input x and its output (o_proj's input) are kept for backward;
+            # the norm, the q/k/v/gate projection and both branches (rotated q/k, attention output and lse, the
+            # normalised o_g) are redone then. That costs one small matmul and the branches' forward; kept, the
+            # projection output alone (3 H D + H columns) is about as large as the Llama's saved q, k, v
+            cos, sin = m.rope(torch.arange(x.shape[1], device=x.device), x.dtype) if rope is None else rope
+            h = m.o_proj(torch.utils.checkpoint.checkpoint(self._normed_mix, x, cos, sin, use_reentrant=False))
+        else:
+            h, cache = m(self.mixer_norm(x), cache, rope)
         x = x + self.drop(h)
         return x + self.drop(self.mlp(self.mlp_norm(x))), cache
 

@@ -325,9 +325,10 @@ def saved_bytes_per_token(model, ids):
 
 
 def test_training_keeps_fewer_bytes_than_the_matched_llama():
-    # issue 20: Coeus must train in less memory than the Llama of the same width and depth. What the mixer keeps
-    # for backward is q, k, v, g (one projection output) and its output; the Llama keeps rotated q, k, v, the
-    # attention output and its lse. (The branches' internals are recomputed, so their implementation is irrelevant.)
+    # issue 20: Coeus must train in less memory than the Llama of the same width and depth. Of the mixer, only its
+    # input and o_proj's input are kept for backward (norm, projection and both branches are recomputed); the Llama
+    # keeps its normed input, rotated q, k, v, the attention output and its lse. (0.74x here, eager; 0.93x when the
+    # projection output was kept.)
     from models.llama import Llama, LlamaConfig
     torch.manual_seed(0)
     cfg = coeus_config("nano", n_layers=2)
@@ -336,7 +337,7 @@ def test_training_keeps_fewer_bytes_than_the_matched_llama():
                               ffn_dim=cfg.ffn_dim, max_seq_len=512, tie_embeddings=True)).train()
     ids = torch.randint(0, 65, (1, 512))
     ours, theirs = saved_bytes_per_token(coeus, ids), saved_bytes_per_token(llama, ids)
-    assert ours < 0.97 * theirs, (ours, theirs)
+    assert ours < 0.8 * theirs, (ours, theirs)
     for layer in coeus.layers:  # and it is the recomputation that earns it
         layer.mixer.cfg = coeus_config("nano", n_layers=2, recompute_mixer=False)
     assert saved_bytes_per_token(coeus, ids) > 1.1 * theirs
