@@ -333,21 +333,23 @@ def bthd(B, H, T, D, like):
     return like.new_empty(B, T, H, D).transpose(1, 2)
 
 
-def _walker(kernel, a, b, g, scale, chunk_size, L):
+def _walker(kernel, a, b, g, scale, chunk_size, L, keep_states=True):
     """A launcher of one state walk (kernel = _fwd_h over (k, v), or _bwd_dh over (q, do)) in segments of L chunks:
-    walk(begin, end, use_start, store_all, store_end) -> fills `states` (B, H, N, Dk, Dv) in a's dtype when store_all.
-    Returns walk, states, gsum (B*H, NS) (each segment's total log-decay, written by a store_end walk) and NS."""
+    walk(begin, end, use_start, store_all, store_end) -> fills `states` (B, H, N, Dk, Dv) in a's dtype when store_all
+    (allocated only if keep_states: it is as large as k). Returns walk, states, gsum (B*H, NS) (each segment's total
+    log-decay, written by a store_end walk) and NS."""
     B, H, T, DK = a.shape
     DV = b.shape[-1]
     NT = triton.cdiv(T, chunk_size)
     BK, BV = min(BLOCK_K, _np2(DK)), min(BLOCK_V, _np2(DV))
     NS = triton.cdiv(NT, L)
-    states = a.new_empty(B, H, NT, DK, DV)
+    states = a.new_empty(B, H, NT, DK, DV) if keep_states else None
     gsum = a.new_empty(B * H, NS, dtype=torch.float32)
     grid = (triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * H * NS)
 
     def walk(begin, end, use_start, store_all, store_end):
-        kernel[grid](a, b, g, states, begin, end, gsum, scale, T, NT, L, H, *_strides(a), *_strides(b), DK=DK, DV=DV,
+        assert states is not None or not store_all
+        kernel[grid](a, b, g, states if states is not None else gsum, begin, end, gsum, scale, T, NT, L, H, *_strides(a), *_strides(b), DK=DK, DV=DV,
                      C=chunk_size, BK=BK, BV=BV, USE_START=use_start, STORE_ALL=store_all, STORE_END=store_end,
                      PREC=_prec(a), L_LOOP=_nt_loop(L), num_warps=NUM_WARPS)
     return walk, states, gsum, NS
@@ -401,14 +403,15 @@ def launch_fwd(q, k, v, g, h0, scale, chunk_size, seg_len=None):
     if triton.cdiv(NT, L) == 1:
         begins, end, use_start = h0, q.new_empty(B, H, DK, DV, dtype=torch.float32), h0 is not None
     else:
-        walk, _, gsum, NS = _walker(_fwd_h, k, v, g, 1.0, chunk_size, L)
+        walk, _, gsum, NS = _walker(_fwd_h, k, v, g, 1.0, chunk_size, L, keep_states=False)
         begins, end = _segment_starts(walk, gsum, h0, (B, H, NS, DK, DV), reverse=False)
         use_start = True
     NS = triton.cdiv(NT, L)
     _fwd_ho[(triton.cdiv(DV, BV), B * H * NS)](
         q, k, v, g, begins if use_start else end, end, o, scale, T, NT, L, H, *_strides(q), *_strides(k),
         *_strides(v), *_strides(o), DK=DK, DV=DV, C=chunk_size, BK=BK, BV=BV, USE_START=use_start,
-        STORE_END=NS == 1, PREC=_prec(q), L_LOOP=_nt_loop(L), num_warps=NUM_WARPS)
+        STORE_END=NS == 1, PREC=_prec(q), L_LOOP=_nt_loop(L),
+        num_warps=NUM_WARPS if BK * BV <= 64 * 64 else NUM_WARPS_BWD)  # a larger state tile: more registers
     return o, end
 
 
