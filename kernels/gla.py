@@ -1,4 +1,4 @@
-"""Chunked gated linear attention (one log-decay per head and token) in Triton: forward and backward in five kernels,
+"""Chunked gated linear attention (one log-decay per head and token) in Triton: forward and backward in four kernels,
 beside models/gla.py's plain-PyTorch chunk_gla, which stays the readable reference and the CPU path.
 
 The math (per batch row and head; chunk n of C tokens; b_i = g_1 + ... + g_i, the cumsum WITHIN the chunk; h_n the
@@ -6,14 +6,15 @@ Dk x Dv state entering chunk n; q already multiplied by scale):
     h_{n+1} = exp(b_C) h_n + sum_j exp(b_C - b_j) k_j v_j^T
     o_i     = exp(b_i) q_i h_n + sum_{j<=i} (q_i . k_j) exp(b_i - b_j) v_j
 The design follows fla's chunk_simple_gla (fla/ops/common/chunk_h.py, chunk_o.py, fla/ops/simple_gla/chunk.py):
-  forward   _fwd_h   (from zero, per segment: its end state) and _seg_scan (the state entering each segment), then
+  forward   _walk    grid (Dk/BK, Dv/BV, B*H*segments): each segment from zero, its end state; _seg_scan: the
+                     state entering each segment; then
             _fwd_ho  grid (Dv/BV, B*H*segments): walks the segment's chunks with the state tile in registers, each
                      chunk's output (q exp(b)) @ h_n + causal((q k^T) * exp(b_i - b_j)) @ v read off on the way, so no
                      chunk's state is written (fla writes every h_n, as large as k, and reads it back);
-  backward  _fwd_h   grid (Dk/BK, Dv/BV, B*H*segments): the states again, every h_n written this time (recomputed, not
-                     kept: O(T/C) memory between forward and backward);
-            _bwd_dh  the same grid: the reverse walk dh_n = exp(b_C) dh_{n+1} + (q exp(b))^T do; writes the gradient
-                     of the state LEAVING each chunk, and that of the initial state;
+  backward  _walk    the states again, every h_n written this time (recomputed, not kept: O(T/C) memory between
+                     forward and backward);
+            _walk    REVERSE over (q, do): dh_n = exp(b_C) dh_{n+1} + (q exp(b))^T do, the gradient of the state
+                     LEAVING each chunk, and that of the initial state (both walks segmented as in the forward);
             _bwd_dqkvg grid (N, B*H), whole Dk and Dv in one tile: dq, dk, dv and dg of one chunk.
 The walks are sequential over chunks; with B*H*tiles programs alone (16 at 2 x 32k, H 4) most of a GPU idles. So
 they are cut into segments: every segment walks from a zero state (its own end state and total decay), _seg_scan
@@ -42,8 +43,8 @@ import torch
 from kernels.launch import tl, triton
 from models.gla import chunk_gla
 
-BLOCK_K = 64   # Dk tile of _fwd_h / _bwd_dh
-BLOCK_V = 32   # Dv tile of the two scans: more programs for the sequential walk over chunks (B*H*Dk/BK*Dv/BV)
+BLOCK_K = 64   # Dk tile of _walk
+BLOCK_V = 32   # Dv tile of _walk: more programs for the sequential walk over chunks (B*H*Dk/BK*Dv/BV)
 BLOCK_VO = 64  # Dv tile of _fwd_ho
 MAX_D = 256    # _fwd_ho holds a whole Dk, _bwd_dqkvg the whole Dk and Dv of a chunk in one tile
 NUM_WARPS = 4
@@ -69,19 +70,21 @@ if triton is not None:
         return (i_bh // H).to(tl.int64) * sb + (i_bh % H).to(tl.int64) * sh
 
     @triton.jit
-    def _fwd_h(k, v, g, h, h0, ht, gsum, scale, T, NT, L, H, skb, skh, skt, svb, svh, svt, DK: tl.constexpr,
-               DV: tl.constexpr, C: tl.constexpr,
-               BK: tl.constexpr, BV: tl.constexpr, USE_START: tl.constexpr, STORE_ALL: tl.constexpr,
-               STORE_END: tl.constexpr, PREC: tl.constexpr, L_LOOP: tl.constexpr):
-        # program (i_k, i_v, bh * NS + s): the (BK, BV) tile of the states of segment s (chunks s*L .. s*L+L-1) of row
-        # bh, walking its chunks in order from h0[bh, s] (or zero). Chunks past NT load as zeros and change nothing.
-        # (scale: unused, the signature of _bwd_dh)
+    def _walk(a, b, g, h, h0, ht, gsum, scale, T, NT, L, H, sab, sah, sat, sbb, sbh, sbt, DK: tl.constexpr,
+              DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
+              USE_START: tl.constexpr, STORE_ALL: tl.constexpr, STORE_END: tl.constexpr, PREC: tl.constexpr,
+              L_LOOP: tl.constexpr):
+        # program (i_k, i_v, bh * NS + s): the (BK, BV) tile of one state walk over segment s (chunks s*L .. s*L+L-1)
+        # of row bh, from h0[bh, s] (or zero); h[n] = the state before chunk n in the walk's order, ht[bh, s] = after.
+        #   forward (a, b) = (k, v), in order:           h <- exp(b_C) h + (k exp(b_C - b))^T v   (entering states)
+        #   REVERSE (a, b) = (q, do), from the last chunk: h <- exp(b_C) h + (q exp(b) scale)^T do  (gradients of the
+        #   states leaving each chunk). Chunks past NT load as zeros and change nothing.
         i_k, i_v, i_bs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         NS = tl.cdiv(NT, L)
         i_bh, i_s = i_bs // NS, i_bs % NS
         rk, rv, rc, km, vm, hoff, hmask = _state_tile(i_k, i_v, DK, DV, C, BK, BV)
-        k += _row(i_bh, H, skb, skh)
-        v += _row(i_bh, H, svb, svh)
+        a += _row(i_bh, H, sab, sah)
+        b += _row(i_bh, H, sbb, sbh)
         g += i_bh.to(tl.int64) * T
         h += i_bh.to(tl.int64) * NT * DK * DV
         b_h = tl.zeros((BK, BV), dtype=tl.float32)
@@ -89,7 +92,7 @@ if triton is not None:
             b_h += tl.load(h0 + i_bs.to(tl.int64) * DK * DV + hoff, mask=hmask, other=0.0).to(tl.float32)
         b_gsum = tl.sum(tl.zeros((C,), dtype=tl.float32), 0)
         for i in range(L_LOOP if L_LOOP > 0 else L):
-            n = i_s * L + i
+            n = i_s * L + (L - 1 - i if REVERSE else i)
             if STORE_ALL:
                 tl.store(h + n * DK * DV + hoff, b_h.to(h.dtype.element_ty), mask=hmask & (n < NT))
             t = n * C + rc
@@ -98,10 +101,13 @@ if triton is not None:
             b_b = tl.cumsum(b_g, 0)                                                           # (C,)
             b_last = tl.sum(b_g, 0)
             b_gsum += b_last
-            b_k = tl.load(k + t[:, None] * skt + rk[None, :], mask=tm[:, None] & km[None, :], other=0.0)  # (C, BK)
-            b_v = tl.load(v + t[:, None] * svt + rv[None, :], mask=tm[:, None] & vm[None, :], other=0.0)  # (C, BV)
-            b_kd = (b_k * tl.exp(b_last - b_b)[:, None]).to(b_k.dtype)
-            b_h = b_h * tl.exp(b_last) + tl.dot(tl.trans(b_kd), b_v, input_precision=PREC)
+            b_a = tl.load(a + t[:, None] * sat + rk[None, :], mask=tm[:, None] & km[None, :], other=0.0)  # (C, BK)
+            b_b2 = tl.load(b + t[:, None] * sbt + rv[None, :], mask=tm[:, None] & vm[None, :], other=0.0)  # (C, BV)
+            if REVERSE:
+                b_ad = (b_a * (tl.exp(b_b) * scale)[:, None]).to(b_a.dtype)
+            else:
+                b_ad = (b_a * tl.exp(b_last - b_b)[:, None]).to(b_a.dtype)
+            b_h = b_h * tl.exp(b_last) + tl.dot(tl.trans(b_ad), b_b2, input_precision=PREC)
         if STORE_END:
             tl.store(ht + i_bs.to(tl.int64) * DK * DV + hoff, b_h, mask=hmask)
             if (i_k == 0) & (i_v == 0):
@@ -164,45 +170,6 @@ if triton is not None:
             b_h = b_h * tl.exp(b_last) + tl.dot(tl.trans(b_kd), b_v, input_precision=PREC)
         if STORE_END:
             tl.store(ht + i_bh.to(tl.int64) * DK * DV + hoff, b_h, mask=hmask)
-
-    @triton.jit
-    def _bwd_dh(q, do, g, dh, dht, dh0, gsum, scale, T, NT, L, H, sqb, sqh, sqt, sdb, sdh, sdt, DK: tl.constexpr,
-                DV: tl.constexpr, C: tl.constexpr,
-                BK: tl.constexpr, BV: tl.constexpr, USE_START: tl.constexpr, STORE_ALL: tl.constexpr,
-                STORE_END: tl.constexpr, PREC: tl.constexpr, L_LOOP: tl.constexpr):
-        # program (i_k, i_v, bh * NS + s): walks segment s's chunks from its last, starting from dht[bh, s] (the
-        # gradient of the state leaving the segment) or zero; dh[n] = gradient of the state leaving chunk n; dh0[bh, s]
-        # = that of the state entering the segment
-        i_k, i_v, i_bs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        NS = tl.cdiv(NT, L)
-        i_bh, i_s = i_bs // NS, i_bs % NS
-        rk, rv, rc, km, vm, hoff, hmask = _state_tile(i_k, i_v, DK, DV, C, BK, BV)
-        q += _row(i_bh, H, sqb, sqh)
-        do += _row(i_bh, H, sdb, sdh)
-        g += i_bh.to(tl.int64) * T
-        dh += i_bh.to(tl.int64) * NT * DK * DV
-        b_dh = tl.zeros((BK, BV), dtype=tl.float32)
-        if USE_START:
-            b_dh += tl.load(dht + i_bs.to(tl.int64) * DK * DV + hoff, mask=hmask, other=0.0).to(tl.float32)
-        b_gsum = tl.sum(tl.zeros((C,), dtype=tl.float32), 0)
-        for i in range(L_LOOP if L_LOOP > 0 else L):
-            n = i_s * L + L - 1 - i
-            if STORE_ALL:
-                tl.store(dh + n * DK * DV + hoff, b_dh.to(dh.dtype.element_ty), mask=hmask & (n < NT))
-            t = n * C + rc
-            tm = t < T
-            b_g = tl.load(g + t, mask=tm, other=0.0)
-            b_b = tl.cumsum(b_g, 0)
-            b_last = tl.sum(b_g, 0)
-            b_gsum += b_last
-            b_q = tl.load(q + t[:, None] * sqt + rk[None, :], mask=tm[:, None] & km[None, :], other=0.0)    # (C, BK)
-            b_do = tl.load(do + t[:, None] * sdt + rv[None, :], mask=tm[:, None] & vm[None, :], other=0.0)  # (C, BV)
-            b_qd = (b_q * (tl.exp(b_b) * scale)[:, None]).to(b_q.dtype)
-            b_dh = b_dh * tl.exp(b_last) + tl.dot(tl.trans(b_qd), b_do, input_precision=PREC)
-        if STORE_END:
-            tl.store(dh0 + i_bs.to(tl.int64) * DK * DV + hoff, b_dh, mask=hmask)
-            if (i_k == 0) & (i_v == 0):
-                tl.store(gsum + i_bs, b_gsum)
 
     @triton.jit
     def _bwd_dqkvg(q, k, v, g, h, do, dh, dq, dk, dv, dg, scale, T, NT, H, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
@@ -333,8 +300,8 @@ def bthd(B, H, T, D, like):
     return like.new_empty(B, T, H, D).transpose(1, 2)
 
 
-def _walker(kernel, a, b, g, scale, chunk_size, L, keep_states=True):
-    """A launcher of one state walk (kernel = _fwd_h over (k, v), or _bwd_dh over (q, do)) in segments of L chunks:
+def _walker(reverse, a, b, g, scale, chunk_size, L, keep_states=True):
+    """A launcher of one state walk (_walk over (k, v) in order, or reverse over (q, do)) in segments of L chunks:
     walk(begin, end, use_start, store_all, store_end) -> fills `states` (B, H, N, Dk, Dv) in a's dtype when store_all
     (allocated only if keep_states: it is as large as k). Returns walk, states, gsum (B*H, NS) (each segment's total
     log-decay, written by a store_end walk) and NS."""
@@ -349,9 +316,10 @@ def _walker(kernel, a, b, g, scale, chunk_size, L, keep_states=True):
 
     def walk(begin, end, use_start, store_all, store_end):
         assert states is not None or not store_all
-        kernel[grid](a, b, g, states if states is not None else gsum, begin, end, gsum, scale, T, NT, L, H, *_strides(a), *_strides(b), DK=DK, DV=DV,
-                     C=chunk_size, BK=BK, BV=BV, USE_START=use_start, STORE_ALL=store_all, STORE_END=store_end,
-                     PREC=_prec(a), L_LOOP=_nt_loop(L), num_warps=NUM_WARPS)
+        _walk[grid](a, b, g, states if states is not None else gsum, begin, end, gsum, scale, T, NT, L, H,
+                    *_strides(a), *_strides(b), DK=DK, DV=DV, C=chunk_size, BK=BK, BV=BV, REVERSE=reverse,
+                    USE_START=use_start, STORE_ALL=store_all, STORE_END=store_end, PREC=_prec(a),
+                    L_LOOP=_nt_loop(L), num_warps=NUM_WARPS)
     return walk, states, gsum, NS
 
 
@@ -365,9 +333,9 @@ def _segment_starts(walk, gsum, start, shape, reverse):
     return begins, end.view(B, H, DK, DV)
 
 
-def _walk_states(kernel, a, b, g, start, scale, chunk_size, seg_len):
-    """One state walk over the chunks: kernel = _fwd_h over (k, v) in order (every chunk's entering state), or
-    _bwd_dh over (q, do) from the last chunk (every chunk's leaving-state gradient). start (B, H, Dk, Dv) or None.
+def _walk_states(reverse, a, b, g, start, scale, chunk_size, seg_len):
+    """One state walk over the chunks: over (k, v) in order (every chunk's entering state), or reverse over (q, do)
+    from the last chunk (every chunk's leaving-state gradient). start (B, H, Dk, Dv) or None.
     Returns all states (B, H, N, Dk, Dv) in a's dtype and the end of the walk (B, H, Dk, Dv) fp32. Cut into
     segments (segment_length) where the rows alone leave the GPU idle."""
     B, H, T, DK = a.shape
@@ -375,19 +343,19 @@ def _walk_states(kernel, a, b, g, start, scale, chunk_size, seg_len):
     NT = triton.cdiv(T, chunk_size)
     tiles = triton.cdiv(DK, min(BLOCK_K, _np2(DK))) * triton.cdiv(DV, min(BLOCK_V, _np2(DV)))
     L = segment_length(NT, tiles * B * H, seg_len, _programs_wanted(a.device))
-    walk, states, gsum, NS = _walker(kernel, a, b, g, scale, chunk_size, L)
+    walk, states, gsum, NS = _walker(reverse, a, b, g, scale, chunk_size, L)
     if NS == 1:
         end = a.new_empty(B, H, DK, DV, dtype=torch.float32)
         walk(start if start is not None else end, end, start is not None, True, True)
         return states, end
-    begins, end = _segment_starts(walk, gsum, start, (B, H, NS, DK, DV), reverse=kernel is _bwd_dh)
+    begins, end = _segment_starts(walk, gsum, start, (B, H, NS, DK, DV), reverse=reverse)
     walk(begins, begins, True, True, False)
     return states, end
 
 
 def launch_fwd_h(k, v, g, h0, chunk_size, seg_len=None):
     """States entering every chunk (B, H, N, Dk, Dv) in k's dtype, and the final state (B, H, Dk, Dv) fp32."""
-    return _walk_states(_fwd_h, k, v, g, h0, 1.0, chunk_size, seg_len)
+    return _walk_states(False, k, v, g, h0, 1.0, chunk_size, seg_len)
 
 
 def launch_fwd(q, k, v, g, h0, scale, chunk_size, seg_len=None):
@@ -403,7 +371,7 @@ def launch_fwd(q, k, v, g, h0, scale, chunk_size, seg_len=None):
     if triton.cdiv(NT, L) == 1:
         begins, end, use_start = h0, q.new_empty(B, H, DK, DV, dtype=torch.float32), h0 is not None
     else:
-        walk, _, gsum, NS = _walker(_fwd_h, k, v, g, 1.0, chunk_size, L, keep_states=False)
+        walk, _, gsum, NS = _walker(False, k, v, g, 1.0, chunk_size, L, keep_states=False)
         begins, end = _segment_starts(walk, gsum, h0, (B, H, NS, DK, DV), reverse=False)
         use_start = True
     NS = triton.cdiv(NT, L)
@@ -417,7 +385,7 @@ def launch_fwd(q, k, v, g, h0, scale, chunk_size, seg_len=None):
 
 def launch_bwd_dh(q, do, g, dht, scale, chunk_size, seg_len=None):
     """Gradients of the state leaving every chunk (B, H, N, Dk, Dv) in q's dtype, and that of the initial state fp32."""
-    return _walk_states(_bwd_dh, q, do, g, dht, scale, chunk_size, seg_len)
+    return _walk_states(True, q, do, g, dht, scale, chunk_size, seg_len)
 
 
 def launch_bwd(q, k, v, g, h0, do, dht, scale, chunk_size, seg_len=None):
