@@ -35,7 +35,7 @@ import torch
 
 from models.coeus import COEUS_CONFIGS, Coeus, coeus_config
 from models.llama import Llama, LlamaConfig
-from utils.runtime import CompiledBlocks, CompiledOrEager, peak_rss_bytes, pick_device
+from utils.runtime import CompiledBlocks, CompiledOrEager, cuda_graph, peak_rss_bytes, pick_device
 
 DEFAULT_LENGTHS = "1000,5000,10000,20000,30000"
 MAX_LENGTHS = "100000,300000,1000000"
@@ -113,26 +113,6 @@ def train_step_fn(model, ids, device, dtype):
         opt.step()
         opt.zero_grad(set_to_none=True)
     return fn
-
-
-def cuda_graph(fn):
-    """fn's work captured once as a CUDA graph (after two warm-up calls on a side stream, which also compile and
-    build the cached block masks); returns the replay and the peak bytes allocated while capturing. That capture
-    peak is the forward's memory: replays allocate nothing, so a peak measured over them would count only what
-    stays allocated (weights, the graph's outputs), not the working memory."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    with torch.cuda.graph(graph):
-        fn()
-    torch.cuda.synchronize()
-    return graph.replay, torch.cuda.max_memory_allocated()
 
 
 def measure(mode, T, args, device, dtype):

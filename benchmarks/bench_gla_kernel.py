@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.gla import chunk_gla  # noqa: E402
+from utils.runtime import cuda_graph  # noqa: E402
 
 FLA_640 = "unsupported (fla #640)"
 
@@ -91,16 +92,7 @@ class Timer:
 
     def __call__(self, fn, warmup, iters):
         if self.graph:  # warm-up (compiles, autotunes) on a side stream, then one capture
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(max(2, warmup)):
-                    fn()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            fn = graph.replay
+            fn, _ = cuda_graph(fn, max(2, warmup))
         for _ in range(warmup):
             fn()
         if not self.cuda:

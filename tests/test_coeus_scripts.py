@@ -35,6 +35,16 @@ def test_stress_sweep_tiny(tmp_path):
     assert (tmp_path / "stress.png").is_file()
 
 
+def test_stress_versus_llama_ratios():
+    # speed-up = Llama seconds / Coeus seconds, memory = Coeus peak / Llama peak, per length where both exist
+    rows = [{"mode": "parallel", "T": 8, "seconds": 1.0, "peak_mib": 50.0},
+            {"mode": "llama", "T": 8, "seconds": 3.0, "peak_mib": 100.0},
+            {"mode": "train", "T": 8, "seconds": 2.0, "peak_mib": 10.0},
+            {"mode": "llama-train", "T": 8, "seconds": "OOM", "peak_mib": "OOM"},
+            {"mode": "parallel", "T": 16, "seconds": 1.0, "peak_mib": 1.0}]
+    assert stress_test_massive.versus_llama(rows) == [{"T": 8, "what": "forward", "speedup": 3.0, "memory": 0.5}]
+
+
 def test_stress_unknown_mode_is_an_argument_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         stress_test_massive.main(["--config", "tiny", "--lengths", "64", "--modes", "parallel,nosuchmode",

@@ -68,6 +68,25 @@ def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def cuda_graph(fn, warmup=2):
+    """fn's GPU work captured once as a CUDA graph, after `warmup` calls on a side stream (which also compile,
+    autotune and fill caches). Returns the replay and the peak bytes allocated while capturing: that is the call's
+    memory, since replays allocate nothing (a peak read over them counts only what stays allocated)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph.replay, torch.cuda.max_memory_allocated()
+
+
 class CompiledOrEager:
     """torch.compile(fn, **kw) that falls back to fn, with a warning, for good once compiling it fails.
     on_fail(error): called instead of the warning (CompiledBlocks turns a whole group eager at once)."""
@@ -114,7 +133,6 @@ class CompiledBlocks:
     def __init__(self, blocks, enabled=True, what="the blocks", whole=(), **compile_kw):
         self.what = what
         self.targets = [(b, "forward") for b in blocks] + list(whole)
-        self.blocks = list(blocks)
         self.active = bool(enabled) and bool(self.targets)
         self.compiled = []
         if self.active:
