@@ -300,6 +300,12 @@ def bthd(B, H, T, D, like):
     return like.new_empty(B, T, H, D).transpose(1, 2)
 
 
+def _walk_tiles(DK, DV):
+    # the (BK, BV) state tile of _walk, and how many tiles a head's state has
+    BK, BV = min(BLOCK_K, _np2(DK)), min(BLOCK_V, _np2(DV))
+    return BK, BV, triton.cdiv(DK, BK) * triton.cdiv(DV, BV)
+
+
 def _walker(reverse, a, b, g, scale, chunk_size, L, keep_states=True):
     """A launcher of one state walk (_walk over (k, v) in order, or reverse over (q, do)) in segments of L chunks:
     walk(begin, end, use_start, store_all, store_end) -> fills `states` (B, H, N, Dk, Dv) in a's dtype when store_all
@@ -308,7 +314,7 @@ def _walker(reverse, a, b, g, scale, chunk_size, L, keep_states=True):
     B, H, T, DK = a.shape
     DV = b.shape[-1]
     NT = triton.cdiv(T, chunk_size)
-    BK, BV = min(BLOCK_K, _np2(DK)), min(BLOCK_V, _np2(DV))
+    BK, BV, _ = _walk_tiles(DK, DV)
     NS = triton.cdiv(NT, L)
     states = a.new_empty(B, H, NT, DK, DV) if keep_states else None
     gsum = a.new_empty(B * H, NS, dtype=torch.float32)
@@ -341,8 +347,7 @@ def _walk_states(reverse, a, b, g, start, scale, chunk_size, seg_len):
     B, H, T, DK = a.shape
     DV = b.shape[-1]
     NT = triton.cdiv(T, chunk_size)
-    tiles = triton.cdiv(DK, min(BLOCK_K, _np2(DK))) * triton.cdiv(DV, min(BLOCK_V, _np2(DV)))
-    L = segment_length(NT, tiles * B * H, seg_len, _programs_wanted(a.device))
+    L = segment_length(NT, _walk_tiles(DK, DV)[2] * B * H, seg_len, _programs_wanted(a.device))
     walk, states, gsum, NS = _walker(reverse, a, b, g, scale, chunk_size, L)
     if NS == 1:
         end = a.new_empty(B, H, DK, DV, dtype=torch.float32)
