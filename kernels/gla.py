@@ -421,7 +421,10 @@ def _check_chunk(chunk_size):
 
 def chunk_fwd(q, k, v, g, initial_state, scale, chunk_size):
     """(o (B, H, T, Dv) in v's dtype, laid out (B, T, H, Dv); final state (B, H, Dk, Dv) fp32). q, k, v: any strides
-    with a contiguous last dimension; g (B, H, T) fp32 contiguous."""
+    (read in place when the last dimension is contiguous); g (B, H, T) fp32."""
+    q, k, v = (_last_dim_dense(x) for x in (q, k, v))
+    g = g.contiguous()
+    initial_state = None if initial_state is None else initial_state.contiguous()
     if not kernel_ok(q.device):
         o, ht = chunk_gla(q, k, v, g, chunk_size, initial_state, scale, output_final_state=True)
         return bthd(*o.shape, o).copy_(o), ht.float()
@@ -429,7 +432,11 @@ def chunk_fwd(q, k, v, g, initial_state, scale, chunk_size):
 
 
 def chunk_bwd(q, k, v, g, initial_state, do, dht, scale, chunk_size):
-    """(dq, dk, dv, dg fp32, d initial_state fp32) of chunk_fwd, given do and dht (or None)."""
+    """(dq, dk, dv, dg fp32, d initial_state fp32) of chunk_fwd, given do and dht (or None). Any strides, as there."""
+    q, k, v, do = (_last_dim_dense(x) for x in (q, k, v, do))
+    g = g.contiguous()
+    initial_state = None if initial_state is None else initial_state.contiguous()
+    dht = None if dht is None else dht.contiguous()
     if not kernel_ok(q.device):  # eager fallback: the vjp of the plain-PyTorch form
         s0 = (q.new_zeros(q.shape[0], q.shape[1], q.shape[-1], v.shape[-1], dtype=torch.float32)
               if initial_state is None else initial_state)
@@ -442,8 +449,11 @@ def chunk_bwd(q, k, v, g, initial_state, do, dht, scale, chunk_size):
 
 
 # the same two as torch.library custom ops: what torch.compile sees (opaque, with fakes of the same layout). Eager
-# calls go to the functions directly, without the custom op's Python dispatch on every call
-@torch.library.custom_op("gla::chunk_fwd", mutates_args=())
+# calls go to the functions directly, without the custom op's Python dispatch on every call.
+# flexible_layout: inductor hands over q, k, v in its own layout. By default it copies each into its eager strides,
+# and for Coeus's views of one projection (whose rows inductor pads, 1,160 -> 1,216 columns at nano) each copy is a
+# whole projection-sized buffer: three of them were live at the compiled forward's peak (H100, 32k: 218 of 414 MiB)
+@torch.library.custom_op("gla::chunk_fwd", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                  initial_state: torch.Tensor | None, scale: float,
                  chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -456,7 +466,7 @@ def _(q, k, v, g, initial_state, scale, chunk_size):
     return bthd(B, H, T, v.shape[-1], v), q.new_empty(B, H, DK, v.shape[-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("gla::chunk_bwd", mutates_args=())
+@torch.library.custom_op("gla::chunk_bwd", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                  initial_state: torch.Tensor | None, do: torch.Tensor, dht: torch.Tensor | None, scale: float,
                  chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -483,8 +493,7 @@ class ChunkGLAFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, g, initial_state = ctx.saved_tensors
         bwd = chunk_bwd_op if torch.compiler.is_compiling() else chunk_bwd
-        dq, dk, dv, dg, dh0 = bwd(q, k, v, g, initial_state, _last_dim_dense(do),
-                                  None if dht is None else dht.contiguous(), ctx.scale, ctx.chunk_size)
+        dq, dk, dv, dg, dh0 = bwd(q, k, v, g, initial_state, do, dht, ctx.scale, ctx.chunk_size)
         dh0 = dh0.to(initial_state.dtype) if initial_state is not None and ctx.needs_input_grad[4] else None
         return dq, dk, dv, dg, dh0, None, None
 
@@ -501,10 +510,9 @@ def chunk_gla_triton(q, k, v, g, chunk_size=64, scale=None, initial_state=None, 
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dtype = v.dtype
     # under autocast the projections may disagree in dtype; views (Coeus's q, k, v of one projection) stay views
-    q, k, v = (_last_dim_dense(x.to(dtype)) for x in (q, k, v))
-    g32 = g.float().contiguous()
-    s0 = None if initial_state is None else initial_state.float().contiguous()
-    o, ht = ChunkGLAFunction.apply(q, k, v, g32, s0, scale, chunk_size)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    s0 = None if initial_state is None else initial_state.float()
+    o, ht = ChunkGLAFunction.apply(q, k, v, g.float(), s0, scale, chunk_size)
     return o, (ht if output_final_state else None)
 
 

@@ -160,6 +160,20 @@ ro, _ = chunk_gla(qy, ky, vy, y[1], C)
 (ro * do).sum().backward()
 assert rel(o, ro) < 1e-4, rel(o, ro)
 assert rel(x[0].grad, y[0].grad) < 1e-3 and rel(x[1].grad, y[1].grad) < 1e-3
+# the custom ops take whatever layout inductor hands them (flexible_layout): a q whose last dimension is not
+# contiguous, a transposed g and do give the results of contiguous inputs
+for op in (torch.ops.gla.chunk_fwd, torch.ops.gla.chunk_bwd):
+    assert torch.Tag.flexible_layout in op.default.tags
+q, k, v, do = (t.detach().contiguous() for t in (q, k, v, do))
+odd_q = q.transpose(-1, -2).contiguous().transpose(-1, -2)
+odd_g = g.transpose(1, 2).contiguous().transpose(1, 2)
+assert odd_q.stride(-1) != 1 and not odd_g.is_contiguous()
+got = torch.ops.gla.chunk_fwd(odd_q, k, v, odd_g, None, 0.25, C)
+want = G.chunk_fwd(q, k, v, g, None, 0.25, C)
+assert all(torch.equal(a, b) for a, b in zip(got, want))
+got = torch.ops.gla.chunk_bwd(odd_q, k, v, odd_g, None, do.transpose(-1, -2).contiguous().transpose(-1, -2), None, 0.25, C)
+want = G.chunk_bwd(q, k, v, g, None, do, None, 0.25, C)
+assert all(torch.equal(a, b) for a, b in zip(got, want))
 print("ok")
 """)
     assert out.strip().endswith("ok")
