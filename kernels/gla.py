@@ -477,7 +477,7 @@ def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
 def _(q, k, v, g, initial_state, do, dht, scale, chunk_size):
     B, H, T, DK = q.shape
     return (bthd(B, H, T, DK, q), bthd(B, H, T, DK, k), bthd(B, H, T, v.shape[-1], v),
-            torch.empty_like(g, dtype=torch.float32), q.new_empty(B, H, DK, v.shape[-1], dtype=torch.float32))
+            g.new_empty(g.shape, dtype=torch.float32), q.new_empty(B, H, DK, v.shape[-1], dtype=torch.float32))
 
 
 class ChunkGLAFunction(torch.autograd.Function):
