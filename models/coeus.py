@@ -121,12 +121,15 @@ class CoeusMixer(nn.Module):
     def _mix(self, q, k, v, g, cos, sin):
         """Both branches of the training form, fused: (B, H, T, D) x 3, (B, H, T), RoPE's cos/sin (1, T, D) ->
         (B, T, H*D)."""
-        extra = {"dropout_p": self.cfg.gla_dropout} if self.training and self.cfg.gla_dropout else {}
-        o_g, _ = self.global_attn(q, k, v, g, chunk_size=self.cfg.chunk_size, output_final_state=False, **extra)
+        # the local branch first: its rotated q and k are freed before the global branch runs, so o_g is never live
+        # beside them (the other order kept all three, plus o_l, at the mixer's peak)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         p = self.cfg.attn_dropout if self.training else 0.0
         o_l = self.local_attn(qr, kr, v, self.cfg.window, dropout_p=p) if p else self.local_attn(qr, kr, v, self.cfg.window)
+        del qr, kr
+        extra = {"dropout_p": self.cfg.gla_dropout} if self.training and self.cfg.gla_dropout else {}
+        o_g, _ = self.global_attn(q, k, v, g, chunk_size=self.cfg.chunk_size, output_final_state=False, **extra)
         return self._fuse(o_g, o_l)
 
     def _fuse(self, o_g, o_l):
