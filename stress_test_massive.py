@@ -35,6 +35,7 @@ import torch
 
 from models.coeus import COEUS_CONFIGS, Coeus, coeus_config
 from models.llama import Llama, LlamaConfig
+from utils.memory_peak import record_live_at_peak
 from utils.runtime import CompiledBlocks, CompiledOrEager, cuda_graph, peak_rss_bytes, pick_device
 
 DEFAULT_LENGTHS = "1000,5000,10000,20000,30000"
@@ -67,6 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--cuda-graph", action="store_true",
                    help="parallel and llama modes on a GPU: capture the forward once and time graph replays, so "
                         "neither model pays Python and launch overhead (at batch 1 and 8k tokens both are launch-bound)")
+    p.add_argument("--memory-peak", action="store_true",
+                   help="on a GPU, run each point once more with the allocator's history on and list the largest "
+                        "blocks live at its peak with the lines that allocated them (stress.json's live_at_peak; the "
+                        "top 3 are printed). Not with --cuda-graph, whose replays allocate nothing; ignored on a CPU")
     p.add_argument("--out", default="out/stress", help="folder for stress.csv / .json / .png")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "mode:T", internal
     args = p.parse_args(argv)
@@ -171,6 +176,8 @@ def _measure(mode, T, args, device, dtype):
         row.update(step_tokens=min(T, args.step_tokens), ms_per_token=1e3 * sec / min(T, args.step_tokens))
     if device.startswith("cuda"):
         row["peak_mib"] = (graph_peak or torch.cuda.max_memory_allocated()) / 2**20
+        if args.memory_peak and graph_peak is None:
+            row.update(record_live_at_peak(fn))
     else:
         row["peak_mib"] = peak_rss_bytes() / 2**20
         row["rss_before_mib"] = base_rss / 2**20
@@ -283,6 +290,8 @@ def main(argv=None):
             note = f"{row['ms_per_token']:.2f} ms/token over {row['step_tokens']}" if "ms_per_token" in row else ""
             note += row.get("note", "")
             print(f"{mode:>11} {T:>9} {row.get('batch', '-'):>5} {sec:>10} {tps:>11} {mem:>10}  {note}", flush=True)
+            for block in row.get("live_at_peak", [])[:3]:
+                print(f"{'':>21} live at the peak: {block['mib']:8.1f} MiB  {block['where']}")
     comparison = versus_llama(rows)
     for c in comparison:
         print(f"T {c['T']:>9}: Coeus {c['what']} {c['speedup']:.2f}x the Llama's speed, {c['memory']:.2f}x its peak memory")
