@@ -9,7 +9,9 @@ tokens it processes. Times are CUDA-event medians, all measured in the same run.
 forward + backward must move at least (q, k, v, o, their gradients and g, dg read or written once) over the
 bandwidth of a large device-to-device copy measured in the same run. fla's chunk_simple_gla backward is
 refused on Hopper with Triton 3.6 (fla issue #640): that cell then reads "unsupported (fla #640)".
-When fla is importable, ours is checked against it numerically.
+When fla is importable, ours is checked against it numerically. On CUDA the Triton kernels of kernels/gla.py have
+columns of their own: the three-launch forward ("triton") and the experimental one-launch forward whose segments
+are chained by decoupled look-back ("look-back", kernels.gla.FWD_LOOKBACK; timed only if its output matches).
 
 GPU:   python benchmarks/bench_gla_kernel.py --out $OUT/bench_gla
        python benchmarks/bench_gla_kernel.py --lengths 32768 --tokens 65536 --out $OUT/bench_gla_32k  # 32k x 2
@@ -242,14 +244,29 @@ def main(argv=None):
             row[f"ours_c{C}_peak_mib"] = peak_mib(run, device)
             print(f"  ours C={C}: fwd {row[f'ours_c{C}_fwd_ms']:.3f} ms, fwd+bwd {row[f'ours_c{C}_ms']:.3f} ms", flush=True)
         if device.startswith("cuda"):  # the Triton kernels of kernels/gla.py (same math, fused per chunk)
+            import kernels.gla as gla_kernels
             from kernels.gla import chunk_gla_triton
+            gla_kernels.FWD_LOOKBACK = False  # the three-launch forward first; the look-back one is its own column
             tri = lambda q_, k_, v_, g_: chunk_gla_triton(q_, k_, v_, g_, chunk_size=chunk_sizes[0])[0]  # noqa: E731
             row["triton_fwd_ms"] = timed_or_error(timer, fwd_only(tri, (q, k, v, g)), args, "kernels/gla.py forward")
             leaves = [t.clone().requires_grad_() for t in (q, k, v, g)]
             row["triton_ms"] = timed_or_error(timer, fwd_bwd(tri, leaves, do), args, "kernels/gla.py fwd+bwd")
             if isinstance(row["triton_fwd_ms"], float):
                 with torch.no_grad():
-                    row["rel_err_o_triton_vs_ours"] = rel(tri(q, k, v, g), ours[chunk_sizes[0]](q, k, v, g))
+                    o_tri = tri(q, k, v, g)
+                    row["rel_err_o_triton_vs_ours"] = rel(o_tri, ours[chunk_sizes[0]](q, k, v, g))
+                # the experimental one-launch forward (segments chained by decoupled look-back), checked against it
+                gla_kernels.FWD_LOOKBACK = True
+                try:
+                    with torch.no_grad():
+                        row["rel_err_o_lookback_vs_triton"] = rel(tri(q, k, v, g), o_tri)
+                    if row["rel_err_o_lookback_vs_triton"] < 1e-2:
+                        row["triton_lookback_fwd_ms"] = timed_or_error(timer, fwd_only(tri, (q, k, v, g)), args,
+                                                                       "kernels/gla.py forward, look-back")
+                    else:
+                        print(f"  look-back forward: wrong (rel err {row['rel_err_o_lookback_vs_triton']:.2e}); not timed")
+                finally:
+                    gla_kernels.FWD_LOOKBACK = False
         qt, kt, vt, dot = (t.transpose(1, 2).contiguous() for t in (q, k, v, do))   # (B, T, H, D) for fla
         gs = g.transpose(1, 2).contiguous()                                          # (B, T, H)
         if fla_note:
@@ -287,7 +304,7 @@ def main(argv=None):
         # ours at its best: the compiled PyTorch form at any chunk size, or the Triton kernels
         best = min([row[f"ours_c{C}_ms"] for C in chunk_sizes] + [x for x in [row.get("triton_ms")] if isinstance(x, float)])
         best_fwd = min([row[f"ours_c{C}_fwd_ms"] for C in chunk_sizes]
-                       + [x for x in [row.get("triton_fwd_ms")] if isinstance(x, float)])
+                       + [x for x in [row.get("triton_fwd_ms"), row.get("triton_lookback_fwd_ms")] if isinstance(x, float)])
         row.update(ours_best_ms=best, ours_best_fwd_ms=best_fwd, ours_over_floor=best / row["floor_fwd_bwd_ms"],
                    fla_simple_fwd_over_ours=ratio(row.get("fla_simple_fwd_ms"), best_fwd),
                    ours_over_fla_simple=ratio(best, row.get("fla_simple_ms")),
@@ -305,6 +322,7 @@ def main(argv=None):
             torch.cuda.empty_cache()
 
     cols = [("label", "B x T = tokens"), ("ours_c64_fwd_ms", "torch fwd"), ("triton_fwd_ms", "triton fwd"),
+            ("triton_lookback_fwd_ms", "look-back fwd"),
             ("fla_simple_fwd_ms", "fla simple fwd"), ("fla_simple_fwd_over_ours", "simple/best fwd"),
             ("ours_c64_ms", "torch f+b"), ("triton_ms", "triton f+b"),
             ("fla_simple_ms", "fla simple f+b"), ("fla_chunk_gla_ms", "chunk_gla f+b*"), ("sdpa_causal_ms", "SDPA f+b"),
@@ -312,7 +330,7 @@ def main(argv=None):
     cols = [(c, h) for c, h in cols if any(c in r for r in rows)]
     w = [max(len(h), *(len(fmt(r.get(c))) for r in rows)) for c, h in cols]
     print(f"\nms, medians of {'CUDA-graph replays (GPU time)' if timer.graph else 'single calls (wall, launches included)'}; "
-          "torch = models/gla.py compiled, triton = kernels/gla.py, best = the faster of them. "
+          "torch = models/gla.py compiled, triton = kernels/gla.py (look-back: its one-launch forward), best = the fastest. "
           "*chunk_gla: a heavier kernel (a decay per key dimension), not the same math")
     print(" | ".join(h.rjust(n) for (c, h), n in zip(cols, w)))
     for r in rows:

@@ -16,6 +16,10 @@ The design follows fla's chunk_simple_gla (fla/ops/common/chunk_h.py, chunk_o.py
             _walk    REVERSE over (q, do): dh_n = exp(b_C) dh_{n+1} + (q exp(b))^T do, the gradient of the state
                      LEAVING each chunk, and that of the initial state (both walks segmented as in the forward);
             _bwd_dqkvg grid (N, B*H), whole Dk and Dv in one tile: dq, dk, dv and dg of one chunk.
+  experimental: _fwd_lookback (FWD_LOOKBACK, GLA_FWD_LOOKBACK=1) the forward in one launch: each segment walks from
+                     zero, takes its entering state from its predecessors by decoupled look-back (CUB's single-pass
+                     scan) and walks again while its k and v are still in L2 (the three-launch form reads them twice
+                     from memory). Interpreter-tested; not yet timed on a GPU.
 The walks are sequential over chunks; with B*H*tiles programs alone (16 at 2 x 32k, H 4) most of a GPU idles. So
 they are cut into segments: every segment walks from a zero state (its own end state and total decay), _seg_scan
 carries the true state over the segments (a few dozen steps), and the segments walk again from there. A walk that
@@ -49,6 +53,9 @@ BLOCK_VO = 64  # Dv tile of _fwd_ho
 MAX_D = 256    # _fwd_ho holds a whole Dk, _bwd_dqkvg the whole Dk and Dv of a chunk in one tile
 NUM_WARPS = 4
 SEG_LEN = None  # chunks per segment of the state walks; None: chosen from the GPU's size (segment_length)
+# the forward in one launch, segments chained by decoupled look-back (_fwd_lookback): experimental, not yet timed on a
+# GPU; off, the forward is the walk from zero, the scan and _fwd_ho (three launches, k and v read twice)
+FWD_LOOKBACK = os.environ.get("GLA_FWD_LOOKBACK", "0") == "1"
 MIN_SEG = 4     # chunks per segment at least: more segments make the scan between the two walks longer
 SCAN_BLOCK = 256  # state elements per program of the scan over segments
 NUM_WARPS_BWD = 8  # _bwd_dqkvg keeps ~7 (C, C)/(C, D) fp32 tiles live: 4 warps would spill at C = D = 64 (untuned)
@@ -133,6 +140,32 @@ if triton is not None:
         tl.store(final + i_bh.to(tl.int64) * E + re, cur, mask=m)
 
     @triton.jit
+    def _row_ptrs(q, k, v, o, g, i_bh, H, T, sqb, sqh, skb, skh, svb, svh, sob, soh):
+        # q, k, v, o and g moved to row (batch, head) i_bh
+        return (q + _row(i_bh, H, sqb, sqh), k + _row(i_bh, H, skb, skh), v + _row(i_bh, H, svb, svh),
+                o + _row(i_bh, H, sob, soh), g + i_bh.to(tl.int64) * T)
+
+    @triton.jit
+    def _out_chunk(q, k, v, g, o, b_h, t, T, rk, rv, km, vm, rc, scale, sqt, skt, svt, sot, PREC: tl.constexpr):
+        # one chunk of the output walk: the chunk's outputs (q exp(b)) @ h + causal((q k^T) * exp(b_i - b_j)) @ v are
+        # stored, and the state h entering the next chunk is returned
+        tm = t < T
+        b_g = tl.load(g + t, mask=tm, other=0.0)
+        b_b = tl.cumsum(b_g, 0)
+        b_last = tl.sum(b_g, 0)
+        b_q = tl.load(q + t[:, None] * sqt + rk[None, :], mask=tm[:, None] & km[None, :], other=0.0)  # (C, BK)
+        b_k = tl.load(k + t[:, None] * skt + rk[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+        b_v = tl.load(v + t[:, None] * svt + rv[None, :], mask=tm[:, None] & vm[None, :], other=0.0)  # (C, BV)
+        b_A = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+        causal = rc[:, None] >= rc[None, :]
+        b_A = b_A * tl.exp(tl.where(causal, b_b[:, None] - b_b[None, :], float("-inf"))) * scale
+        b_o = (tl.dot(b_q, b_h.to(b_q.dtype), input_precision=PREC) * (tl.exp(b_b) * scale)[:, None]
+               + tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PREC))
+        tl.store(o + t[:, None] * sot + rv[None, :], b_o.to(o.dtype.element_ty), mask=tm[:, None] & vm[None, :])
+        b_kd = (b_k * tl.exp(b_last - b_b)[:, None]).to(b_k.dtype)
+        return b_h * tl.exp(b_last) + tl.dot(tl.trans(b_kd), b_v, input_precision=PREC)
+
+    @triton.jit
     def _fwd_ho(q, k, v, g, h0, ht, o, scale, T, NT, L, H, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
                 DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 USE_START: tl.constexpr, STORE_END: tl.constexpr, PREC: tl.constexpr, L_LOOP: tl.constexpr):
@@ -143,33 +176,80 @@ if triton is not None:
         NS = tl.cdiv(NT, L)
         i_bh, i_s = i_bs // NS, i_bs % NS
         rk, rv, rc, km, vm, hoff, hmask = _state_tile(0, i_v, DK, DV, C, BK, BV)
-        q += _row(i_bh, H, sqb, sqh)
-        k += _row(i_bh, H, skb, skh)
-        v += _row(i_bh, H, svb, svh)
-        o += _row(i_bh, H, sob, soh)
-        g += i_bh.to(tl.int64) * T
+        q, k, v, o, g = _row_ptrs(q, k, v, o, g, i_bh, H, T, sqb, sqh, skb, skh, svb, svh, sob, soh)
         b_h = tl.zeros((BK, BV), dtype=tl.float32)
         if USE_START:
             b_h += tl.load(h0 + i_bs.to(tl.int64) * DK * DV + hoff, mask=hmask, other=0.0).to(tl.float32)
-        causal = rc[:, None] >= rc[None, :]
+        for i in range(L_LOOP if L_LOOP > 0 else L):
+            b_h = _out_chunk(q, k, v, g, o, b_h, (i_s * L + i) * C + rc, T, rk, rv, km, vm, rc, scale, sqt, skt, svt,
+                             sot, PREC)
+        if STORE_END:
+            tl.store(ht + i_bh.to(tl.int64) * DK * DV + hoff, b_h, mask=hmask)
+
+    @triton.jit
+    def _fwd_lookback(q, k, v, g, h0, ht, o, agg, incl, gsum, flags, counter, scale, T, NT, L, H, NV, BHV,
+                      sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, DK: tl.constexpr, DV: tl.constexpr,
+                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr,
+                      PREC: tl.constexpr, L_LOOP: tl.constexpr, ONLY_AGGREGATES: tl.constexpr):
+        # The forward in one launch (experimental, FWD_LOOKBACK): a program per (segment, row, Dv tile) walks its
+        # segment from zero, publishes that local state (flag 1), takes the state entering the segment from its
+        # predecessors by decoupled look-back (an inclusive state, flag 2, ends the look-back; a local one is decayed
+        # and added, and the look-back goes on), publishes its own inclusive state, and walks the segment again for
+        # the outputs while its k and v are still in L2. Segments are dealt by an atomic ticket, so every segment's
+        # predecessors are already running. ONLY_AGGREGATES (tests): never use an inclusive state but h0's.
+        ticket = tl.atomic_add(counter, 1)
+        i_s, r = ticket // BHV, ticket % BHV
+        i_bh, i_v = r // NV, r % NV
+        NS = tl.cdiv(NT, L)
+        rk, rv, rc, km, vm, hoff, hmask = _state_tile(0, i_v, DK, DV, C, BK, BV)
+        q, k, v, o, g = _row_ptrs(q, k, v, o, g, i_bh, H, T, sqb, sqh, skb, skh, svb, svh, sob, soh)
+        b_loc = tl.zeros((BK, BV), dtype=tl.float32)
+        b_gs = tl.sum(tl.zeros((C,), dtype=tl.float32), 0)
         for i in range(L_LOOP if L_LOOP > 0 else L):
             t = (i_s * L + i) * C + rc
             tm = t < T
             b_g = tl.load(g + t, mask=tm, other=0.0)
             b_b = tl.cumsum(b_g, 0)
             b_last = tl.sum(b_g, 0)
-            b_q = tl.load(q + t[:, None] * sqt + rk[None, :], mask=tm[:, None] & km[None, :], other=0.0)  # (C, BK)
+            b_gs += b_last
             b_k = tl.load(k + t[:, None] * skt + rk[None, :], mask=tm[:, None] & km[None, :], other=0.0)
-            b_v = tl.load(v + t[:, None] * svt + rv[None, :], mask=tm[:, None] & vm[None, :], other=0.0)  # (C, BV)
-            b_A = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
-            b_A = b_A * tl.exp(tl.where(causal, b_b[:, None] - b_b[None, :], float("-inf"))) * scale
-            b_o = (tl.dot(b_q, b_h.to(b_q.dtype), input_precision=PREC) * (tl.exp(b_b) * scale)[:, None]
-                   + tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PREC))
-            tl.store(o + t[:, None] * sot + rv[None, :], b_o.to(o.dtype.element_ty), mask=tm[:, None] & vm[None, :])
+            b_v = tl.load(v + t[:, None] * svt + rv[None, :], mask=tm[:, None] & vm[None, :], other=0.0)
             b_kd = (b_k * tl.exp(b_last - b_b)[:, None]).to(b_k.dtype)
-            b_h = b_h * tl.exp(b_last) + tl.dot(tl.trans(b_kd), b_v, input_precision=PREC)
-        if STORE_END:
-            tl.store(ht + i_bh.to(tl.int64) * DK * DV + hoff, b_h, mask=hmask)
+            b_loc = b_loc * tl.exp(b_last) + tl.dot(tl.trans(b_kd), b_v, input_precision=PREC)
+        es = i_bh * NS + i_s                               # the segment's slot in agg, incl, gsum
+        tl.store(agg + es.to(tl.int64) * DK * DV + hoff, b_loc, mask=hmask)
+        tl.store(gsum + es, b_gs)                          # (every Dv tile stores the same value)
+        tl.debug_barrier()                                 # every thread's stores before the flag
+        tl.atomic_xchg(flags + es * NV + i_v, 1, sem="release")
+        b_h = tl.zeros((BK, BV), dtype=tl.float32)
+        dec = tl.sum(tl.zeros((C,), dtype=tl.float32), 0)  # log-decay from the end of segment j to our start
+        j = i_s - 1
+        while j >= 0:
+            ej = i_bh * NS + j
+            f = tl.atomic_add(flags + ej * NV + i_v, 0, sem="acquire")
+            while f == 0:
+                f = tl.atomic_add(flags + ej * NV + i_v, 0, sem="acquire")
+            if (f == 2) & (not ONLY_AGGREGATES):
+                b_h += tl.exp(dec) * tl.load(incl + ej.to(tl.int64) * DK * DV + hoff, mask=hmask, other=0.0,
+                                             volatile=True)
+                j = -2                                     # done: the inclusive state holds everything before it
+            else:
+                b_h += tl.exp(dec) * tl.load(agg + ej.to(tl.int64) * DK * DV + hoff, mask=hmask, other=0.0,
+                                             volatile=True)
+                dec += tl.load(gsum + ej, volatile=True)
+                j -= 1
+        if USE_H0:
+            if j == -1:                                    # looked back past the first segment: the initial state
+                b_h += tl.exp(dec) * tl.load(h0 + i_bh.to(tl.int64) * DK * DV + hoff, mask=hmask, other=0.0)
+        b_end = b_h * tl.exp(b_gs) + b_loc
+        tl.store(incl + es.to(tl.int64) * DK * DV + hoff, b_end, mask=hmask)
+        tl.debug_barrier()
+        tl.atomic_xchg(flags + es * NV + i_v, 2, sem="release")
+        if i_s == NS - 1:
+            tl.store(ht + i_bh.to(tl.int64) * DK * DV + hoff, b_end, mask=hmask)
+        for i in range(L_LOOP if L_LOOP > 0 else L):      # the outputs, as _fwd_ho, from the true entering state
+            b_h = _out_chunk(q, k, v, g, o, b_h, (i_s * L + i) * C + rc, T, rk, rv, km, vm, rc, scale, sqt, skt, svt,
+                             sot, PREC)
 
     @triton.jit
     def _bwd_dqkvg(q, k, v, g, h, do, dh, dq, dk, dv, dg, scale, T, NT, H, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
@@ -373,6 +453,8 @@ def launch_fwd(q, k, v, g, h0, scale, chunk_size, seg_len=None):
     BK, BV = _np2(DK), min(BLOCK_VO, _np2(DV))
     L = segment_length(NT, triton.cdiv(DV, BV) * B * H, seg_len, _programs_wanted(q.device))
     o = bthd(B, H, T, DV, v)
+    if FWD_LOOKBACK and triton.cdiv(NT, L) > 1:
+        return _launch_fwd_lookback(q, k, v, g, h0, o, scale, chunk_size, L, BK, BV)
     if triton.cdiv(NT, L) == 1:
         begins, end, use_start = h0, q.new_empty(B, H, DK, DV, dtype=torch.float32), h0 is not None
     else:
@@ -385,6 +467,26 @@ def launch_fwd(q, k, v, g, h0, scale, chunk_size, seg_len=None):
         *_strides(v), *_strides(o), DK=DK, DV=DV, C=chunk_size, BK=BK, BV=BV, USE_START=use_start,
         STORE_END=NS == 1, PREC=_prec(q), L_LOOP=_nt_loop(L),
         num_warps=NUM_WARPS if BK * BV <= 64 * 64 else NUM_WARPS_BWD)  # a larger state tile: more registers
+    return o, end
+
+
+def _launch_fwd_lookback(q, k, v, g, h0, o, scale, chunk_size, L, BK, BV, only_aggregates=False):
+    """launch_fwd in one launch (_fwd_lookback): segments of L chunks take their entering states from each other by
+    decoupled look-back instead of a walk from zero in a kernel of its own and the scan."""
+    B, H, T, DK = q.shape
+    DV = v.shape[-1]
+    NT = triton.cdiv(T, chunk_size)
+    NS, NV = triton.cdiv(NT, L), triton.cdiv(DV, BV)
+    agg = q.new_empty(B * H * NS, DK, DV, dtype=torch.float32)
+    incl = torch.empty_like(agg)
+    gsum = q.new_empty(B * H * NS, dtype=torch.float32)
+    flags = torch.zeros(1 + B * H * NS * NV, dtype=torch.int32, device=q.device)  # [0]: the ticket counter
+    end = q.new_empty(B, H, DK, DV, dtype=torch.float32)
+    _fwd_lookback[(B * H * NS * NV,)](
+        q, k, v, g, h0 if h0 is not None else end, end, o, agg, incl, gsum, flags[1:], flags, scale, T, NT, L, H, NV,
+        B * H * NV, *_strides(q), *_strides(k), *_strides(v), *_strides(o), DK=DK, DV=DV, C=chunk_size, BK=BK, BV=BV,
+        USE_H0=h0 is not None, PREC=_prec(q), L_LOOP=_nt_loop(L), ONLY_AGGREGATES=only_aggregates,
+        num_warps=NUM_WARPS if BK * BV <= 64 * 64 else NUM_WARPS_BWD)
     return o, end
 
 

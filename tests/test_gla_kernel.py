@@ -137,6 +137,38 @@ print("ok")
 
 
 @needs_triton
+def test_lookback_forward_matches_the_three_launch_forward():
+    # the experimental one-launch forward (FWD_LOOKBACK): segments chained by decoupled look-back. The interpreter runs
+    # programs in ticket order, so every predecessor has its inclusive state; ONLY_AGGREGATES makes each look-back go
+    # all the way to the initial state through the local ones (what a GPU does when predecessors lag)
+    out = run_in_interpreter(PRELUDE + """
+B, H, T, DK, DV, C = 2, 2, 200, 32, 80, 16          # 13 chunks, the last one ragged; Dv in two tiles of 64
+q, k, v, g, s0 = inputs(B, H, T, DK, DV, seed=8)
+G.BLOCK_VO = 64
+for L, h0 in ((1, s0), (3, None), (5, s0)):
+    ro, rS = chunk_gla(q, k, v, g, C, h0, DK ** -0.5, output_final_state=True)
+    want = G.launch_fwd(q, k, v, g, h0, DK ** -0.5, C, seg_len=L)
+    for only_aggregates in (False, True):
+        o = G.bthd(B, H, T, DV, v)
+        got = G._launch_fwd_lookback(q, k, v, g, h0, o, DK ** -0.5, C, L, 32, 64, only_aggregates=only_aggregates)
+        assert rel(got[0], want[0]) < 1e-5 and rel(got[1], want[1]) < 1e-5, (L, only_aggregates)
+        assert rel(got[0], ro) < 1e-4 and rel(got[1], rS) < 1e-4
+# the switch: launch_fwd takes that path when segmented
+G.FWD_LOOKBACK, calls = True, []
+orig = G._launch_fwd_lookback
+G._launch_fwd_lookback = lambda *a, **kw: calls.append(1) or orig(*a, **kw)
+o, S = chunk_gla_triton(q, k, v, g, C, initial_state=s0, output_final_state=True)
+ro, rS = chunk_gla(q, k, v, g, C, s0, output_final_state=True)
+assert calls == [] or rel(o, ro) < 1e-4
+G.SEG_LEN = 4
+o, S = chunk_gla_triton(q, k, v, g, C, initial_state=s0, output_final_state=True)
+assert calls == [1] and rel(o, ro) < 1e-4 and rel(S, rS) < 1e-4
+print("ok")
+""")
+    assert out.strip().endswith("ok")
+
+
+@needs_triton
 def test_strided_views_in_and_bthd_layout_out():
     # Coeus hands the kernels q, k, v as views of one (B, T, 3*H*D + H + pad) projection: read in place, and o, dq,
     # dk, dv come back laid out (B, T, H, D); a transposed upstream gradient is read in place too
