@@ -56,6 +56,7 @@ SEG_LEN = None  # chunks per segment of the state walks; None: chosen from the G
 # the forward in one launch, segments chained by decoupled look-back (_fwd_lookback): experimental, not yet timed on a
 # GPU; off, the forward is the walk from zero, the scan and _fwd_ho (three launches, k and v read twice)
 FWD_LOOKBACK = os.environ.get("GLA_FWD_LOOKBACK", "0") == "1"
+LOOKBACK_MAX_SEGMENTS = 16  # segments per row of the look-back forward at most (untuned)
 MIN_SEG = 4     # chunks per segment at least: more segments make the scan between the two walks longer
 SCAN_BLOCK = 256  # state elements per program of the scan over segments
 NUM_WARPS_BWD = 8  # _bwd_dqkvg keeps ~7 (C, C)/(C, D) fp32 tiles live: 4 warps would spill at C = D = 64 (untuned)
@@ -454,6 +455,8 @@ def launch_fwd(q, k, v, g, h0, scale, chunk_size, seg_len=None):
     L = segment_length(NT, triton.cdiv(DV, BV) * B * H, seg_len, _programs_wanted(q.device))
     o = bthd(B, H, T, DV, v)
     if FWD_LOOKBACK and triton.cdiv(NT, L) > 1:
+        # a look-back is a chain of dependent steps (an atomic and a state tile each): few long segments
+        L = max(L, triton.cdiv(NT, LOOKBACK_MAX_SEGMENTS)) if seg_len is None and SEG_LEN is None else L
         return _launch_fwd_lookback(q, k, v, g, h0, o, scale, chunk_size, L, BK, BV)
     if triton.cdiv(NT, L) == 1:
         begins, end, use_start = h0, q.new_empty(B, H, DK, DV, dtype=torch.float32), h0 is not None
