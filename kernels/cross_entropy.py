@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from kernels.launch import tl, triton
+from kernels.launch import next_power_of_2, tl, triton
 from models.llama import Llama, cross_entropy_chunk
 
 BLOCK = 4096   # columns per pass step: a row of tinyllama's 32k logits in 8 steps (untuned)
@@ -69,7 +69,7 @@ def launch_cross_entropy(logits, targets, ignore_index, grad_scale, need_grad, b
     (C,) int; grad_scale () fp32. Returns the per-row losses (C,) fp32 (0 on ignored rows)."""
     C, V = logits.shape
     loss = torch.empty(C, dtype=torch.float32, device=logits.device)
-    block = block or min(BLOCK, triton.next_power_of_2(V))
+    block = block or min(BLOCK, next_power_of_2(V))
     _cross_entropy_kernel[(C,)](logits, logits.stride(0), targets, loss, grad_scale.float(), ignore_index,
                                 V=V, NEED_GRAD=need_grad, BLOCK=block, num_warps=num_warps)
     return loss

@@ -16,7 +16,7 @@ tests/test_gemv.py holds it to models.llama's unfused path in Triton's CPU inter
 """
 import torch
 
-from kernels.launch import gdc_launch_dependents, gdc_wait, launch_options, tl, triton
+from kernels.launch import cdiv, gdc_launch_dependents, gdc_wait, launch_options, next_power_of_2, tl, triton
 
 if triton is not None:
     @triton.jit
@@ -135,8 +135,8 @@ def attention_step(qkv_partials: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     _, n_kv, L, D = k_cache.shape
     cos, sin, mask = cos.reshape(D), sin.reshape(D), mask.reshape(L)  # views unless a layout needs a copy
     assert qkv_partials.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
-    G_PAD = max(16, triton.next_power_of_2(n_heads // n_kv))  # tl.dot's smallest M
-    n_blocks = triton.cdiv(L, BLOCK_L)
+    G_PAD = max(16, next_power_of_2(n_heads // n_kv))  # tl.dot's smallest M
+    n_blocks = cdiv(L, BLOCK_L)
     out = torch.empty(n_heads * D, device=k_cache.device, dtype=k_cache.dtype)
     acc_ws = torch.empty((n_kv, n_blocks, G_PAD, D), device=k_cache.device, dtype=torch.float32)
     ml_ws = torch.empty((n_kv, n_blocks, 2, G_PAD), device=k_cache.device, dtype=torch.float32)

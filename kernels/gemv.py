@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import tune_cache
-from kernels.launch import launch_options, pdl_begin, tl, triton
+from kernels.launch import cdiv, launch_options, next_power_of_2, pdl_begin, tl, triton
 
 
 if triton is not None:
@@ -141,7 +141,7 @@ if triton is not None:
 
 def _geometry(N, K, split_k, block_n, block_k):
     """Columns per split, rounded up to whole tiles, and whether no tile needs a mask."""
-    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+    k_per_split = cdiv(cdiv(K, split_k), block_k) * block_k
     return k_per_split, N % block_n == 0, k_per_split * split_k == K
 
 
@@ -150,7 +150,7 @@ def _norm_args(x, norm):
     if norm is None:
         return dict(ss_ptr=x, n_ss=1, g_ptr=x, eps=0.0, NORM=False, N_SS=1)
     ss, g, eps = norm
-    return dict(ss_ptr=ss, n_ss=ss.numel(), g_ptr=g, eps=eps, NORM=True, N_SS=triton.next_power_of_2(ss.numel()))
+    return dict(ss_ptr=ss, n_ss=ss.numel(), g_ptr=g, eps=eps, NORM=True, N_SS=next_power_of_2(ss.numel()))
 
 
 def launch_gemv_partials(x, weight, out, split_k, block_n, block_k, num_warps, norm=None):
@@ -158,7 +158,7 @@ def launch_gemv_partials(x, weight, out, split_k, block_n, block_k, num_warps, n
     norm: (ss, g, eps) to multiply RMSNorm(x) (weight g, x's squares summed in the parts ss) instead of x."""
     N, K = weight.shape
     k_per_split, even_n, even_k = _geometry(N, K, split_k, block_n, block_k)
-    grid = (triton.cdiv(N, block_n), split_k)
+    grid = (cdiv(N, block_n), split_k)
     _gemv_partials_kernel[grid](x, weight, out, N, K, weight.stride(0), **_norm_args(x, norm), K_PER_SPLIT=k_per_split,
                                 BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=even_n, EVEN_K=even_k,
                                 **launch_options(x, num_warps))
@@ -191,7 +191,7 @@ def launch_gemv_swiglu(x, weight, out, split_k, block_n, block_k, num_warps, nor
     launch_gemv_partials."""
     assert split_k == 1, "the SwiGLU GEMV does not split K"
     N, K = weight.shape[0] // 2, weight.shape[1]
-    _gemv_swiglu_kernel[(triton.cdiv(N, block_n),)](x, weight, out, N, weight.stride(0), **_norm_args(x, norm), K=K,
+    _gemv_swiglu_kernel[(cdiv(N, block_n),)](x, weight, out, N, weight.stride(0), **_norm_args(x, norm), K=K,
                                                     BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=N % block_n == 0,
                                                     EVEN_K=K % block_k == 0, **launch_options(x, num_warps))
     return out
@@ -217,7 +217,7 @@ def launch_gemv_residual(x, weight, residual, out, ss, block_n, block_k, num_war
     """out (N,) <- residual + weight @ x in x's dtype, ss (cdiv(N, block_n),) fp32 <- its sum of squares in
     parts; x (K,), weight (N, K), residual (N,)."""
     N, K = weight.shape
-    _gemv_residual_kernel[(triton.cdiv(N, block_n),)](x, weight, residual, out, ss, N, weight.stride(0), K=K,
+    _gemv_residual_kernel[(cdiv(N, block_n),)](x, weight, residual, out, ss, N, weight.stride(0), K=K,
                                                       BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=N % block_n == 0,
                                                       EVEN_K=K % block_k == 0, **launch_options(x, num_warps))
     return out, ss
@@ -231,7 +231,7 @@ def gemv_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
     its consumer's prologue (gemv_partials / gemv_swiglu with ss) and the residual add has no kernel either."""
     N = weight.shape[0]
     out = torch.empty(N, device=x.device, dtype=x.dtype)
-    ss = torch.empty(triton.cdiv(N, block_n), device=x.device, dtype=torch.float32)
+    ss = torch.empty(cdiv(N, block_n), device=x.device, dtype=torch.float32)
     return launch_gemv_residual(x, weight, residual, out, ss, block_n, block_k, num_warps)
 
 
@@ -286,7 +286,7 @@ def _launcher(kind, x, weight, cfg):
         return functools.partial(launch_gemv_swiglu, x, weight, torch.empty(N // 2, device=dev, dtype=dt), *cfg,
                                  norm=norm)
     if kind == "residual":
-        out, ss = torch.empty(N, device=dev, dtype=dt), torch.empty(triton.cdiv(N, cfg[1]), device=dev)
+        out, ss = torch.empty(N, device=dev, dtype=dt), torch.empty(cdiv(N, cfg[1]), device=dev)
         return functools.partial(launch_gemv_residual, x, weight, torch.randn(N, device=dev, dtype=dt), out, ss,
                                  *cfg[1:])
     out = torch.empty((cfg[0], N), device=dev, dtype=torch.float32)
@@ -341,7 +341,7 @@ def _time_candidates(weight, kind, candidates, l2_flush_bytes):
         if t < best[1]:
             best = (cfg, t)
     if best[0] is None:  # K smaller than every candidate's tile: one tile of K columns
-        best = ((1, 16, max(16, triton.next_power_of_2(K)), 4), None)
+        best = ((1, 16, max(16, next_power_of_2(K)), 4), None)
     return best
 
 

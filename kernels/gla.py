@@ -44,7 +44,7 @@ import os
 
 import torch
 
-from kernels.launch import tl, triton
+from kernels.launch import cdiv, next_power_of_2, tl, triton
 from models.gla import chunk_gla
 
 BLOCK_K = 64   # Dk tile of _walk
@@ -319,7 +319,7 @@ def kernel_ok(device):
 
 
 def _np2(x):
-    return max(16, triton.next_power_of_2(x))  # tl.dot needs every dimension >= 16
+    return max(16, next_power_of_2(x))  # tl.dot needs every dimension >= 16
 
 
 def _nt_loop(nt):
@@ -349,7 +349,7 @@ def segment_length(nt, tiles, seg_len=None, programs=8):
     if seg_len is not None:
         return max(1, min(int(seg_len), nt))
     segments = max(1, programs // max(1, tiles))
-    return max(MIN_SEG, triton.cdiv(nt, segments)) if segments > 1 else nt
+    return max(MIN_SEG, cdiv(nt, segments)) if segments > 1 else nt
 
 
 def _seg_scan_launch(local, gsum, init, reverse):
@@ -359,7 +359,7 @@ def _seg_scan_launch(local, gsum, init, reverse):
     out = torch.empty_like(local)
     final = local.new_empty(BH, DK, DV)
     E = DK * DV
-    _seg_scan[(triton.cdiv(E, SCAN_BLOCK), BH)](local, gsum, out, init if init is not None else final, final, NS,
+    _seg_scan[(cdiv(E, SCAN_BLOCK), BH)](local, gsum, out, init if init is not None else final, final, NS,
                                                 E=E, BLOCK=SCAN_BLOCK, USE_INIT=init is not None, REVERSE=reverse,
                                                 NS_LOOP=_nt_loop(NS), num_warps=NUM_WARPS)
     return out, final
@@ -384,7 +384,7 @@ def bthd(B, H, T, D, like):
 def _walk_tiles(DK, DV):
     # the (BK, BV) state tile of _walk, and how many tiles a head's state has
     BK, BV = min(BLOCK_K, _np2(DK)), min(BLOCK_V, _np2(DV))
-    return BK, BV, triton.cdiv(DK, BK) * triton.cdiv(DV, BV)
+    return BK, BV, cdiv(DK, BK) * cdiv(DV, BV)
 
 
 def _walker(reverse, a, b, g, scale, chunk_size, L, keep_states=True):
@@ -394,12 +394,12 @@ def _walker(reverse, a, b, g, scale, chunk_size, L, keep_states=True):
     log-decay, written by a store_end walk) and NS."""
     B, H, T, DK = a.shape
     DV = b.shape[-1]
-    NT = triton.cdiv(T, chunk_size)
+    NT = cdiv(T, chunk_size)
     BK, BV, _ = _walk_tiles(DK, DV)
-    NS = triton.cdiv(NT, L)
+    NS = cdiv(NT, L)
     states = a.new_empty(B, H, NT, DK, DV) if keep_states else None
     gsum = a.new_empty(B * H, NS, dtype=torch.float32)
-    grid = (triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * H * NS)
+    grid = (cdiv(DK, BK), cdiv(DV, BV), B * H * NS)
 
     def walk(begin, end, use_start, store_all, store_end):
         assert states is not None or not store_all
@@ -427,7 +427,7 @@ def _walk_states(reverse, a, b, g, start, scale, chunk_size, seg_len):
     segments (segment_length) where the rows alone leave the GPU idle."""
     B, H, T, DK = a.shape
     DV = b.shape[-1]
-    NT = triton.cdiv(T, chunk_size)
+    NT = cdiv(T, chunk_size)
     L = segment_length(NT, _walk_tiles(DK, DV)[2] * B * H, seg_len, _programs_wanted(a.device))
     walk, states, gsum, NS = _walker(reverse, a, b, g, scale, chunk_size, L)
     if NS == 1:
@@ -450,22 +450,22 @@ def launch_fwd(q, k, v, g, h0, scale, chunk_size, seg_len=None):
     B, H, T, DK = q.shape
     DV = v.shape[-1]
     _check_head(DK, DV)
-    NT = triton.cdiv(T, chunk_size)
+    NT = cdiv(T, chunk_size)
     BK, BV = _np2(DK), min(BLOCK_VO, _np2(DV))
-    L = segment_length(NT, triton.cdiv(DV, BV) * B * H, seg_len, _programs_wanted(q.device))
+    L = segment_length(NT, cdiv(DV, BV) * B * H, seg_len, _programs_wanted(q.device))
     o = bthd(B, H, T, DV, v)
-    if FWD_LOOKBACK and triton.cdiv(NT, L) > 1:
+    if FWD_LOOKBACK and cdiv(NT, L) > 1:
         # a look-back is a chain of dependent steps (an atomic and a state tile each): few long segments
-        L = max(L, triton.cdiv(NT, LOOKBACK_MAX_SEGMENTS)) if seg_len is None and SEG_LEN is None else L
+        L = max(L, cdiv(NT, LOOKBACK_MAX_SEGMENTS)) if seg_len is None and SEG_LEN is None else L
         return _launch_fwd_lookback(q, k, v, g, h0, o, scale, chunk_size, L, BK, BV)
-    if triton.cdiv(NT, L) == 1:
+    if cdiv(NT, L) == 1:
         begins, end, use_start = h0, q.new_empty(B, H, DK, DV, dtype=torch.float32), h0 is not None
     else:
         walk, _, gsum, NS = _walker(False, k, v, g, 1.0, chunk_size, L, keep_states=False)
         begins, end = _segment_starts(walk, gsum, h0, (B, H, NS, DK, DV), reverse=False)
         use_start = True
-    NS = triton.cdiv(NT, L)
-    _fwd_ho[(triton.cdiv(DV, BV), B * H * NS)](
+    NS = cdiv(NT, L)
+    _fwd_ho[(cdiv(DV, BV), B * H * NS)](
         q, k, v, g, begins if use_start else end, end, o, scale, T, NT, L, H, *_strides(q), *_strides(k),
         *_strides(v), *_strides(o), DK=DK, DV=DV, C=chunk_size, BK=BK, BV=BV, USE_START=use_start,
         STORE_END=NS == 1, PREC=_prec(q), L_LOOP=_nt_loop(L),
@@ -478,8 +478,8 @@ def _launch_fwd_lookback(q, k, v, g, h0, o, scale, chunk_size, L, BK, BV, only_a
     decoupled look-back instead of a walk from zero in a kernel of its own and the scan."""
     B, H, T, DK = q.shape
     DV = v.shape[-1]
-    NT = triton.cdiv(T, chunk_size)
-    NS, NV = triton.cdiv(NT, L), triton.cdiv(DV, BV)
+    NT = cdiv(T, chunk_size)
+    NS, NV = cdiv(NT, L), cdiv(DV, BV)
     agg = q.new_empty(B * H * NS, DK, DV, dtype=torch.float32)
     incl = torch.empty_like(agg)
     gsum = q.new_empty(B * H * NS, dtype=torch.float32)

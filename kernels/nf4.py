@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from kernels.launch import tl, triton
+from kernels.launch import cdiv, tl, triton
 from models.nf4 import Linear4bit, NF4Weight, dequantize_nf4, dynamic_map, nf4_code
 
 ELEMS_PER_PROGRAM = 8192  # 16 KiB of bf16 out, 4 KiB of codes in a program: the best of 2048-16384 (H200)
@@ -74,7 +74,7 @@ def launch_dequantize_nf4(codes, absmax, absmax_scale, absmax_offset, out, block
     blocks = max(1, (elems_per_program or ELEMS_PER_PROGRAM) // blocksize)
     blocks = 1 << (blocks.bit_length() - 1)  # a power of 2 (tl.arange)
     nested = absmax_scale is not None
-    _dequantize_nf4_kernel[(triton.cdiv(n_blocks, blocks),)](
+    _dequantize_nf4_kernel[(cdiv(n_blocks, blocks),)](
         codes, absmax, absmax_scale if nested else absmax, absmax_offset if nested else absmax, nf4, dyn, out,
         out.numel(), codes.numel(), n_blocks, BLOCKSIZE=blocksize, BLOCKS=blocks, NESTED=nested,
         DQ_BLOCKSIZE=dq_blocksize, OUT_BF16=out.dtype == torch.bfloat16, num_warps=num_warps,

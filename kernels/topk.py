@@ -29,7 +29,7 @@ import os
 
 import torch
 
-from kernels.launch import gdc_launch_dependents, gdc_wait, launch_options, tl, triton
+from kernels.launch import cdiv, gdc_launch_dependents, gdc_wait, launch_options, next_power_of_2, tl, triton
 
 # V = 32000, k = 114 (K_PAD 128): 16 chunks of 2048 (the last ragged), stage 2 merges 16 * 128 = 2048 keys.
 # The chain of dependent compare-exchange steps is the same for any CHUNK (28 to sort runs of 128, then 7
@@ -148,13 +148,13 @@ def _geometry(V, k):
     """(chunk, n_chunks, K_PAD, ROWS) of a (B, V) problem, ROWS = n_chunks rounded up to a power of 2: chunks
     of CHUNK, longer where stage 2 would hold more than MAX_CANDIDATES keys; None if that takes a chunk
     longer than MAX_CHUNK."""
-    k_pad = max(2, triton.next_power_of_2(k))  # a hypercube needs an axis
+    k_pad = max(2, next_power_of_2(k))  # a hypercube needs an axis
     max_rows = max(1, MAX_CANDIDATES // k_pad)
-    chunk = max(CHUNK, k_pad, triton.next_power_of_2(triton.cdiv(V, max_rows)))
+    chunk = max(CHUNK, k_pad, next_power_of_2(cdiv(V, max_rows)))
     if chunk > MAX_CHUNK:
         return None
-    n_chunks = triton.cdiv(V, chunk)
-    return chunk, n_chunks, k_pad, triton.next_power_of_2(n_chunks)
+    n_chunks = cdiv(V, chunk)
+    return chunk, n_chunks, k_pad, next_power_of_2(n_chunks)
 
 
 @torch.library.custom_op("decode::topk", mutates_args=())
