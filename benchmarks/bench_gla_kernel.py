@@ -265,6 +265,9 @@ def main(argv=None):
                                                                        "kernels/gla.py forward, look-back")
                     else:
                         print(f"  look-back forward: wrong (rel err {row['rel_err_o_lookback_vs_triton']:.2e}); not timed")
+                except Exception as e:  # noqa: BLE001  (an experiment: its failure must not end the sweep)
+                    row["triton_lookback_fwd_ms"] = f"error: {first_line(e)}"
+                    print(f"note: the look-back forward failed ({first_line(e)})", flush=True)
                 finally:
                     gla_kernels.FWD_LOOKBACK = False
         qt, kt, vt, dot = (t.transpose(1, 2).contiguous() for t in (q, k, v, do))   # (B, T, H, D) for fla

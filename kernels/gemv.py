@@ -192,8 +192,8 @@ def launch_gemv_swiglu(x, weight, out, split_k, block_n, block_k, num_warps, nor
     assert split_k == 1, "the SwiGLU GEMV does not split K"
     N, K = weight.shape[0] // 2, weight.shape[1]
     _gemv_swiglu_kernel[(cdiv(N, block_n),)](x, weight, out, N, weight.stride(0), **_norm_args(x, norm), K=K,
-                                                    BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=N % block_n == 0,
-                                                    EVEN_K=K % block_k == 0, **launch_options(x, num_warps))
+                                             BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=N % block_n == 0,
+                                             EVEN_K=K % block_k == 0, **launch_options(x, num_warps))
     return out
 
 
@@ -218,8 +218,8 @@ def launch_gemv_residual(x, weight, residual, out, ss, block_n, block_k, num_war
     parts; x (K,), weight (N, K), residual (N,)."""
     N, K = weight.shape
     _gemv_residual_kernel[(cdiv(N, block_n),)](x, weight, residual, out, ss, N, weight.stride(0), K=K,
-                                                      BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=N % block_n == 0,
-                                                      EVEN_K=K % block_k == 0, **launch_options(x, num_warps))
+                                               BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=N % block_n == 0,
+                                               EVEN_K=K % block_k == 0, **launch_options(x, num_warps))
     return out, ss
 
 

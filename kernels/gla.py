@@ -360,8 +360,8 @@ def _seg_scan_launch(local, gsum, init, reverse):
     final = local.new_empty(BH, DK, DV)
     E = DK * DV
     _seg_scan[(cdiv(E, SCAN_BLOCK), BH)](local, gsum, out, init if init is not None else final, final, NS,
-                                                E=E, BLOCK=SCAN_BLOCK, USE_INIT=init is not None, REVERSE=reverse,
-                                                NS_LOOP=_nt_loop(NS), num_warps=NUM_WARPS)
+                                         E=E, BLOCK=SCAN_BLOCK, USE_INIT=init is not None, REVERSE=reverse,
+                                         NS_LOOP=_nt_loop(NS), num_warps=NUM_WARPS)
     return out, final
 
 
