@@ -16,11 +16,10 @@ the gradient to the logits' dtype), the traffic of three passes. The idea of Lig
 The launch is a torch.library custom op (xent::chunk, mutating the logits) so torch.compile treats it as opaque;
 off CUDA (and outside Triton's interpreter) it runs models.llama.cross_entropy_chunk.
 """
-import os
 
 import torch
 
-from kernels.launch import next_power_of_2, tl, triton
+from kernels.launch import kernel_ok, next_power_of_2, point_at_kernel, tl, triton
 from models.llama import Llama, cross_entropy_chunk
 
 BLOCK = 4096   # columns per pass step: a row of tinyllama's 32k logits in 8 steps (untuned)
@@ -57,11 +56,6 @@ if triton is not None:
                 x = tl.load(base + c, mask=c < V, other=0.0).to(tl.float32)
                 g = tl.exp(x - lse) - tl.where(c == safe_target, 1.0, 0.0)
                 tl.store(base + c, (g * scale).to(logits_ptr.dtype.element_ty), mask=c < V)
-
-
-def kernel_ok(device):
-    """Whether the kernel runs for tensors on device: CUDA with Triton, or anywhere under Triton's interpreter."""
-    return triton is not None and (torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def launch_cross_entropy(logits, targets, ignore_index, grad_scale, need_grad, block=None, num_warps=NUM_WARPS):
@@ -101,9 +95,4 @@ def cross_entropy_chunk_triton(logits, targets, ignore_index, grad_scale, need_g
 def use_cross_entropy_kernel(model):
     """Point every Llama of model whose head sits where the kernel runs (CUDA with Triton) at the kernel; returns how
     many. Llama.loss and LlavaModel.loss then compute their chunks through it. Off CUDA nothing changes."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, Llama) and kernel_ok(m.lm_head.weight.device):
-            m.chunk_loss = cross_entropy_chunk_triton
-            n += 1
-    return n
+    return point_at_kernel(model, Llama, lambda m: m.lm_head.weight.device, "chunk_loss", cross_entropy_chunk_triton)

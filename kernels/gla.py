@@ -44,7 +44,7 @@ import os
 
 import torch
 
-from kernels.launch import cdiv, next_power_of_2, tl, triton
+from kernels.launch import cdiv, kernel_ok, next_power_of_2, point_at_kernel, tl, triton
 from models.gla import chunk_gla
 
 BLOCK_K = 64   # Dk tile of _walk
@@ -311,11 +311,6 @@ if triton is not None:
         tl.store(dk + t[:, None] * sgkt + rk[None, :], b_dk.to(dk.dtype.element_ty), mask=qkmask)
         tl.store(dv + t[:, None] * sgvt + rv[None, :], b_dv.to(dv.dtype.element_ty), mask=vmask)
         tl.store(dg + t, b_dg, mask=tm)
-
-
-def kernel_ok(device):
-    """Whether the kernels run for tensors on device: CUDA with Triton, or anywhere under Triton's interpreter."""
-    return triton is not None and (torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _np2(x):
@@ -634,9 +629,4 @@ def use_gla_kernels(model):
     """Point every CoeusMixer of model whose weights the kernels can read (CUDA with Triton) at gla_attn; returns how
     many. Off CUDA nothing changes."""
     from models.coeus import CoeusMixer
-    n = 0
-    for m in model.modules():
-        if isinstance(m, CoeusMixer) and kernel_ok(m.q_proj.weight.device):
-            m.global_attn = gla_attn
-            n += 1
-    return n
+    return point_at_kernel(model, CoeusMixer, lambda m: m.q_proj.weight.device, "global_attn", gla_attn)

@@ -1,4 +1,5 @@
-"""What every decode kernel shares: the Triton import guard and its launch options.
+"""What the kernels share: the Triton import guard, where they run (kernel_ok, point_at_kernel), plain-Python
+cdiv / next_power_of_2, and the decode kernels' launch options.
 
 On Hopper and later the kernels are programmatic dependent launches (PDL): each is scheduled while the one
 before it finishes, its launch and ramp-up overlapping that kernel's tail (~2 us a kernel on an H200
@@ -30,6 +31,22 @@ def cdiv(a, b):
 def next_power_of_2(n):
     """The smallest power of 2 >= n (0 for 0, as Triton's)."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def kernel_ok(device):
+    """Whether Triton kernels run for tensors on device: CUDA with Triton, or anywhere under Triton's interpreter."""
+    return triton is not None and (torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def point_at_kernel(model, cls, device_of, attr, fn):
+    """Set attr = fn on every cls module m of model whose device_of(m) is a device the kernels run on; returns how
+    many. The models keep their plain-PyTorch default elsewhere (the use_*_kernel(s) switches)."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, cls) and kernel_ok(device_of(m)):
+            setattr(m, attr, fn)
+            n += 1
+    return n
 
 
 def triton_available():

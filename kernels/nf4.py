@@ -14,11 +14,10 @@ rounded twice, as PyTorch does) -- so it equals dequantize_nf4 bit for bit (test
 Off CUDA or without Triton the op runs models.nf4.dequantize_nf4.
 """
 import functools
-import os
 
 import torch
 
-from kernels.launch import cdiv, tl, triton
+from kernels.launch import cdiv, kernel_ok, point_at_kernel, tl, triton
 from models.nf4 import Linear4bit, NF4Weight, dequantize_nf4, dynamic_map, nf4_code
 
 ELEMS_PER_PROGRAM = 8192  # 16 KiB of bf16 out, 4 KiB of codes in a program: the best of 2048-16384 (H200)
@@ -53,11 +52,6 @@ if triton is not None:
             out = vals.to(out_ptr.dtype.element_ty)
         elem = rows[:, None].to(tl.int64) * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
         tl.store(out_ptr + elem, out, mask=elem < n)
-
-
-def kernel_ok(device):
-    """Whether the kernel runs for tensors on device: CUDA with Triton, or anywhere under Triton's interpreter."""
-    return triton is not None and (torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @functools.cache
@@ -109,9 +103,4 @@ def dequantize_nf4_triton(q, dtype=torch.bfloat16):
 def use_nf4_kernels(model):
     """Point every Linear4bit of model whose buffers the kernel can read (CUDA) at dequantize_nf4_triton; returns
     how many. Off CUDA (or without Triton) nothing changes."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, Linear4bit) and kernel_ok(m.device):
-            m.dequantize_fn = dequantize_nf4_triton
-            n += 1
-    return n
+    return point_at_kernel(model, Linear4bit, lambda m: m.device, "dequantize_fn", dequantize_nf4_triton)
