@@ -4,8 +4,8 @@ KV-cache write and grouped-query attention over the cache.
 Compiled, that part of a layer was five to seven kernels (the q/k/v sum, two RoPE kernels, the cache copy,
 q K^T, softmax, P V), ~15 us a layer on an H200 for TinyLlama, almost all of it launch and ramp time: the
 cache of a short context is a few hundred KB. Here one program per (KV head, block of BLOCK_L cache slots),
-flash-decoding style: each sums the partials of its G query heads (and block 0 those of the key and value,
-rounded to the model's dtype as the unfused path rounds them), rotates q and k, and runs an online softmax
+flash-decoding style: each sums the partials of its G query heads (and block 0 those of the key and value;
+plus Qwen2's q/k/v bias where there is one; rounded to the model's dtype as the unfused path rounds them), rotates q and k, and runs an online softmax
 over its block's visible slots; block 0 also stores k and v at slot pos and starts from the new token, whose
 key and value it already holds (no read-after-write of the cache inside the kernel). The last of a head's
 blocks to finish (an arrival counter per KV head, allocated zeroed by the caller and reset by that block)
@@ -20,11 +20,11 @@ from kernels.launch import cdiv, gdc_launch_dependents, gdc_wait, launch_options
 
 if triton is not None:
     @triton.jit
-    def _decode_attention_kernel(part_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, mask_ptr, pos_ptr, out_ptr,
-                                 acc_ws_ptr, ml_ws_ptr, arrivals_ptr, n_qkv, scale, L: tl.constexpr,
+    def _decode_attention_kernel(part_ptr, bias_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, mask_ptr, pos_ptr,
+                                 out_ptr, acc_ws_ptr, ml_ws_ptr, arrivals_ptr, n_qkv, scale, L: tl.constexpr,
                                  SPLIT: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                                  G_PAD: tl.constexpr, BLOCK_L: tl.constexpr, N_BLOCKS: tl.constexpr,
-                                 PDL: tl.constexpr):
+                                 HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
         j = tl.program_id(0)                       # KV head; query heads j*G .. j*G+G-1 share it
         b = tl.program_id(1)                       # cache block: slots [b*BLOCK_L, (b+1)*BLOCK_L)
         G: tl.constexpr = H // HKV
@@ -65,6 +65,12 @@ if triton is not None:
                 k += tl.load(row + k_col + d)
                 k_r += tl.load(row + k_col + d_rot)
                 v += tl.load(row + v_col + d)
+            if HAS_BIAS:  # Qwen2's q/k/v bias, added to the fp32 sums before the one rounding, as nn.Linear's epilogue
+                q += tl.load(bias_ptr + q_cols + d[None, :], mask=g_ok, other=0.0).to(tl.float32)
+                q_r += tl.load(bias_ptr + q_cols + d_rot[None, :], mask=g_ok, other=0.0).to(tl.float32)
+                k += tl.load(bias_ptr + k_col + d).to(tl.float32)
+                k_r += tl.load(bias_ptr + k_col + d_rot).to(tl.float32)
+                v += tl.load(bias_ptr + v_col + d).to(tl.float32)
             # the projection's output is rounded to the model's dtype, as nn.Linear's would be
             q = q.to(dtype).to(tl.float32) * cos[None, :] + sign[None, :] * q_r.to(dtype).to(tl.float32) * sin[None, :]
             k = k.to(dtype).to(tl.float32) * cos + sign * k_r.to(dtype).to(tl.float32) * sin
@@ -127,26 +133,28 @@ BLOCK_L, NUM_WARPS = 128, 8  # cache slots per program, warps per program (faste
                          tags=(torch.Tag.flexible_layout,))
 def attention_step(qkv_partials: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, arrivals: torch.Tensor,
-                   n_heads: int) -> torch.Tensor:
+                   n_heads: int, qkv_bias: torch.Tensor | None = None) -> torch.Tensor:
     """qkv_partials (S, (H + 2 Hkv) D) fp32, cos/sin (..., D), k_cache/v_cache (1, Hkv, L, D) contiguous, mask
-    (..., L) bool (True = visible), pos (1,) the new token's slot, arrivals (Hkv,) int32 zeros (left zero) ->
-    attention output (H * D,) in the cache's dtype; writes slot pos."""
+    (..., L) bool (True = visible), pos (1,) the new token's slot, arrivals (Hkv,) int32 zeros (left zero),
+    qkv_bias ((H + 2 Hkv) D,) or None -> attention output (H * D,) in the cache's dtype; writes slot pos."""
     S, n_qkv = qkv_partials.shape
     _, n_kv, L, D = k_cache.shape
     cos, sin, mask = cos.reshape(D), sin.reshape(D), mask.reshape(L)  # views unless a layout needs a copy
     assert qkv_partials.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert qkv_bias is None or (qkv_bias.is_contiguous() and qkv_bias.numel() == n_qkv)
     G_PAD = max(16, next_power_of_2(n_heads // n_kv))  # tl.dot's smallest M
     n_blocks = cdiv(L, BLOCK_L)
     out = torch.empty(n_heads * D, device=k_cache.device, dtype=k_cache.dtype)
     acc_ws = torch.empty((n_kv, n_blocks, G_PAD, D), device=k_cache.device, dtype=torch.float32)
     ml_ws = torch.empty((n_kv, n_blocks, 2, G_PAD), device=k_cache.device, dtype=torch.float32)
-    _decode_attention_kernel[(n_kv, n_blocks)](qkv_partials, cos, sin, k_cache, v_cache, mask, pos, out, acc_ws, ml_ws,
-                                               arrivals, n_qkv, D ** -0.5, L=L, SPLIT=S, H=n_heads, HKV=n_kv, D=D,
-                                               G_PAD=G_PAD, BLOCK_L=BLOCK_L, N_BLOCKS=n_blocks,
-                                               **launch_options(k_cache, NUM_WARPS))
+    bias = qkv_partials if qkv_bias is None else qkv_bias  # any pointer where there is none: HAS_BIAS skips it
+    _decode_attention_kernel[(n_kv, n_blocks)](qkv_partials, bias, cos, sin, k_cache, v_cache, mask, pos, out, acc_ws,
+                                               ml_ws, arrivals, n_qkv, D ** -0.5, L=L, SPLIT=S, H=n_heads, HKV=n_kv,
+                                               D=D, G_PAD=G_PAD, BLOCK_L=BLOCK_L, N_BLOCKS=n_blocks,
+                                               HAS_BIAS=qkv_bias is not None, **launch_options(k_cache, NUM_WARPS))
     return out
 
 
 @attention_step.register_fake
-def _(qkv_partials, cos, sin, k_cache, v_cache, mask, pos, arrivals, n_heads):
+def _(qkv_partials, cos, sin, k_cache, v_cache, mask, pos, arrivals, n_heads, qkv_bias=None):
     return k_cache.new_empty(n_heads * k_cache.shape[-1])

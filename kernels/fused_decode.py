@@ -7,7 +7,7 @@
 Each layer is, with h the residual stream and ss the parts of its sum of squares:
 
     qkv  = gemv_partials(h, W_qkv, ss, input_layernorm)      # RMSNorm in the GEMV's prologue
-    a    = attention_step(qkv, cos, sin, cache, ...)         # RoPE, cache write, GQA softmax (decode_attention.py)
+    a    = attention_step(qkv, cos, sin, cache, ..., b_qkv)  # q/k/v bias (Qwen2), RoPE, cache write, GQA softmax
     h,ss = gemv_residual(a, W_o, h)                          # h + o_proj(a), and the next norm's statistic
     m    = gemv_swiglu(h, W_gate_up, ss, post_attention_layernorm)
     h,ss = gemv_residual(m, W_down, h)
@@ -29,15 +29,15 @@ KINDS = {"qkv_proj": "normed", "o_proj": "residual", "gate_up_proj": "swiglu", "
 
 
 def fused_layers_unsupported(layers):
-    """Why these layers cannot run as the kernels here (None when they can): the kernels have no bias terms, so
-    a model with q/k/v bias (Qwen2) or an o_proj bias takes the plain compiled path. RoPE scaling needs nothing:
-    the attention kernel takes cos/sin as models.llama computes them (llama3, linear, dynamic alike)."""
+    """Why these layers cannot run as the kernels here (None when they can). Qwen2's q/k/v bias is added where
+    the attention kernel sums the q/k/v partials; the residual and SwiGLU kernels have no bias, so a model with
+    an o_proj bias (transformers' Llama with attention_bias=True) or MLP biases takes the plain compiled path.
+    RoPE scaling needs nothing: the attention kernel takes cos/sin as models.llama computes them (llama3,
+    linear, dynamic alike)."""
     for i, layer in enumerate(layers):
         attn, mlp = layer.self_attn, layer.mlp
-        for name in ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj"):
-            p = getattr(attn, name, None)
-            if p is not None and p.bias is not None:
-                return f"layer {i} self_attn.{name} has a bias, which the fused decode kernels do not add"
+        if attn.o_proj.bias is not None:
+            return f"layer {i} self_attn.o_proj has a bias, which the fused decode kernels do not add"
         for name in ("gate_up_proj", "gate_proj", "up_proj", "down_proj"):
             p = getattr(mlp, name, None)
             if p is not None and p.bias is not None:
@@ -47,8 +47,8 @@ def fused_layers_unsupported(layers):
 
 def can_run_fused_layers(layers, x, input_pos):
     """Whether this call is one token of one row in half precision, through layers whose projections
-    use_gemv(..., kinds=KINDS) made DecodeLinears (q/k/v and gate/up fused, no biases), with a KV cache of the
-    same dtype."""
+    use_gemv(..., kinds=KINDS) made DecodeLinears (q/k/v and gate/up fused, a bias on q/k/v at most), with a KV
+    cache of the same dtype."""
     if fused_layers_unsupported(layers) is not None:
         return False
     if input_pos is None or x.shape[:2] != (1, 1) or x.dtype not in (torch.bfloat16, torch.float16):
@@ -86,7 +86,8 @@ def fused_layers(layers, x, cos, sin, mask, input_pos, arrivals):
         # configurations indexed, not unpacked: dynamo cannot iterate a module attribute's tuple here
         c = attn.qkv_proj.gemv_config
         qkv = gemv_partials(h, attn.qkv_proj.weight, c[0], c[1], c[2], c[3], ss, norm1.weight, norm1.eps)
-        a = attention_step(qkv, cos, sin, cache.k, cache.v, mask, input_pos, arrivals[i], attn.n_heads)
+        a = attention_step(qkv, cos, sin, cache.k, cache.v, mask, input_pos, arrivals[i], attn.n_heads,
+                           attn.qkv_proj.bias)
         c = attn.o_proj.gemv_config
         h, ss = gemv_residual(a, attn.o_proj.weight, h, c[1], c[2], c[3])
         c = mlp.gate_up_proj.gemv_config

@@ -16,7 +16,7 @@ so a Llama layer needs no norm, add or activation kernel of its own (kernels/fus
 kernels are programmatic dependent launches (kernels/launch.py): each is scheduled while the one before
 finishes.
 
-    use_gemv(model, kinds={"o_proj": "residual", ...})  # bias-free nn.Linears become DecodeLinears, tuned
+    use_gemv(model, kinds={"o_proj": "residual", ...})  # nn.Linears become DecodeLinears, tuned
     y = gemv(x, weight)                                   # x (..., K) with one row -> (..., N), x's dtype
 
 The tile configuration is chosen per (N, K, dtype, GPU, kind) once, eagerly, by timing a few candidates
@@ -345,12 +345,14 @@ def _time_candidates(weight, kind, candidates, l2_flush_bytes):
     return best
 
 
-def gemv(x, weight, config=DEFAULT):
-    """weight @ x for an x with exactly one row: (..., K) -> (..., N) in x's dtype (CUDA, Triton).
+def gemv(x, weight, config=DEFAULT, bias=None):
+    """weight @ x (+ bias) for an x with exactly one row: (..., K) -> (..., N) in x's dtype (CUDA, Triton).
     config: (split_k, block_n, block_k, num_warps), e.g. from tune_gemv."""
     N, K = weight.shape
-    part = gemv_partials(x.reshape(K), weight, config[0], config[1], config[2], config[3])  # (split_k, N) fp32
-    return sum_partials(part).to(x.dtype).view(*x.shape[:-1], N)
+    y = sum_partials(gemv_partials(x.reshape(K), weight, config[0], config[1], config[2], config[3]))  # (N,) fp32
+    if bias is not None:  # added in fp32, one rounding after it, as nn.Linear's epilogue
+        y = y + bias.float()
+    return y.to(x.dtype).view(*x.shape[:-1], N)
 
 
 def sum_partials(part):
@@ -364,9 +366,10 @@ def sum_partials(part):
 
 
 class DecodeLinear(nn.Linear):
-    """A bias-free nn.Linear whose one-row calls on CUDA go to the GEMV kernel; all others are nn.Linear's.
+    """An nn.Linear whose one-row calls on CUDA go to the GEMV kernel; all others are nn.Linear's.
     gemv_config is the tile configuration (split_k, block_n, block_k, num_warps) use_gemv tuned for the kernel
-    this projection runs as (its `kind`), a constant for torch.compile; one split for "swiglu" and "residual"."""
+    this projection runs as (its `kind`), a constant for torch.compile; one split for "swiglu" and "residual".
+    Only "partials" and "normed" take a bias (Qwen2's q/k/v): the swiglu and residual kernels have none."""
 
     gemv_config = DEFAULT
     kind = "partials"
@@ -382,15 +385,17 @@ class DecodeLinear(nn.Linear):
 
     def forward(self, x):
         if self.runs_kernel(x) and self.kind != "swiglu":
-            return gemv(x, self.weight, self.gemv_config)
+            return gemv(x, self.weight, self.gemv_config, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
+BIASED_KINDS = ("partials", "normed")  # their sums are finished outside the kernel, where a bias is one add
 UNTUNED = {"swiglu": (1, 16, 256, 4), "residual": (1, 16, 256, 4)}  # (CPU) one split, tiles for the tests' tiny models
 
 
 def use_gemv(model, tune=True, kinds=None):
-    """Turn every bias-free nn.Linear of model into a DecodeLinear (same parameters, same names) and, on CUDA,
+    """Turn every nn.Linear of model into a DecodeLinear (same parameters, same names; a bias only where the
+    projection's kind adds one, "partials" or "normed") and, on CUDA,
     tune the kernel for each distinct (weight shape, kind). Returns {"NxK kind": (config, microseconds)}, or
     None (with a warning, the model left as it was) when Triton is missing or the kernel fails on this GPU.
 
@@ -401,7 +406,8 @@ def use_gemv(model, tune=True, kinds=None):
         return None
     kinds = kinds or {}
     swapped = [(name.rsplit(".", 1)[-1], m) for name, m in model.named_modules()
-               if type(m) is nn.Linear and m.bias is None]
+               if type(m) is nn.Linear
+               and (m.bias is None or kinds.get(name.rsplit(".", 1)[-1], "partials") in BIASED_KINDS)]
     for _, m in swapped:
         m.__class__ = DecodeLinear
     report = {}

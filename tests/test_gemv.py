@@ -1,6 +1,7 @@
 """kernels/gemv.py, kernels/decode_attention.py and kernels/fused_decode.py: the batch-1 decode kernels in Triton's
 CPU interpreter against float64 references and against the unfused decoding path, and the nn.Linear fallback that
 CPU decoding keeps (the GPU timings are benchmarks/bench_decode.py's)."""
+import pytest
 import torch
 import torch.nn as nn
 
@@ -85,11 +86,14 @@ def test_attention_kernel_matches_float64_reference():
         import kernels.decode_attention as da
         from models.llama import apply_rope, rope_cos_sin
         torch.manual_seed(0)
-        for H, Hkv, D, L, S, p, block in [(4, 2, 16, 80, 2, 9, 64), (4, 2, 16, 80, 1, 70, 64), (8, 2, 32, 64, 3, 0, 64),
-                                          (4, 2, 16, 80, 2, 70, 16), (8, 2, 32, 64, 3, 47, 16), (4, 2, 16, 80, 2, 5, 16)]:
+        for H, Hkv, D, L, S, p, block, biased in [
+                (4, 2, 16, 80, 2, 9, 64, False), (4, 2, 16, 80, 1, 70, 64, True), (8, 2, 32, 64, 3, 0, 64, False),
+                (4, 2, 16, 80, 2, 70, 16, False), (8, 2, 32, 64, 3, 47, 16, True), (4, 2, 16, 80, 2, 5, 16, False)]:
             da.BLOCK_L = block
             for dt, tol in ((torch.float16, 2e-3), (torch.bfloat16, 2e-2)):
                 part = torch.randn(S, (H + 2 * Hkv) * D)
+                # Qwen2's q/k/v bias, large enough that a bias left out or added to the wrong columns shows
+                bias = (0.5 * torch.randn((H + 2 * Hkv) * D)).to(dt) if biased else None
                 k_cache, v_cache = torch.randn(1, Hkv, L, D).to(dt), torch.randn(1, Hkv, L, D).to(dt)
                 pos = torch.tensor([p])
                 cos, sin = rope_cos_sin(pos[None], D, 10000.0, dt)           # (1, 1, D)
@@ -99,17 +103,19 @@ def test_attention_kernel_matches_float64_reference():
                 k_out, v_out = k_cache.clone(), v_cache.clone()
                 arrivals = torch.zeros(Hkv, dtype=torch.int32)
                 y = da.attention_step(part, cos, sin, k_out, v_out, mask, pos,
-                                      arrivals, H)
+                                      arrivals, H, bias)
                 assert not arrivals.any(), arrivals  # left ready for the next step
-                # reference: models.llama's unfused arithmetic, attention in float64
-                q, k, v = part.sum(0).to(dt).split([H * D, Hkv * D, Hkv * D])
+                # reference: models.llama's unfused arithmetic (nn.Linear: bias added, then one rounding),
+                # attention in float64
+                qkv = part.sum(0) + (bias.float() if biased else 0)
+                q, k, v = qkv.to(dt).split([H * D, Hkv * D, Hkv * D])
                 q, k = apply_rope(q.view(1, H, 1, D), cos, sin), apply_rope(k.view(1, Hkv, 1, D), cos, sin)
                 k_ref, v_ref = k_cache.clone(), v_cache.clone()
                 k_ref[:, :, p], v_ref[:, :, p] = k[:, :, 0], v.view(1, Hkv, D)
                 scores = q.view(1, Hkv, H // Hkv, D).double() @ k_ref.double().transpose(-1, -2) * D ** -0.5
                 ref = (scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v_ref.double()).reshape(H * D)
                 # the interpreter rounds to bfloat16 by truncation, torch to nearest: one unit apart at most
-                case = (H, p, block, dt)
+                case = (H, p, block, dt, biased)
                 assert torch.allclose(k_out.double(), k_ref.double(), atol=tol * 4, rtol=tol), case
                 assert torch.allclose(v_out.double(), v_ref.double(), atol=tol * 4, rtol=tol), case
                 assert torch.allclose(y.double(), ref, atol=tol * 4, rtol=tol), (case, (y.double() - ref).abs().max())
@@ -119,8 +125,12 @@ def test_attention_kernel_matches_float64_reference():
 
 
 @needs_triton
-def test_compiled_decoding_through_the_kernels_equals_nn_linear():
-    out = run_in_interpreter("""
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_compiled_decoding_through_the_kernels_equals_nn_linear(family):
+    # qwen2: the q/k/v bias goes through torch.compile as the attention op's optional tensor. Its head is left
+    # untied: a tiny random model with a tied head greedily repeats its input token, whatever the layers do
+    overrides = dict(attention_bias=True) if family == "qwen2" else {}
+    out = run_in_interpreter(f"""
         import torch
         from kernels.fused_decode import can_run_fused_layers
         from kernels.gemv import DecodeLinear, gemv
@@ -130,13 +140,18 @@ def test_compiled_decoding_through_the_kernels_equals_nn_linear():
         w, x = torch.randn(40, 96), torch.randn(1, 1, 96)
         f = torch.compile(lambda x, w: gemv(x, w, (2, 8, 32, 4)) + 1, fullgraph=True)
         assert torch.allclose(f(x, w), x @ w.t() + 1, atol=1e-5)
+        b = torch.randn(40)  # a biased projection (Qwen2's q/k/v without the layer kernels): nn.Linear's result
+        assert torch.allclose(gemv(x, w, (2, 8, 32, 4), b), torch.nn.functional.linear(x, w, b), atol=1e-5)
         DecodeLinear.kernel_devices = ("cpu",)
         torch.manual_seed(0)
-        weights = Llama(llama_config("tiny")).to(torch.float16).state_dict()
+        weights = Llama(llama_config("tiny", **{overrides!r})).to(torch.float16).state_dict()
+        for name, w in weights.items():
+            if name.endswith("bias"):  # HF's init zeroes them: random, so that a bias left out changes the tokens
+                w.normal_(0, 0.1)
         prompt = torch.randint(0, 512, (1, 9))
         toks = []
         for gemv_on in (False, True):
-            model = Llama(llama_config("tiny")).to(torch.float16)
+            model = Llama(llama_config("tiny", **{overrides!r})).to(torch.float16)
             model.load_state_dict(weights)
             lm = LlamaLM(model, fuse=True, gemv=gemv_on)
             for m in lm.modules():  # per module, as use_gemv sets them after tuning; few programs: the interpreter
@@ -158,11 +173,13 @@ def test_compiled_decoding_through_the_kernels_equals_nn_linear():
 
 
 @needs_triton
-def test_fused_layers_equal_the_unfused_blocks():
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fused_layers_equal_the_unfused_blocks(family):
     # one decode step of LlamaLM through kernels/fused_decode.py (five kernels a layer) against the same step
     # through models.llama's Blocks (nn.Linear arithmetic, the cache read back by torch), from the same prefilled
-    # cache
-    out = run_in_interpreter("""
+    # cache; qwen2: q/k/v biases (added by the attention kernel) and a tied head
+    overrides = dict(attention_bias=True, tie_embeddings=True) if family == "qwen2" else {}
+    out = run_in_interpreter(f"""
         import torch
         import utils.decoding as decoding
         from kernels.fused_decode import can_run_fused_layers
@@ -170,11 +187,14 @@ def test_fused_layers_equal_the_unfused_blocks():
         from models.llama import Llama, llama_config
         from utils.decoding import LlamaLM
         torch.manual_seed(0)
-        model = Llama(llama_config("tiny")).to(torch.float16)
+        model = Llama(llama_config("tiny", **{overrides!r})).to(torch.float16)
         for name, p in model.named_parameters():
             if "norm" in name:  # away from 1, so that a norm weight applied wrongly shows
                 p.data.uniform_(0.5, 1.5)
+            if name.endswith("bias"):  # HF's init zeroes them: random, so that a bias left out shows
+                p.data.normal_(0, 1)
         lm = LlamaLM(model, fuse=True, gemv=True)
+        assert lm.layer_kernels and (model.layers[0].self_attn.qkv_proj.bias is not None) == {family == "qwen2"}
         lm.setup(1, 40)
         calls, fused_layers = [], decoding.fused_layers
         decoding.fused_layers = lambda *a: calls.append(1) or fused_layers(*a)  # counts LlamaLM's fused steps

@@ -164,20 +164,24 @@ def test_fused_greedy_decoding_equals_full_recompute(family, scaling):
         assert torch.equal(got, full_recompute_greedy(reference, prompts, n))
 
 
-def test_fused_decode_kernels_refuse_biased_layers():
-    """The Triton layer kernels add no bias: a Qwen2 model must take the plain path (CPU: the predicate only)."""
+def test_fused_decode_kernels_take_qkv_bias_and_refuse_the_others():
+    """The Triton layer kernels add Qwen2's q/k/v bias (tests/test_gemv.py runs them); an o_proj bias
+    (transformers' Llama with attention_bias=True) has no place in them: that model takes the plain path."""
     qwen = Llama(llama_config("tiny", attention_bias=True)).eval().fuse_projections()
-    plain = Llama(llama_config("tiny")).eval().fuse_projections()
-    assert "bias" in fused_layers_unsupported(qwen.layers)
-    assert fused_layers_unsupported(plain.layers) is None
-    qwen.setup_cache(1, 16, dtype=torch.bfloat16)
-    x = torch.zeros(1, 1, qwen.config.dim, dtype=torch.bfloat16)
-    assert not can_run_fused_layers(qwen.layers, x, torch.tensor([0]))
+    o_biased = Llama(llama_config("tiny", attention_bias=True, o_proj_bias=True)).eval().fuse_projections()
+    assert fused_layers_unsupported(qwen.layers) is None
+    assert "o_proj has a bias" in fused_layers_unsupported(o_biased.layers)
+    o_biased.setup_cache(1, 16, dtype=torch.bfloat16)
+    x = torch.zeros(1, 1, o_biased.config.dim, dtype=torch.bfloat16)
+    assert not can_run_fused_layers(o_biased.layers, x, torch.tensor([0]))
     from kernels.launch import triton
     if triton is not None:  # the adapter says so once and turns the layer kernels off
         with pytest.warns(UserWarning, match="fused decode layers off"):
-            lm = LlamaLM(Llama(llama_config("tiny", attention_bias=True)).eval(), fuse=True, gemv=True)
+            lm = LlamaLM(Llama(llama_config("tiny", attention_bias=True, o_proj_bias=True)).eval(), fuse=True,
+                         gemv=True)
         assert not lm.layer_kernels and "bias" in lm.layer_kernels_off
+        lm = LlamaLM(Llama(llama_config("tiny", attention_bias=True)).eval(), fuse=True, gemv=True)
+        assert lm.layer_kernels and lm.layer_kernels_off is None
 
 
 def test_configs_old_dicts_and_bad_rope_types():
