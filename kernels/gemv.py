@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import tune_cache
-from kernels.launch import cdiv, launch_options, next_power_of_2, pdl_begin, tl, triton
+from kernels.launch import cdiv, gdc_launch_dependents, gdc_wait, launch_options, next_power_of_2, tl, triton
 
 
 if triton is not None:
@@ -45,47 +45,67 @@ if triton is not None:
         return tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
 
     @triton.jit
+    def _w_tile(w_rows, rows, cols, N, K, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+        # a (BLOCK_N, BLOCK_K) tile of W; W is read once, so it goes first out of L2 (x stays)
+        if EVEN_N and EVEN_K:
+            return tl.load(w_rows + cols[None, :], eviction_policy="evict_first")
+        return tl.load(w_rows + cols[None, :], mask=(rows[:, None] < N) & (cols < K)[None, :], other=0.0,
+                       eviction_policy="evict_first")
+
+    @triton.jit
+    def _x_tile(x_ptr, g_ptr, cols, K, rms_scale, EVEN_K: tl.constexpr, NORM: tl.constexpr):
+        # the operand's columns cols in fp32: x, or (NORM) its RMSNorm g * (x * rms_scale), rounded as RMSNorm's
+        # output is (to x's dtype after the scaling and after the weight)
+        if EVEN_K:
+            x = tl.load(x_ptr + cols)
+        else:
+            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
+        if NORM:
+            if EVEN_K:
+                g = tl.load(g_ptr + cols)
+            else:
+                g = tl.load(g_ptr + cols, mask=cols < K, other=0.0)
+            x = (g.to(tl.float32) * (x.to(tl.float32) * rms_scale).to(x.dtype).to(tl.float32)).to(x.dtype)
+        return x.to(tl.float32)
+
+    @triton.jit
     def _rows_dot_x(x_ptr, w_ptr, rows, pid_s, N, K, stride_wn, K_PER_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NORM: tl.constexpr,
-                    ss_ptr, n_ss, g_ptr, eps, N_SS: tl.constexpr):
-        # rows (BLOCK_N,) of W times x over columns [pid_s*K_PER_SPLIT, (pid_s+1)*K_PER_SPLIT) -> (BLOCK_N,) fp32.
-        # NORM: x is the residual stream and the operand its RMSNorm, g * (x * rms_scale), rounded as RMSNorm's
-        # output is (to x's dtype after the scaling and after the weight)
+                    ss_ptr, n_ss, g_ptr, eps, N_SS: tl.constexpr, WAIT: tl.constexpr, PREFETCH: tl.constexpr):
+        # rows (BLOCK_N,) of W times x over columns [pid_s*K_PER_SPLIT, (pid_s+1)*K_PER_SPLIT) -> (BLOCK_N,) fp32;
+        # NORM: times x's RMSNorm. WAIT (programmatic dependent launch): wait here for the kernel that wrote x
+        # and the statistic; PREFETCH: ask for the first tile of W before that wait, since W is no kernel's
+        # output, so a program scheduled during the previous kernel's tail streams weights instead of idling
         w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
+        cols = pid_s * K_PER_SPLIT + tl.arange(0, BLOCK_K)
+        if PREFETCH:
+            w = _w_tile(w_rows, rows, cols, N, K, EVEN_N, EVEN_K)
+        if WAIT:
+            gdc_wait()
+        if not PREFETCH:
+            w = _w_tile(w_rows, rows, cols, N, K, EVEN_N, EVEN_K)
         rms_scale = _rms_scale(ss_ptr, n_ss, K, eps, N_SS) if NORM else 1.0
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)   # reduced once, after the loop
-        for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+        acc = w.to(tl.float32) * _x_tile(x_ptr, g_ptr, cols, K, rms_scale, EVEN_K, NORM)[None, :]  # reduced once,
+        for k0 in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):                                              # after the loop
             cols = pid_s * K_PER_SPLIT + k0 + tl.arange(0, BLOCK_K)
-            if EVEN_N and EVEN_K:
-                x = tl.load(x_ptr + cols)
-                w = tl.load(w_rows + cols[None, :], eviction_policy="evict_first")  # W is read once: keep x in L2
-                if NORM:
-                    g = tl.load(g_ptr + cols)
-            else:
-                col_ok = cols < K
-                x = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
-                w = tl.load(w_rows + cols[None, :], mask=(rows[:, None] < N) & col_ok[None, :], other=0.0,
-                            eviction_policy="evict_first")
-                if NORM:
-                    g = tl.load(g_ptr + cols, mask=col_ok, other=0.0)
-            if NORM:
-                x = (g.to(tl.float32) * (x.to(tl.float32) * rms_scale).to(x.dtype).to(tl.float32)).to(x.dtype)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            w = _w_tile(w_rows, rows, cols, N, K, EVEN_N, EVEN_K)
+            acc += w.to(tl.float32) * _x_tile(x_ptr, g_ptr, cols, K, rms_scale, EVEN_K, NORM)[None, :]
         return tl.sum(acc, axis=1)
 
     @triton.jit
     def _gemv_partials_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, ss_ptr, n_ss, g_ptr, eps,
                               K_PER_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NORM: tl.constexpr, N_SS: tl.constexpr,
-                              PDL: tl.constexpr):
+                              PREFETCH: tl.constexpr, PDL: tl.constexpr):
         # program (n, s): rows [n*BLOCK_N, (n+1)*BLOCK_N) of W times x (NORM: times RMSNorm(x)) over the s-th
         # split of the columns
-        pdl_begin(PDL)
+        if PDL:  # the next kernel may be scheduled now; this one waits for its inputs in _rows_dot_x
+            gdc_launch_dependents()
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         y = _rows_dot_x(x_ptr, w_ptr, rows, pid_s, N, K, stride_wn, K_PER_SPLIT, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K,
-                        NORM, ss_ptr, n_ss, g_ptr, eps, N_SS)
+                        NORM, ss_ptr, n_ss, g_ptr, eps, N_SS, PDL, PREFETCH)
         if EVEN_N:
             tl.store(out_ptr + pid_s * N + rows, y)
         else:
@@ -94,16 +114,17 @@ if triton is not None:
     @triton.jit
     def _gemv_residual_kernel(x_ptr, w_ptr, res_ptr, out_ptr, ss_ptr, N, stride_wn, K: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                              PDL: tl.constexpr):
+                              PREFETCH: tl.constexpr, PDL: tl.constexpr):
         # program n: rows [n*BLOCK_N, (n+1)*BLOCK_N) of residual + W x over all of K (the projection rounded to
         # the dtype, then the sum, as `h + o_proj(a)` rounds them), and the sum of their squares: the next
         # RMSNorm's statistic, finished by its consumer (_rms_scale) without a kernel of its own
-        pdl_begin(PDL)
+        if PDL:
+            gdc_launch_dependents()
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         dtype = out_ptr.dtype.element_ty
         y = _rows_dot_x(x_ptr, w_ptr, rows, 0, N, K, stride_wn, K, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K,
-                        False, x_ptr, 1, x_ptr, 0.0, 1)
+                        False, x_ptr, 1, x_ptr, 0.0, 1, PDL, PREFETCH)
         if EVEN_N:
             res = tl.load(res_ptr + rows)
         else:
@@ -120,16 +141,17 @@ if triton is not None:
     @triton.jit
     def _gemv_swiglu_kernel(x_ptr, w_ptr, out_ptr, N, stride_wn, ss_ptr, n_ss, g_ptr, eps, K: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                            NORM: tl.constexpr, N_SS: tl.constexpr, PDL: tl.constexpr):
+                            NORM: tl.constexpr, N_SS: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
         # W = (gate | up) stacked, (2N, K): program n does rows [n*BLOCK_N, (n+1)*BLOCK_N) of both over all of K
         # and writes silu(gate) * up, each product rounded to x's dtype first as nn.Linear's output would be
-        pdl_begin(PDL)
+        if PDL:
+            gdc_launch_dependents()
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         dtype = out_ptr.dtype.element_ty
         gate = _rows_dot_x(x_ptr, w_ptr, rows, 0, N, K, stride_wn, K, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K,
-                           NORM, ss_ptr, n_ss, g_ptr, eps, N_SS)
+                           NORM, ss_ptr, n_ss, g_ptr, eps, N_SS, PDL, PREFETCH)
         up = _rows_dot_x(x_ptr, w_ptr + N * stride_wn, rows, 0, N, K, stride_wn, K, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K,
-                         NORM, ss_ptr, n_ss, g_ptr, eps, N_SS)
+                         NORM, ss_ptr, n_ss, g_ptr, eps, N_SS, False, PREFETCH)
         gate = gate.to(dtype).to(tl.float32)
         up = up.to(dtype).to(tl.float32)
         h = gate * tl.sigmoid(gate) * up
@@ -137,6 +159,15 @@ if triton is not None:
             tl.store(out_ptr + rows, h.to(dtype))
         else:
             tl.store(out_ptr + rows, h.to(dtype), mask=rows < N)
+
+
+# request each program's first tile of W before waiting for the kernel before (programmatic dependent launch);
+# False waits first, as before (bench_decode.py --gemv-prefetch both times the two in one run)
+PREFETCH_W = True
+
+
+def _options(x, num_warps):
+    return dict(**launch_options(x, num_warps), PREFETCH=PREFETCH_W)
 
 
 def _geometry(N, K, split_k, block_n, block_k):
@@ -161,7 +192,7 @@ def launch_gemv_partials(x, weight, out, split_k, block_n, block_k, num_warps, n
     grid = (cdiv(N, block_n), split_k)
     _gemv_partials_kernel[grid](x, weight, out, N, K, weight.stride(0), **_norm_args(x, norm), K_PER_SPLIT=k_per_split,
                                 BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=even_n, EVEN_K=even_k,
-                                **launch_options(x, num_warps))
+                                **_options(x, num_warps))
     return out
 
 
@@ -193,7 +224,7 @@ def launch_gemv_swiglu(x, weight, out, split_k, block_n, block_k, num_warps, nor
     N, K = weight.shape[0] // 2, weight.shape[1]
     _gemv_swiglu_kernel[(cdiv(N, block_n),)](x, weight, out, N, weight.stride(0), **_norm_args(x, norm), K=K,
                                              BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=N % block_n == 0,
-                                             EVEN_K=K % block_k == 0, **launch_options(x, num_warps))
+                                             EVEN_K=K % block_k == 0, **_options(x, num_warps))
     return out
 
 
@@ -219,7 +250,7 @@ def launch_gemv_residual(x, weight, residual, out, ss, block_n, block_k, num_war
     N, K = weight.shape
     _gemv_residual_kernel[(cdiv(N, block_n),)](x, weight, residual, out, ss, N, weight.stride(0), K=K,
                                                BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=N % block_n == 0,
-                                               EVEN_K=K % block_k == 0, **launch_options(x, num_warps))
+                                               EVEN_K=K % block_k == 0, **_options(x, num_warps))
     return out, ss
 
 

@@ -3,8 +3,9 @@ cdiv / next_power_of_2, and the decode kernels' launch options.
 
 On Hopper and later the kernels are programmatic dependent launches (PDL): each is scheduled while the one
 before it finishes, its launch and ramp-up overlapping that kernel's tail (~2 us a kernel on an H200
-otherwise). A kernel opts in through its PDL constexpr (pdl_begin, or the two gdc calls where its loads
-before the wait differ), and launch_options turns it on only where the GPU and Triton can.
+otherwise). A kernel opts in through its PDL constexpr: gdc_launch_dependents() at its start, gdc_wait() before
+it reads what the kernel before it wrote (loads of anything else, weights or an old KV cache, may go before the
+wait), and launch_options turns it on only where the GPU and Triton can.
 """
 import functools
 import os
@@ -58,18 +59,7 @@ def kernels_by_default(device):
     return str(device).startswith("cuda") and triton is not None
 
 
-pdl_begin = None
-if triton is not None:
-    @triton.jit
-    def pdl_begin(PDL: tl.constexpr):
-        # programmatic dependent launch: let the next kernel's programs be scheduled now (they wait in their own
-        # pdl_begin), and wait until the previous kernel, whose outputs this one reads, has finished
-        if PDL:
-            gdc_launch_dependents()
-            gdc_wait()
-
-
-PDL = True  # launch the kernels as programmatic dependent launches where the GPU can (pdl_begin)
+PDL = True  # launch the kernels as programmatic dependent launches where the GPU can
 
 
 @functools.cache

@@ -40,6 +40,18 @@ def test_smoke_run_writes_every_row(tmp_path):
     assert r["first_logits_max_abs_diff_vs_ours"] < 1e-4
 
 
+def test_variants_of_our_decode_step_in_one_run(tmp_path):
+    # --gemv both --gemv-prefetch both: without the kernels, with them but W read after the PDL wait, and with
+    # both, each its own row, the ratios against ours (on this CPU the kernels fall back to nn.Linear)
+    out = tmp_path / "b.json"
+    load_bench().main(["--smoke", "--skip-hf", "--coeus-config", "", "--gemv", "both", "--gemv-prefetch", "both",
+                       "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert (r["ours_no_gemv"]["gemv"], r["ours_no_prefetch"]["gemv"], r["ours"]["gemv"]) == (False, True, True)
+    assert (r["ours_no_prefetch"]["gemv_prefetch"], r["ours"]["gemv_prefetch"]) == (False, True)
+    assert r["gemv_speedup"] > 0 and r["prefetch_speedup"] > 0
+
+
 def test_a_dying_static_child_is_a_row_error_not_a_lost_run(monkeypatch):
     """The static-cache compiled peer has segfaulted under CUDA graphs; in its child process a death is a row."""
     import argparse

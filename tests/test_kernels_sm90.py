@@ -1,0 +1,112 @@
+"""Every CUDA kernel of kernels/ compiled for a Hopper GPU (sm_90) on this CPU, at the shapes the scripts and
+benchmarks run (tests/sm90_compile.py): it compiles, keeps its registers (no spill to local memory or stack),
+and the programmatic-dependent-launch kernels wait where they should, with the loads that may go first (weights,
+an old KV cache) issued before the wait in the final SASS. The numerics are the interpreter tests' job."""
+import pytest
+import torch
+
+import kernels.gemv as gemv
+import kernels.gla as gla
+import kernels.topk as topk
+from kernels.cross_entropy import launch_cross_entropy
+from kernels.decode_attention import attention_step
+from kernels.nf4 import launch_dequantize_nf4
+from tests.sm90_compile import compiling_for_sm90, sm90_tools_available
+
+pytestmark = pytest.mark.skipif(not sm90_tools_available(), reason="needs Triton with its bundled ptxas, "
+                                "cuobjdump and nvdisasm")
+
+BF16 = torch.bfloat16
+
+
+def no_spills(kernels):
+    return [(k.name, k.constexprs, k.local_bytes, k.stack_bytes) for k in kernels if k.spilled]
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_gemv_kernels(monkeypatch, prefetch):
+    # TinyLlama's decode projections, each kind at its largest tiles (the most registers) and a split-K one
+    monkeypatch.setattr(gemv, "PREFETCH_W", prefetch)
+    dim, ffn, n_qkv = 2048, 5632, 2560
+    x, h = torch.randn(dim, dtype=BF16), torch.randn(dim, dtype=BF16)
+    norm = (torch.ones(3), torch.ones(dim, dtype=BF16), 1e-5)
+    with compiling_for_sm90() as kernels:
+        w = torch.randn(n_qkv, dim, dtype=BF16)
+        gemv.launch_gemv_partials(x, w, torch.empty(2, n_qkv), 2, 16, 512, 4, norm=norm)
+        gemv.launch_gemv_partials(x, w, torch.empty(8, n_qkv), 8, 32, 256, 8)
+        w_up = torch.randn(2 * ffn, dim, dtype=BF16)
+        gemv.launch_gemv_swiglu(h, w_up, torch.empty(ffn, dtype=BF16), 1, 16, 512, 8, norm=norm)
+        w_down = torch.randn(dim, ffn, dtype=BF16)
+        gemv.launch_gemv_residual(torch.randn(ffn, dtype=BF16), w_down, h, torch.empty(dim, dtype=BF16),
+                                  torch.empty(dim // 32), 32, 256, 8)
+        gemv.launch_gemv_partials(x, torch.randn(37, 100, dtype=BF16), torch.empty(3, 37), 3, 8, 256, 4)  # ragged
+    assert [k.name for k in kernels] == ["_gemv_partials_kernel"] * 2 + ["_gemv_swiglu_kernel",
+                                                                         "_gemv_residual_kernel",
+                                                                         "_gemv_partials_kernel"]
+    assert not no_spills(kernels), no_spills(kernels)
+    for k in kernels:
+        assert k.has_wait(), k.name  # programmatic dependent launch: the wait for the kernel before
+        # PREFETCH_W: the first tile of W is requested before that wait, so a program scheduled during the
+        # previous kernel's tail streams weights; without it, nothing is read before the wait
+        assert (k.loads_before_wait() > 0) == prefetch, (k.name, k.constexprs, k.loads_before_wait())
+
+
+@pytest.mark.parametrize("H,HKV,D,L,biased", [(32, 4, 64, 2048, False),    # tinyllama-1.1b
+                                              (32, 8, 128, 8192, False),   # llama3-8b
+                                              (14, 2, 64, 4096, True)])    # qwen2.5-0.5b: G = 7, q/k/v bias
+def test_decode_attention_kernel(H, HKV, D, L, biased):
+    n_qkv = (H + 2 * HKV) * D
+    cache = torch.empty(1, HKV, L, D, dtype=BF16)
+    with compiling_for_sm90() as kernels:
+        attention_step(torch.empty(2, n_qkv), torch.empty(D, dtype=BF16), torch.empty(D, dtype=BF16), cache,
+                       torch.empty_like(cache), torch.ones(L, dtype=torch.bool), torch.tensor([5]),
+                       torch.zeros(HKV, dtype=torch.int32), H, torch.empty(n_qkv, dtype=BF16) if biased else None)
+    (k,) = kernels
+    assert not k.spilled, (k.local_bytes, k.stack_bytes)
+    # the block of the cache (written by earlier steps) is read before waiting for the q/k/v GEMV
+    assert k.has_wait() and k.loads_before_wait() > 0
+
+
+@pytest.mark.parametrize("V", [32000, 151936])
+def test_topk_kernels(monkeypatch, V):
+    monkeypatch.setattr(topk, "triton_topk_available", lambda device: True)
+    with compiling_for_sm90() as kernels:
+        topk.topk(torch.randn(1, V), 114)
+    assert [k.name for k in kernels] == ["_topk_chunks_kernel", "_topk_merge_kernel"]
+    assert not no_spills(kernels), no_spills(kernels)
+    assert all(k.has_wait() for k in kernels)
+
+
+def test_gla_kernels(monkeypatch):
+    # the benchmark's shape (2 x 4 heads x 32k, D 64, bf16) cut into segments as on an H100 (132 SMs): the
+    # two-pass forward, the one-launch look-back forward, and the backward
+    monkeypatch.setattr(gla, "_programs_wanted", lambda device: 4 * 132)
+    B, H, T, D = 2, 4, 32768, 64
+    q, k, v, do = (torch.empty(B, T, H, D, dtype=BF16).transpose(1, 2) for _ in range(4))  # (B, H, T, D) views
+    g = torch.empty(B, H, T)
+    with compiling_for_sm90() as kernels:
+        monkeypatch.setattr(gla, "FWD_LOOKBACK", False)
+        gla.launch_fwd(q, k, v, g, None, D ** -0.5, 64)
+        monkeypatch.setattr(gla, "FWD_LOOKBACK", True)
+        gla.launch_fwd(q, k, v, g, None, D ** -0.5, 64)
+        gla.launch_bwd(q, k, v, g, None, do, None, D ** -0.5, 64)
+    names = [k.name for k in kernels]
+    assert names[:4] == ["_walk", "_seg_scan", "_fwd_ho", "_fwd_lookback"], names
+    assert names[-1] == "_bwd_dqkvg" and names.count("_walk") == 5, names
+    assert not no_spills(kernels), no_spills(kernels)
+
+
+def test_training_kernels():
+    # the fused cross-entropy at Llama-3's and TinyLlama's vocabularies; the NF4 dequantisation (plain and
+    # nested absmax) of QLoRA's bases
+    with compiling_for_sm90() as kernels:
+        for V in (32000, 128256):
+            launch_cross_entropy(torch.empty(64, V, dtype=BF16), torch.zeros(64, dtype=torch.long), -100,
+                                 torch.tensor(1.0), True)
+        n = 4096 * 4096
+        codes, absmax = torch.empty(n // 2, dtype=torch.uint8), torch.empty(n // 64)
+        launch_dequantize_nf4(codes, absmax, None, None, torch.empty(n, dtype=BF16), 64)
+        launch_dequantize_nf4(codes, absmax.to(torch.uint8), torch.empty(n // 64 // 256), torch.tensor(0.0),
+                              torch.empty(n, dtype=BF16), 64)
+    assert [k.name for k in kernels] == ["_cross_entropy_kernel"] * 2 + ["_dequantize_nf4_kernel"] * 2
+    assert not no_spills(kernels), no_spills(kernels)
