@@ -30,7 +30,8 @@ dg: with b_t treated as free, dL/db_t = q_t . dq_t - k_t . dk_t, plus, at the ch
 the chunk (fla's identity; tests/test_gla_kernel.py checks it against autograd through models.gla.chunk_gla).
 Decays only enter as exp(x) with x <= 0 (the causal mask is applied to the exponent, -inf above the diagonal), so a
 log-decay of -30 underflows to 0, never to Inf/NaN. Accumulation is fp32 (tl.dot into fp32); score matrices are
-rounded to the input dtype before their matmul, as in models/gla.py; fp32 inputs use IEEE fp32 dots, not TF32.
+rounded to the input dtype before their matmul, as in models/gla.py; fp32 inputs use TF32 dots where PyTorch allows
+TF32 for fp32 matmuls (torch.backends.cuda.matmul.allow_tf32, as the scripts set it on CUDA), IEEE fp32 dots otherwise.
 A last chunk shorter than C is masked: its missing tokens load as q = k = v = 0 and g = 0.
 
     o, S = chunk_gla_triton(q, k, v, g, chunk_size=64, initial_state=S0, output_final_state=True)
@@ -324,7 +325,11 @@ def _nt_loop(nt):
 
 
 def _prec(x):
-    return "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 inputs: exact fp32 dots (bf16/fp16 ignore it)
+    # fp32 inputs follow PyTorch's own setting for fp32 matmuls: TF32 where it is allowed (the scripts allow it on
+    # CUDA), exact fp32 otherwise (the interpreter tests). An exact fp32 dot has no tensor-core form, and Triton's
+    # FMA form spills on Hopper: 11.5 KB of stack a thread in _fwd_ho at D 64 (tests/test_kernels_sm90.py).
+    # bf16/fp16 inputs ignore it
+    return "tf32" if x.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _programs_wanted(device):
