@@ -33,7 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import tune_cache
-from kernels.launch import cdiv, gdc_launch_dependents, gdc_wait, launch_options, next_power_of_2, tl, triton
+from kernels.launch import (cdiv, compile_in_parallel, gdc_launch_dependents, gdc_wait, launch_options, next_power_of_2,
+                            tl, triton)
 
 
 if triton is not None:
@@ -348,6 +349,12 @@ def tune_gemv(weight, kind="partials", candidates=None, l2_flush_bytes=256e6):
     return best
 
 
+def is_tuned(weight, kind):
+    """Whether tune_gemv(weight, kind) has its answer without timing: in this process or in the disk cache."""
+    key = _key(weight, kind)
+    return key in _TUNED or _stored_config(tune_cache.get(key)) is not None
+
+
 def _stored_config(stored):
     """(config, us) from a cache entry, or None if there is none or it is not a 4-int config."""
     try:
@@ -357,17 +364,31 @@ def _stored_config(stored):
     return (cfg, None if us is None else float(us)) if len(cfg) == 4 else None
 
 
+def _runnable(kind, K, candidates):
+    """The candidates whose K tile fits, and only one split for the kinds that take no split."""
+    one_split = kind in ("swiglu", "residual")
+    return [cfg for cfg in candidates if cfg[2] <= K and not (one_split and cfg[0] > 1)]
+
+
+def precompile_candidates(jobs, candidates=None):
+    """Compile every candidate kernel of each (weight, kind) in jobs at once, on a pool of threads
+    (kernels.launch.compile_in_parallel), so that tuning them then only times them: compilation was most of the
+    first tuning's ~40 s on an H200."""
+    with compile_in_parallel():
+        for weight, kind in jobs:
+            x = torch.empty(weight.shape[1], device=weight.device, dtype=weight.dtype)
+            for cfg in _runnable(kind, weight.shape[1], candidates or CANDIDATES):
+                _launcher(kind, x, weight, cfg)()
+
+
 def _time_candidates(weight, kind, candidates, l2_flush_bytes):
     """The fastest of candidates for weight's shape and kind, (config, microseconds): CUDA-graph timings."""
     N, K = weight.shape
     copies = max(2, int(l2_flush_bytes // weight.nbytes))
     ws = [torch.randn_like(weight) for _ in range(copies)]
     x = torch.randn(K, device=weight.device, dtype=weight.dtype)
-    one_split = kind in ("swiglu", "residual")
     best = (None, float("inf"))
-    for cfg in candidates:
-        if cfg[2] > K or (one_split and cfg[0] > 1):
-            continue
+    for cfg in _runnable(kind, K, candidates):
         t = graph_time_us([_launcher(kind, x, w, cfg) for w in ws])
         if t < best[1]:
             best = (cfg, t)
@@ -446,8 +467,14 @@ def use_gemv(model, tune=True, kinds=None):
         for attr, m in swapped:
             m.kind = kinds.get(attr, "partials")
             m.gemv_config = UNTUNED.get(m.kind, DEFAULT)
-            if not (m.weight.is_cuda and tune):
-                continue
+        to_tune = [m for _, m in swapped if m.weight.is_cuda and tune]
+        # one (weight, kind) per shape and kind with no configuration in memory or on disk: all their candidates
+        # compiled at once, in parallel, before any is timed
+        untuned = {(tuple(m.weight.shape), m.weight.dtype, m.kind): (m.weight, m.kind) for m in to_tune
+                   if not is_tuned(m.weight, m.kind)}
+        if untuned:
+            precompile_candidates(untuned.values())
+        for m in to_tune:
             key = "x".join(map(str, m.weight.shape)) + " " + m.kind
             if key not in report:
                 report[key] = tune_gemv(m.weight, m.kind)

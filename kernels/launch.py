@@ -7,6 +7,7 @@ otherwise). A kernel opts in through its PDL constexpr: gdc_launch_dependents() 
 it reads what the kernel before it wrote (loads of anything else, weights or an old KV cache, may go before the
 wait), and launch_options turns it on only where the GPU and Triton can.
 """
+import contextlib
 import functools
 import os
 
@@ -48,6 +49,33 @@ def point_at_kernel(model, cls, device_of, attr, fn):
             setattr(m, attr, fn)
             n += 1
     return n
+
+
+@contextlib.contextmanager
+def compile_in_parallel(workers=None):
+    """Inside, a Triton launch only compiles its kernel, on a pool of threads; on leaving, every compile has
+    finished and sits in Triton's caches (in memory and on disk), so the same launches afterwards run at once.
+    Triton's compiler releases the GIL in its MLIR passes and runs ptxas as a process: 1.5-2x on a 2-core CPU,
+    more on a GPU host's cores, for the GEMV tuner's candidates. A compile that fails is left for the real
+    launch to raise. Without Triton's AsyncCompileMode (before 3.4) the launches compile one by one later."""
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+        from triton.runtime._async_compile import AsyncCompileMode
+        from triton.runtime.jit import JITFunction
+    except ImportError:  # pragma: no cover - older Triton, or none
+        yield
+        return
+    run = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        return run(self, *args, grid=grid, warmup=True, **kwargs)
+
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool, AsyncCompileMode(pool, ignore_errors=True):
+        JITFunction.run = compile_only
+        try:
+            yield
+        finally:
+            JITFunction.run = run
 
 
 def triton_available():

@@ -127,3 +127,46 @@ def test_training_kernels():
                               torch.empty(n, dtype=BF16), 64)
     assert [k.name for k in kernels] == ["_cross_entropy_kernel"] * 2 + ["_dequantize_nf4_kernel"] * 2
     assert not no_spills(kernels), no_spills(kernels)
+
+
+class FakeHopperDriver:
+    """What JITFunction.run asks of Triton's active driver, for a GPU this machine does not have: launches then
+    compile for sm_90 through Triton's own JIT path (binder, specialisation, caches) and never run."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", 90, 32)
+
+
+def test_gemv_candidates_compile_in_parallel(monkeypatch, tmp_path):
+    # the tuner's first step on a GPU, here through a fake Hopper driver: every candidate kernel of two shapes
+    # and kinds compiled into Triton's JIT caches, on a pool of threads, before any is timed
+    import threading
+    from collections import defaultdict
+    from triton.runtime import driver
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # cold: every candidate compiles
+    threads = set()
+    kernel_fns = (gemv._gemv_partials_kernel, gemv._gemv_residual_kernel)
+    for fn in kernel_fns:
+        monkeypatch.setattr(fn, "device_caches", defaultdict(fn.create_binder))  # this test's caches only
+    monkeypatch.setattr(driver, "_active", FakeHopperDriver())  # (set_active; reset_active needs a real GPU)
+    for fn in kernel_fns:
+        fn.device_caches[0]  # the binder for the fake GPU, which sets fn.compile
+        compile_ = fn.compile
+        monkeypatch.setattr(fn, "compile", lambda *a, c=compile_, **k: threads.add(threading.get_ident())
+                            or c(*a, **k))
+    w_qkv, w_down = torch.empty(2560, 2048, dtype=BF16), torch.empty(2048, 5632, dtype=BF16)
+    gemv.precompile_candidates([(w_qkv, "normed"), (w_down, "residual")])
+    n_partials = len(gemv._runnable("normed", 2048, gemv.CANDIDATES))
+    n_residual = len(gemv._runnable("residual", 5632, gemv.CANDIDATES))
+    assert (n_partials, n_residual) == (56, 14)
+    assert len(gemv._gemv_partials_kernel.device_caches[0][0]) == n_partials
+    assert len(gemv._gemv_residual_kernel.device_caches[0][0]) == n_residual
+    assert len(threads) > 1 and threading.get_ident() not in threads  # on the pool, not this thread
