@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.gla import chunk_gla  # noqa: E402
+from kernels.launch import kernel_ok  # noqa: E402
 from utils.runtime import cuda_graph  # noqa: E402
 
 FLA_640 = "unsupported (fla #640)"
@@ -53,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--cuda-graph", action="store_true",
                    help="time CUDA-graph replays of every call (ours, fla, SDPA alike): GPU time without the Python and "
                         "launch overhead that a single call at these sizes is bound by; without it, one call's wall time")
+    p.add_argument("--lookback-segments", default="16",
+                   help="caps on the segments a row of the experimental look-back forward (kernels.gla."
+                        "LOOKBACK_MAX_SEGMENTS) to time, comma-separated, e.g. 4,8,16,32; its column shows the fastest")
     p.add_argument("--copy-mib", type=int, default=2048, help="buffer of the bandwidth-measuring copy")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="out/bench_gla", help="folder for results.json")
@@ -243,7 +247,7 @@ def main(argv=None):
             row[f"ours_c{C}_ms"] = timer(run, args.warmup, args.iters)
             row[f"ours_c{C}_peak_mib"] = peak_mib(run, device)
             print(f"  ours C={C}: fwd {row[f'ours_c{C}_fwd_ms']:.3f} ms, fwd+bwd {row[f'ours_c{C}_ms']:.3f} ms", flush=True)
-        if device.startswith("cuda"):  # the Triton kernels of kernels/gla.py (same math, fused per chunk)
+        if kernel_ok(device):  # the Triton kernels of kernels/gla.py (same math, fused per chunk)
             import kernels.gla as gla_kernels
             from kernels.gla import chunk_gla_triton
             gla_kernels.FWD_LOOKBACK = False  # the three-launch forward first; the look-back one is its own column
@@ -255,21 +259,34 @@ def main(argv=None):
                 with torch.no_grad():
                     o_tri = tri(q, k, v, g)
                     row["rel_err_o_triton_vs_ours"] = rel(o_tri, ours[chunk_sizes[0]](q, k, v, g))
-                # the experimental one-launch forward (segments chained by decoupled look-back), checked against it
+                # the experimental one-launch forward (segments chained by decoupled look-back), checked against it,
+                # at each cap on its segments a row (--lookback-segments); the column shows the fastest
                 gla_kernels.FWD_LOOKBACK = True
-                try:
-                    with torch.no_grad():
-                        row["rel_err_o_lookback_vs_triton"] = rel(tri(q, k, v, g), o_tri)
-                    if row["rel_err_o_lookback_vs_triton"] < 1e-2:
-                        row["triton_lookback_fwd_ms"] = timed_or_error(timer, fwd_only(tri, (q, k, v, g)), args,
-                                                                       "kernels/gla.py forward, look-back")
-                    else:
-                        print(f"  look-back forward: wrong (rel err {row['rel_err_o_lookback_vs_triton']:.2e}); not timed")
-                except Exception as e:  # noqa: BLE001  (an experiment: its failure must not end the sweep)
-                    row["triton_lookback_fwd_ms"] = f"error: {first_line(e)}"
-                    print(f"note: the look-back forward failed ({first_line(e)})", flush=True)
-                finally:
-                    gla_kernels.FWD_LOOKBACK = False
+                cap, lookback = gla_kernels.LOOKBACK_MAX_SEGMENTS, {}
+                for n_seg in [int(n) for n in args.lookback_segments.split(",") if n]:
+                    gla_kernels.LOOKBACK_MAX_SEGMENTS = n_seg
+                    key = f"triton_lookback_s{n_seg}_fwd_ms"
+                    try:
+                        with torch.no_grad():
+                            row[f"rel_err_o_lookback_s{n_seg}_vs_triton"] = err = rel(tri(q, k, v, g), o_tri)
+                        if err < 1e-2:
+                            row[key] = timed_or_error(timer, fwd_only(tri, (q, k, v, g)), args,
+                                                      f"kernels/gla.py forward, look-back over <= {n_seg} segments")
+                            print(f"  look-back forward, <= {n_seg} segments a row: {fmt(row[key])} ms", flush=True)
+                        else:
+                            row[key] = f"wrong (rel err {err:.2e})"
+                            print(f"  look-back forward, <= {n_seg} segments: wrong (rel err {err:.2e}); not timed")
+                    except Exception as e:  # noqa: BLE001  (an experiment: its failure must not end the sweep)
+                        row[key] = f"error: {first_line(e)}"
+                        print(f"note: the look-back forward failed ({first_line(e)})", flush=True)
+                    lookback[n_seg] = row[key]
+                gla_kernels.FWD_LOOKBACK, gla_kernels.LOOKBACK_MAX_SEGMENTS = False, cap
+                timed = {n: t for n, t in lookback.items() if isinstance(t, float)}
+                if timed:
+                    row["lookback_best_segments"] = min(timed, key=timed.get)
+                    row["triton_lookback_fwd_ms"] = timed[row["lookback_best_segments"]]
+                elif lookback:  # the first failure, as the column's cell
+                    row["triton_lookback_fwd_ms"] = next(iter(lookback.values()))
         qt, kt, vt, dot = (t.transpose(1, 2).contiguous() for t in (q, k, v, do))   # (B, T, H, D) for fla
         gs = g.transpose(1, 2).contiguous()                                          # (B, T, H)
         if fla_note:

@@ -8,6 +8,7 @@ import torch
 import stress_test_massive
 import test_infinite_context
 from benchmarks import bench_gla_kernel
+from tests.triton_interpreter import needs_triton, run_in_interpreter
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
@@ -103,3 +104,34 @@ def test_kernel_bench_labels_and_floor():
                                                                 8 * 2 * 32768 * 256 * 2 + 2 * 2 * 32768 * 4 * 4)
     args = bench_gla_kernel.parse_args([])
     assert max(1, args.tokens // 131072) == 1 and args.tokens == 65536
+
+
+@needs_triton
+def test_kernel_bench_times_the_lookback_forward_at_each_segment_cap():
+    # the Triton columns in Triton's interpreter (they run wherever the kernels do); the GPU's segmentation forced
+    # on this small input (64 programs wanted, segments of one chunk at least), so that the look-back forward
+    # really chains segments: at most 2, then 4, a row
+    out = run_in_interpreter("""
+        import json, sys, tempfile
+        import kernels.gla as G
+        from benchmarks import bench_gla_kernel
+        G._programs_wanted, G.MIN_SEG = (lambda device: 64), 1
+        segments, launch = [], G._launch_fwd_lookback
+        # (q, k, v, g, h0, o, scale, chunk_size, L, ...): T / chunk_size / L segments a row
+        G._launch_fwd_lookback = lambda q, *a, **kw: segments.append(q.shape[2] // a[6] // a[7]) or launch(q, *a, **kw)
+        d = tempfile.mkdtemp()
+        sys.argv = ["bench", "--device", "cpu", "--dtype", "float32", "--lengths", "512", "--tokens", "1024",
+                    "--iters", "1", "--warmup", "0", "--no-compile", "--no-sdpa", "--copy-mib", "16",
+                    "--lookback-segments", "2,4", "--out", d]
+        bench_gla_kernel.main()
+        row = json.load(open(d + "/results.json"))["rows"][0]
+        print(json.dumps(dict(row=row, segments=sorted(set(segments)))))
+    """)
+    r = json.loads(out.strip().splitlines()[-1])
+    row = r["row"]
+    assert r["segments"] == [2, 4]  # each cap took effect
+    for n in (2, 4):
+        assert row[f"rel_err_o_lookback_s{n}_vs_triton"] < 1e-5 and row[f"triton_lookback_s{n}_fwd_ms"] > 0
+    assert row["lookback_best_segments"] in (2, 4)
+    assert row["triton_lookback_fwd_ms"] == row[f"triton_lookback_s{row['lookback_best_segments']}_fwd_ms"]
+    assert row["triton_fwd_ms"] > 0 and row["triton_ms"] > 0
