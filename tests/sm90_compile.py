@@ -79,15 +79,15 @@ def _inspect(name, constexprs, compiled):
 
 
 @contextlib.contextmanager
-def compiling_for_sm90(pdl=True):
-    """Within it, every Triton launch compiles for sm_90 instead of running; yields the list of CompiledKernels,
-    one per launch, in order. pdl: kernels with a PDL constexpr are compiled with it on (as launch_options sets
-    it on Hopper), whatever the launcher passed on this CPU."""
+def compiling_for_sm90(pdl=True, arch=90):
+    """Within it, every Triton launch compiles for sm_90 (or sm_<arch>) instead of running; yields the list of
+    CompiledKernels, one per launch, in order. pdl: kernels with a PDL constexpr are compiled with it on (as
+    launch_options sets it on Hopper), whatever the launcher passed on this CPU."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime import jit
 
-    target = GPUTarget("cuda", 90, 32)
+    target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     compiled = []
 

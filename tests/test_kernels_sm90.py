@@ -1,7 +1,8 @@
 """Every CUDA kernel of kernels/ compiled for a Hopper GPU (sm_90) on this CPU, at the shapes the scripts and
 benchmarks run (tests/sm90_compile.py): it compiles, keeps its registers (no spill to local memory or stack),
 and the programmatic-dependent-launch kernels wait where they should, with the loads that may go first (weights,
-an old KV cache) issued before the wait in the final SASS. The numerics are the interpreter tests' job."""
+an old KV cache) issued before the wait in the final SASS. Also all of them for an A100 (sm_80), and the GEMV
+tuner's parallel compilation through Triton's own JIT path. The numerics are the interpreter tests' job."""
 import pytest
 import torch
 
@@ -170,3 +171,43 @@ def test_gemv_candidates_compile_in_parallel(monkeypatch, tmp_path):
     assert len(gemv._gemv_partials_kernel.device_caches[0][0]) == n_partials
     assert len(gemv._gemv_residual_kernel.device_caches[0][0]) == n_residual
     assert len(threads) > 1 and threading.get_ident() not in threads  # on the pool, not this thread
+
+
+def test_every_kernel_compiles_for_an_a100(monkeypatch):
+    # sm_80 (A100, the other GPU researchers have): no wgmma, no programmatic dependent launch (launch_options
+    # leaves PDL off below Hopper). Everything compiles; the GLA backward spills a little there (264 bytes a
+    # thread at 255 registers), nothing else does
+    monkeypatch.setattr(topk, "triton_topk_available", lambda device: True)
+    monkeypatch.setattr(gla, "_programs_wanted", lambda device: 4 * 108)
+    dim, ffn = 2048, 5632
+    x = torch.randn(dim, dtype=BF16)
+    norm = (torch.ones(3), torch.ones(dim, dtype=BF16), 1e-5)
+    B, H, T, D = 2, 4, 32768, 64
+    q, k, v, do = (torch.empty(B, T, H, D, dtype=BF16).transpose(1, 2) for _ in range(4))
+    with compiling_for_sm90(pdl=False, arch=80) as kernels:
+        gemv.launch_gemv_partials(x, torch.randn(2560, dim, dtype=BF16), torch.empty(2, 2560), 2, 16, 512, 4, norm=norm)
+        gemv.launch_gemv_swiglu(x, torch.randn(2 * ffn, dim, dtype=BF16), torch.empty(ffn, dtype=BF16), 1, 16, 512, 8,
+                                norm=norm)
+        gemv.launch_gemv_residual(torch.randn(ffn, dtype=BF16), torch.randn(dim, ffn, dtype=BF16), x,
+                                  torch.empty(dim, dtype=BF16), torch.empty(dim // 32), 32, 256, 8)
+        cache = torch.empty(1, 8, 8192, 128, dtype=BF16)  # llama3-8b's
+        attention_step(torch.empty(2, 48 * 128), torch.empty(128, dtype=BF16), torch.empty(128, dtype=BF16), cache,
+                       torch.empty_like(cache), torch.ones(8192, dtype=torch.bool), torch.tensor([5]),
+                       torch.zeros(8, dtype=torch.int32), 32)
+        topk.topk(torch.randn(1, 128256), 114)
+        for lookback in (False, True):
+            monkeypatch.setattr(gla, "FWD_LOOKBACK", lookback)
+            gla.launch_fwd(q, k, v, torch.empty(B, H, T), None, D ** -0.5, 64)
+        gla.launch_bwd(q, k, v, torch.empty(B, H, T), None, do, None, D ** -0.5, 64)
+        launch_cross_entropy(torch.empty(64, 128256, dtype=BF16), torch.zeros(64, dtype=torch.long), -100,
+                             torch.tensor(1.0), True)
+        n = 4096 * 4096
+        launch_dequantize_nf4(torch.empty(n // 2, dtype=torch.uint8), torch.empty(n // 64), None, None,
+                              torch.empty(n, dtype=BF16), 64)
+    names = {k.name for k in kernels}
+    assert {"_gemv_partials_kernel", "_gemv_swiglu_kernel", "_gemv_residual_kernel", "_decode_attention_kernel",
+            "_topk_chunks_kernel", "_topk_merge_kernel", "_walk", "_seg_scan", "_fwd_ho", "_fwd_lookback",
+            "_bwd_dqkvg", "_cross_entropy_kernel", "_dequantize_nf4_kernel"} == names
+    assert not any(k.has_wait() for k in kernels)
+    assert [k.name for k in kernels if k.spilled] == ["_bwd_dqkvg"]
+    assert kernels[-3].name == "_bwd_dqkvg" and kernels[-3].stack_bytes <= 512
