@@ -442,7 +442,9 @@ def main(argv=None):
     gemv = args.gemv
     if gemv == "auto":
         gemv = "on" if kernels_by_default(device) else "off"
-    variants = [("ours_no_gemv", False, True), ("ours", True, True)] if gemv == "both" else [("ours", gemv == "on", True)]
+    # (row, decode kernels on, W prefetched before the PDL wait)
+    variants = ([("ours_no_gemv", False, True), ("ours", True, True)] if gemv == "both"
+                else [("ours", gemv == "on", True)])
     if args.gemv_prefetch != "on" and gemv != "off":
         variants = ([("ours_no_prefetch", True, False)] + variants if args.gemv_prefetch == "both"
                     else [(key, with_gemv, False) for key, with_gemv, _ in variants])

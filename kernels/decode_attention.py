@@ -4,10 +4,11 @@ KV-cache write and grouped-query attention over the cache.
 Compiled, that part of a layer was five to seven kernels (the q/k/v sum, two RoPE kernels, the cache copy,
 q K^T, softmax, P V), ~15 us a layer on an H200 for TinyLlama, almost all of it launch and ramp time: the
 cache of a short context is a few hundred KB. Here one program per (KV head, block of BLOCK_L cache slots),
-flash-decoding style: each sums the partials of its G query heads (and block 0 those of the key and value;
-plus Qwen2's q/k/v bias where there is one; rounded to the model's dtype as the unfused path rounds them), rotates q and k, and runs an online softmax
-over its block's visible slots; block 0 also stores k and v at slot pos and starts from the new token, whose
-key and value it already holds (no read-after-write of the cache inside the kernel). The last of a head's
+flash-decoding style: each sums the partials of its G query heads (and block 0 those of the key and value),
+adds Qwen2's q/k/v bias where there is one, rounds to the model's dtype as the unfused path rounds them, rotates
+q and k, and runs an online softmax over its block's visible slots; block 0 also stores k and v at slot pos and
+starts from the new token, whose key and value it already holds (no read-after-write of the cache inside the
+kernel). The last of a head's
 blocks to finish (an arrival counter per KV head, allocated zeroed by the caller and reset by that block)
 merges the blocks' (max, sum, output) triples, so the step stays one launch however long the cache.
 

@@ -86,8 +86,9 @@ if triton is not None:
         if not PREFETCH:
             w = _w_tile(w_rows, rows, cols, N, K, EVEN_N, EVEN_K)
         rms_scale = _rms_scale(ss_ptr, n_ss, K, eps, N_SS) if NORM else 1.0
-        acc = w.to(tl.float32) * _x_tile(x_ptr, g_ptr, cols, K, rms_scale, EVEN_K, NORM)[None, :]  # reduced once,
-        for k0 in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):                                              # after the loop
+        # (BLOCK_N, BLOCK_K) products, reduced once after the loop
+        acc = w.to(tl.float32) * _x_tile(x_ptr, g_ptr, cols, K, rms_scale, EVEN_K, NORM)[None, :]
+        for k0 in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):
             cols = pid_s * K_PER_SPLIT + k0 + tl.arange(0, BLOCK_K)
             w = _w_tile(w_rows, rows, cols, N, K, EVEN_N, EVEN_K)
             acc += w.to(tl.float32) * _x_tile(x_ptr, g_ptr, cols, K, rms_scale, EVEN_K, NORM)[None, :]
