@@ -103,12 +103,16 @@ def test_gla_kernels_in_float32(monkeypatch):
     # (Triton's FMA form of a 64 x 64 dot: 11.5 KB in the forward, 8.8 KB in the backward); the user's choice.
     monkeypatch.setattr(gla, "_programs_wanted", lambda device: 4 * 132)
     monkeypatch.setattr(gla, "FWD_LOOKBACK", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     B, H, T, D = 1, 4, 8192, 64
     q, k, v, do = (torch.empty(B, T, H, D).transpose(1, 2) for _ in range(4))
-    with compiling_for_sm90() as kernels:
-        gla.launch_fwd(q, k, v, torch.empty(B, H, T), None, D ** -0.5, 64)
-        gla.launch_bwd(q, k, v, torch.empty(B, H, T), None, do, None, D ** -0.5, 64)
+    tf32 = torch.backends.cuda.matmul.allow_tf32  # (a computed attribute: monkeypatch cannot restore it)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with compiling_for_sm90() as kernels:
+            gla.launch_fwd(q, k, v, torch.empty(B, H, T), None, D ** -0.5, 64)
+            gla.launch_bwd(q, k, v, torch.empty(B, H, T), None, do, None, D ** -0.5, 64)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     assert "_fwd_ho" in [k.name for k in kernels] and kernels[-1].name == "_bwd_dqkvg"
     assert all(k.constexprs["PREC"] == "tf32" for k in kernels if "PREC" in k.constexprs)
     assert all(k.local_bytes + k.stack_bytes <= 64 for k in kernels), no_spills(kernels)
