@@ -45,7 +45,8 @@ class LlamaLM(nn.Module):
         self.gemv_report = use_gemv(self.model, kinds=FUSED_KINDS if fuse else None) if gemv else None
         # the fused layers need q/k/v and gate/up fused and every projection a DecodeLinear of its kind
         self.layer_kernels = fuse and self.gemv_report is not None
-        # ... and no biases (Qwen2's q/k/v): such a model decodes through its own (compiled) Blocks instead
+        # ... and no bias but on q/k/v (Qwen2's, added by the attention kernel): a model with an o_proj or MLP bias
+        # decodes through its own (compiled) Blocks instead
         self.layer_kernels_off = fused_layers_unsupported(self.model.layers) if self.layer_kernels else None
         if self.layer_kernels_off:
             warnings.warn(f"fused decode layers off: {self.layer_kernels_off}; decoding runs the model's layers")
