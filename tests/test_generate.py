@@ -2,6 +2,7 @@
 input (utils/load_model.py), --eval."""
 import io
 import json
+import time
 
 import pytest
 import torch
@@ -135,6 +136,19 @@ def test_cli_streams_and_batches(tmp_path, capsys):
                          "--quiet"])
     assert capsys.readouterr().out.count("--- sample") == 3
     assert res[0]["new_tokens"] == 30
+
+
+def test_cli_reports_its_start_up(tmp_path, capsys):
+    # the time to the first tokens, from the start (here: main's; the script counts its imports too), in parts
+    ck = save(tmp_path, "llama", tiny_llama())
+    res = generate.main(["--ckpt", ck, "--prompt", "All:", "--max-new-tokens", "8", "--sync-every", "4"])
+    s = res[0]["startup_s"]
+    assert s["imports"] == 0 and min(s["loading"], s["kernel_tuning"], s["first_call"]) >= 0
+    assert s["first_tokens"] == pytest.approx(s["loading"] + s["kernel_tuning"] + s["first_call"], abs=0.05)
+    assert "[start-up: first tokens" in capsys.readouterr().err
+    t = time.perf_counter()
+    res = generate.main(["--ckpt", ck, "--prompt", "All:", "--max-new-tokens", "8", "--quiet"], t_start=t - 2.0)
+    assert res[0]["startup_s"]["imports"] >= 2.0 and "start-up" not in capsys.readouterr().err
 
 
 def test_cli_coeus_greedy_matches_reference(tmp_path, capsys):

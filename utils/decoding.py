@@ -288,7 +288,8 @@ class Session:
         """ids: one prompt (list of ints), decoded num_samples times as one batch; pixels: its images in the order
         of their placeholder runs (n_images, 3, H, W), or None. Returns dict(texts,
         token_ids (per sample, up to EOS), new_tokens (kept, all samples), steps, prefill_and_first_chunk_s,
-        total_s). on_text(str) receives sample 0's text as it grows (streaming)."""
+        total_s, first_chunk_clock: time.perf_counter() when the first tokens reached the host). on_text(str)
+        receives sample 0's text as it grows (streaming)."""
         tok, dev = self.loaded.tokenizer, self.device
         prompt = torch.tensor([ids], dtype=torch.long, device=dev).expand(num_samples, -1).contiguous()
         self._setup(num_samples, len(ids) + max_new_tokens)
@@ -319,7 +320,7 @@ class Session:
             on_text(rows[0].text())
         return dict(texts=[r.text() for r in rows], token_ids=[r.ids for r in rows],
                     new_tokens=sum(len(r.ids) for r in rows), steps=max(r.steps for r in rows),
-                    prefill_and_first_chunk_s=t_first - t0, total_s=t1 - t0)
+                    prefill_and_first_chunk_s=t_first - t0, total_s=t1 - t0, first_chunk_clock=t_first)
 
 
 class Row:
