@@ -67,6 +67,10 @@ def parse_args(argv=None):
                                                    "each in turn, after each --compile mode and --loss kind)")
     add_transformers_args(ap)
     add_profile_arg(ap)
+    ap.add_argument("--fp8", action="store_true",
+                    help="also time ours with float8 matmuls (models/fp8.py: rowwise-scaled e4m3 in all three "
+                         "matmuls of every block's Linear, torchao's 'rowwise' recipe; the head stays bf16) as its own "
+                         "row, ours[fp8], after the headline, with its loss curve against ours over the same steps")
     ap.add_argument("--skip-hf", action="store_true", help="measure only our model (no transformers needed)")
     ap.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (same for both)")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
@@ -113,19 +117,22 @@ def measure(name, model, loss_fn, ids, args, timer, eager_loss_fn=None):
     tokens = args.batch * args.seq * args.steps
     res = dict(name=name, tokens_per_s=tokens / dt, step_ms=1000 * dt / args.steps, warmup_s=t["warmup_s"],
                peak_mem_gb=timer.peak_bytes() / 1e9, fused_adamw=t["fused_adamw"], first_loss=losses[0],
-               last_loss=losses[-1], compile_error=t["compile_error"], profile=t.get("profile"))
+               last_loss=losses[-1], losses=losses, compile_error=t["compile_error"], profile=t.get("profile"))
     print(f"{name:>20s}: {res['tokens_per_s']:>10,.0f} tokens/s  {res['step_ms']:8.1f} ms/step  "
           f"peak {res['peak_mem_gb']:6.2f} GB  loss {losses[0]:.4f} -> {losses[-1]:.4f}  "
           f"(warm-up {t['warmup_s']:.0f} s)", flush=True)
     return res
 
 
-def run_ours(cfg, init_state, compile_mode, loss, chunk, ids, args, timer, name):
+def run_ours(cfg, init_state, compile_mode, loss, chunk, ids, args, timer, name, fp8=False):
     with torch.device(ids.device):
         ours = Llama(cfg)
     ours = ours.to(torch.bfloat16)
     ours.load_state_dict(init_state)
     ours.train()
+    if fp8:
+        from models.fp8 import to_float8_training
+        to_float8_training(ours)
     if loss == "fused":
         from kernels.cross_entropy import use_cross_entropy_kernel
         use_cross_entropy_kernel(ours)  # CUDA: the chunks' cross-entropy in one kernel (no-op elsewhere)
@@ -148,8 +155,24 @@ def run_ours(cfg, init_state, compile_mode, loss, chunk, ids, args, timer, name)
     elif compile_mode == "model":
         ours.hidden = torch.compile(ours.hidden, mode=args.compile_mode)
     res = measure(name, ours, loss_fn, ids, args, timer, eager_loss_fn=eager_loss_fn)
-    res.update(compile=compile_mode, loss=loss, chunk=chunk)
+    res.update(compile=compile_mode, loss=loss, chunk=chunk, fp8=fp8)
     return res
+
+
+def fp8_against_bf16(results):
+    """ours[fp8] against ours (same weights, data and steps): speed, memory and the loss curve's distance."""
+    fp8, bf16 = results["ours[fp8]"], results["ours"]
+    diffs = [abs(a - b) for a, b in zip(fp8["losses"], bf16["losses"])]
+    out = dict(fp8_vs_ours=fp8["tokens_per_s"] / bf16["tokens_per_s"],
+               fp8_memory_vs_ours=fp8["peak_mem_gb"] / bf16["peak_mem_gb"],
+               fp8_loss_max_abs_diff=max(diffs), fp8_last_loss_rel_diff=diffs[-1] / abs(bf16["losses"][-1]))
+    if "transformers_compiled" in results:
+        out["fp8_vs_compiled"] = fp8["tokens_per_s"] / results["transformers_compiled"]["tokens_per_s"]
+    print(f"ours[fp8] / ours: {out['fp8_vs_ours']:.3f}x tokens/s, memory {out['fp8_memory_vs_ours']:.3f}x; loss curve "
+          f"within {out['fp8_loss_max_abs_diff']:.4f} of ours over {len(diffs)} steps (last step "
+          f"{out['fp8_last_loss_rel_diff']:.2%})" + (f"; {out['fp8_vs_compiled']:.3f}x transformers compiled"
+                                                   if "fp8_vs_compiled" in out else ""), flush=True)
+    return out
 
 
 GOAL_SPEEDUP, GOAL_MEMORY = 1.4, 0.9  # issue #19: >= 1.4x transformers compiled, peak memory <= 0.9x of it
@@ -220,10 +243,18 @@ def main(argv=None):
         results[name] = run_ours(cfg, init_state, mode, loss, chunk, ids, args, timer, name)
         results[name]["allocated_before_gb"] = left / 1e9
 
+    if args.fp8:  # the headline's compile mode, loss and chunk, float8 matmuls
+        mode, loss, chunk = variants[0]
+        left = timer.reset_memory()
+        results["ours[fp8]"] = run_ours(cfg, init_state, mode, loss, chunk, ids, args, timer, "ours[fp8]", fp8=True)
+        results["ours[fp8]"]["allocated_before_gb"] = left / 1e9
+
     summary = dict(args=vars(args), env=env, n_params=n_params, flops_per_token=flops_per_token, results=results)
     for r in results.values():
         r["mfu"] = r["tokens_per_s"] * flops_per_token / (args.peak_tflops * 1e12)
     summary.update(compare_to_peers(results, "tokens_per_s", GOAL_SPEEDUP, GOAL_MEMORY, device.startswith("cuda"), mfu=True))
+    if args.fp8:
+        summary.update(fp8_against_bf16(results))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:

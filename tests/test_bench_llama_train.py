@@ -49,3 +49,15 @@ def test_loss_and_chunk_variants_and_profile(tmp_path):
         bench_llama_train.parse_args(["--loss", "fused,bogus"])
     with pytest.raises(SystemExit):
         bench_llama_train.parse_args(["--chunk", "4k"])
+
+
+def test_fp8_row_and_its_loss_curve(tmp_path):
+    """--fp8: ours with float8 matmuls as its own row on the same weights and batch, its loss curve against ours."""
+    summary = bench_llama_train.main(["--smoke", "--steps", "4", "--warmup", "0", "--skip-hf", "--fp8",
+                                      "--out", str(tmp_path / "bench.json")])
+    rows = summary["results"]
+    assert set(rows) == {"ours", "ours[fp8]"} and rows["ours[fp8]"]["fp8"] and not rows["ours"]["fp8"]
+    assert len(rows["ours[fp8]"]["losses"]) == len(rows["ours"]["losses"]) == 4
+    assert summary["fp8_vs_ours"] > 0 and summary["fp8_memory_vs_ours"] > 0
+    assert summary["fp8_loss_max_abs_diff"] < 0.05 and summary["fp8_last_loss_rel_diff"] < 0.01
+    assert rows["ours[fp8]"]["losses"] != rows["ours"]["losses"]  # float8 really ran
