@@ -31,7 +31,8 @@ def quantize(x, dim):
     keeps the slice's amax within e4m3's range; an all-zero slice gets the scale of amax 1e-12."""
     amax = x.abs().amax(dim=dim, keepdim=True).float().clamp(min=1e-12)
     scale = torch.exp2(torch.floor(torch.log2(FP8_MAX / amax)))
-    return (x.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale.reciprocal()
+    # contiguous: torch._scaled_mm takes its left operand row-major, and a gradient may arrive transposed
+    return (x.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous(), scale.reciprocal()
 
 
 def _mm(a, a_scale, b, b_scale, out_dtype):
