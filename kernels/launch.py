@@ -70,7 +70,8 @@ def compile_in_parallel(workers=None):
     def compile_only(self, *args, grid, warmup, **kwargs):
         return run(self, *args, grid=grid, warmup=True, **kwargs)
 
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool, AsyncCompileMode(pool, ignore_errors=True):
+    # at least 2 threads: one compiles while the other waits on its ptxas process
+    with ThreadPoolExecutor(workers or max(2, os.cpu_count() or 1)) as pool, AsyncCompileMode(pool, ignore_errors=True):
         JITFunction.run = compile_only
         try:
             yield
