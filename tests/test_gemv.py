@@ -78,7 +78,7 @@ def test_gemv_kernels_match_float64_references():
 
 @needs_triton
 def test_attention_kernel_matches_float64_reference():
-    # (H, Hkv, D, cache length, GEMV splits, position, cache slots per program): G = 2 and 4 query heads per KV
+    # (H, Hkv, D, cache length, GEMV splits, position, cache slots per program): G = 2, 4 and 7 query heads per KV
     # head, the first slot, a position in the last block of the cache, one block and five (merged by the last
     # to arrive); visible slots at random (a padding mask), and a block that sees nothing
     out = run_in_interpreter("""
@@ -88,7 +88,8 @@ def test_attention_kernel_matches_float64_reference():
         torch.manual_seed(0)
         for H, Hkv, D, L, S, p, block, biased in [
                 (4, 2, 16, 80, 2, 9, 64, False), (4, 2, 16, 80, 1, 70, 64, True), (8, 2, 32, 64, 3, 0, 64, False),
-                (4, 2, 16, 80, 2, 70, 16, False), (8, 2, 32, 64, 3, 47, 16, True), (4, 2, 16, 80, 2, 5, 16, False)]:
+                (4, 2, 16, 80, 2, 70, 16, False), (8, 2, 32, 64, 3, 47, 16, True), (4, 2, 16, 80, 2, 5, 16, False),
+                (14, 2, 16, 80, 2, 37, 16, True)]:  # Qwen2.5's 7 query heads a KV head: G = 7 padded to 16 rows
             da.BLOCK_L = block
             for dt, tol in ((torch.float16, 2e-3), (torch.bfloat16, 2e-2)):
                 part = torch.randn(S, (H + 2 * Hkv) * D)
