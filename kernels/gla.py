@@ -51,7 +51,11 @@ from models.gla import chunk_gla
 BLOCK_K = 64   # Dk tile of _walk
 BLOCK_V = 32   # Dv tile of _walk: more programs for the sequential walk over chunks (B*H*Dk/BK*Dv/BV)
 BLOCK_VO = 64  # Dv tile of _fwd_ho
-MAX_D = 256    # _fwd_ho holds a whole Dk, _bwd_dqkvg the whole Dk and Dv of a chunk in one tile
+# _fwd_ho holds a whole Dk, _bwd_dqkvg the whole Dk and Dv of a chunk in one tile: the largest head (after rounding
+# up to a power of 2) whose kernels fit a Hopper's 227 KB of shared memory a program, by bytes per element, compiled
+# for sm_90 (tests/test_kernels_sm90.py). bf16 at 256 needs 384 KB in the backward, fp32 at 128 288 KB (an H100
+# refused it); larger heads take the PyTorch form (kernels_fit)
+MAX_D = {2: 128, 4: 64}
 NUM_WARPS = 4
 SEG_LEN = None  # chunks per segment of the state walks; None: chosen from the GPU's size (segment_length)
 # the forward in one launch, segments chained by decoupled look-back (_fwd_lookback): experimental, not yet timed on a
@@ -446,10 +450,10 @@ def launch_fwd_h(k, v, g, h0, chunk_size, seg_len=None):
 
 def launch_fwd(q, k, v, g, h0, scale, chunk_size, seg_len=None):
     """The forward (o laid out (B, T, H, Dv), final state fp32) without writing every chunk's state: the segments'
-    starts (a walk from zero per segment and the scan), then _fwd_ho per segment. Dk <= MAX_D (one tile)."""
+    starts (a walk from zero per segment and the scan), then _fwd_ho per segment. The head must fit (kernels_fit)."""
     B, H, T, DK = q.shape
     DV = v.shape[-1]
-    _check_head(DK, DV)
+    _check_head(q, v)
     NT = cdiv(T, chunk_size)
     BK, BV = _np2(DK), min(BLOCK_VO, _np2(DV))
     L = segment_length(NT, cdiv(DV, BV) * B * H, seg_len, _programs_wanted(q.device))
@@ -502,7 +506,7 @@ def launch_bwd(q, k, v, g, h0, do, dht, scale, chunk_size, seg_len=None):
     """(dq, dk, dv, dg fp32, dh0 fp32) for do = dL/do and dht = dL/d(final state) (or None)."""
     B, H, T, DK = q.shape
     DV = v.shape[-1]
-    _check_head(DK, DV)
+    _check_head(q, v)
     h, _ = launch_fwd_h(k, v, g, h0, chunk_size, seg_len)
     NT = h.shape[2]
     dh, dh0 = launch_bwd_dh(q, do, g, dht, scale, chunk_size, seg_len)
@@ -514,9 +518,18 @@ def launch_bwd(q, k, v, g, h0, do, dht, scale, chunk_size, seg_len=None):
     return dq, dk, dv, dg, dh0
 
 
-def _check_head(DK, DV):
-    if max(DK, DV) > MAX_D:
-        raise ValueError(f"chunk_gla_triton holds a whole head in a tile: Dk, Dv <= {MAX_D}, got {DK}, {DV}")
+def kernels_fit(q, v):
+    """Whether the kernels hold this head in a GPU's shared memory (MAX_D); else chunk_fwd / chunk_bwd run the
+    PyTorch form. Triton's interpreter (the CPU tests) has no such limit."""
+    if q.device.type != "cuda":
+        return True
+    return max(_np2(q.shape[-1]), _np2(v.shape[-1])) <= MAX_D.get(q.element_size(), 0)
+
+
+def _check_head(q, v):
+    if not kernels_fit(q, v):
+        raise ValueError(f"the GLA kernels hold a whole head in shared memory: Dk, Dv <= "
+                         f"{MAX_D.get(q.element_size(), 0)} in {q.dtype}, got {q.shape[-1]}, {v.shape[-1]}")
 
 
 def _check_chunk(chunk_size):
@@ -530,7 +543,7 @@ def chunk_fwd(q, k, v, g, initial_state, scale, chunk_size):
     q, k, v = (_last_dim_dense(x) for x in (q, k, v))
     g = g.contiguous()
     initial_state = None if initial_state is None else initial_state.contiguous()
-    if not kernel_ok(q.device):
+    if not (kernel_ok(q.device) and kernels_fit(q, v)):
         o, ht = chunk_gla(q, k, v, g, chunk_size, initial_state, scale, output_final_state=True)
         return bthd(*o.shape, o).copy_(o), ht.float()
     return launch_fwd(q, k, v, g, initial_state, scale, chunk_size)
@@ -542,7 +555,7 @@ def chunk_bwd(q, k, v, g, initial_state, do, dht, scale, chunk_size):
     g = g.contiguous()
     initial_state = None if initial_state is None else initial_state.contiguous()
     dht = None if dht is None else dht.contiguous()
-    if not kernel_ok(q.device):  # eager fallback: the vjp of the plain-PyTorch form
+    if not (kernel_ok(q.device) and kernels_fit(q, v)):  # the vjp of the plain-PyTorch form
         s0 = (q.new_zeros(q.shape[0], q.shape[1], q.shape[-1], v.shape[-1], dtype=torch.float32)
               if initial_state is None else initial_state)
         _, vjp = torch.func.vjp(lambda *x: chunk_gla(*x[:4], chunk_size, x[4], scale, output_final_state=True),
@@ -625,7 +638,7 @@ def gla_attn(q, k, v, g, chunk_size=64, initial_state=None, scale=None, output_f
              exact_segsum=False):
     """A drop-in for models.gla.chunk_gla (same arguments): the kernels, or chunk_gla itself with score dropout,
     exact_segsum, or off the kernels' devices."""
-    if dropout_p or exact_segsum or not kernel_ok(q.device) or max(q.shape[-1], v.shape[-1]) > MAX_D:
+    if dropout_p or exact_segsum or not kernel_ok(q.device) or not kernels_fit(q, v):
         return chunk_gla(q, k, v, g, chunk_size, initial_state, scale, output_final_state, exact_segsum, dropout_p)
     return chunk_gla_triton(q, k, v, g, chunk_size, scale, initial_state, output_final_state)
 

@@ -224,3 +224,22 @@ def test_every_kernel_compiles_for_an_a100(monkeypatch):
     assert not any(k.has_wait() for k in kernels)
     assert [k.name for k in kernels if k.spilled] == ["_bwd_dqkvg"]
     assert kernels[-3].name == "_bwd_dqkvg" and kernels[-3].stack_bytes <= 512
+
+
+def test_gla_heads_that_fit_a_hopper_and_those_that_do_not():
+    # kernels.gla.MAX_D: the heads whose kernels fit a Hopper's 227 KB of shared memory a program, per element size.
+    # Those compile within it; the next size up does not (an H100 refused fp32 at 128: 288 KB), and kernels_fit
+    # sends such heads to the PyTorch form on a GPU
+    from types import SimpleNamespace
+    HOPPER_SMEM = 232448
+    for dtype, fits, too_big in ((BF16, 128, 256), (torch.float32, 64, 128)):
+        for D, ok in ((fits, True), (too_big, False)):
+            q = torch.empty(1, 2, 777, D, dtype=dtype)
+            on_gpu = SimpleNamespace(device=torch.device("cuda"), shape=q.shape, element_size=q.element_size)
+            assert gla.kernels_fit(on_gpu, on_gpu) == ok and gla.kernels_fit(q, q)  # the interpreter: no limit
+            if D == 256:
+                continue  # 384 KB in the backward; compiling it takes a minute on this CPU
+            with compiling_for_sm90() as kernels:
+                gla.launch_fwd(q, q, q, torch.empty(1, 2, 777), None, 0.1, 64)
+                gla.launch_bwd(q, q, q, torch.empty(1, 2, 777), None, q, None, 0.1, 64)
+            assert (max(k.shared_bytes for k in kernels) <= HOPPER_SMEM) == ok, (dtype, D)
