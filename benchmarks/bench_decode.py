@@ -369,11 +369,10 @@ def main(argv=None):
     p.add_argument("--gemv", default="auto", choices=["auto", "on", "off", "both"],
                    help="one-row matmuls through kernels/gemv.py's Triton kernel (auto: on CUDA with Triton); both: "
                         "time without it first, then with it, in the same run")
-    p.add_argument("--gemv-prefetch", default="tile", choices=["off", "tile", "tile+l2", "all"],
-                   help="what of W the GEMV kernels ask for before waiting for the kernel before them (programmatic "
-                        "dependent launch, Hopper; kernels/gemv.py PREFETCH_W): nothing (off), their first tile "
-                        "(tile), or also their rows' first columns into L2 by bulk prefetch (tile+l2); all: time off "
-                        "(row ours_prefetch_off) and tile+l2 (row ours_prefetch_l2) before the default, in one run")
+    p.add_argument("--gemv-prefetch", default="on", choices=["on", "off", "both"],
+                   help="the GEMV kernels request their first tile of W before waiting for the kernel before them "
+                        "(programmatic dependent launch, Hopper; kernels/gemv.py PREFETCH_W); both: time without it "
+                        "first (row ours_no_prefetch), then with it, in the same run")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights, prompt and sampling")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--smoke", action="store_true", help="tiny configs on CPU, 1 repeat: checks the script runs")
@@ -443,12 +442,12 @@ def main(argv=None):
     gemv = args.gemv
     if gemv == "auto":
         gemv = "on" if kernels_by_default(device) else "off"
-    # (row, decode kernels on, what of W they ask for before the PDL wait)
-    mode = "tile" if args.gemv_prefetch == "all" else args.gemv_prefetch
-    variants = ([("ours_no_gemv", False, mode), ("ours", True, mode)] if gemv == "both"
-                else [("ours", gemv == "on", mode)])
-    if args.gemv_prefetch == "all" and gemv != "off":
-        variants = [("ours_prefetch_off", True, "off"), ("ours_prefetch_l2", True, "tile+l2")] + variants
+    # (row, decode kernels on, W prefetched before the PDL wait)
+    variants = ([("ours_no_gemv", False, True), ("ours", True, True)] if gemv == "both"
+                else [("ours", gemv == "on", True)])
+    if args.gemv_prefetch != "on" and gemv != "off":
+        variants = ([("ours_no_prefetch", True, False)] + variants if args.gemv_prefetch == "both"
+                    else [(key, with_gemv, False) for key, with_gemv, _ in variants])
     prefetch_default = kernels_gemv.PREFETCH_W
     for key, with_gemv, prefetch in variants:
         kernels_gemv.PREFETCH_W = prefetch
@@ -456,7 +455,7 @@ def main(argv=None):
         t = time.perf_counter()
         lm = LlamaLM(model, fuse=not args.no_fuse, gemv=with_gemv)
         tune_s = time.perf_counter() - t
-        r = res[key] = {"gemv": with_gemv, "gemv_prefetch": prefetch if with_gemv else None, "gemv_tune_s": tune_s,
+        r = res[key] = {"gemv": with_gemv, "gemv_prefetch": with_gemv and prefetch, "gemv_tune_s": tune_s,
                         "gemv_configs": lm.gemv_report or {},
                         "programmatic_dependent_launch": with_gemv and pdl_enabled(device),
                         **time_ours(lm, prompt, args.new_tokens, sampler, device, args.compile, args.warmup,
@@ -465,7 +464,7 @@ def main(argv=None):
         # prefill and step, CUDA-graph capture, and that run's tokens
         r["startup_s"] = tune_s + r["first_run_s"]
         print(f"{key} (static KV cache, decode kernels {with_gemv}, PDL {r['programmatic_dependent_launch']}, "
-              f"W before the wait: {r['gemv_prefetch']}, "
+              f"W prefetched before the wait {r['gemv_prefetch']}, "
               f"compiled={r['compiled']}, coordinate descent {r['coordinate_descent_tuning']}, cudagraph skips "
               f"{r['cudagraph_skips']}): {r['tokens_per_s']:.1f} tokens/s ({r['decode_tokens_per_s']:.1f} "
               f"decode-only; start-up {r['startup_s']:.1f} s: GEMV tuning {tune_s:.1f} s)", flush=True)
@@ -475,12 +474,9 @@ def main(argv=None):
     if "ours_no_gemv" in res:
         res["gemv_speedup"] = ours["decode_tokens_per_s"] / res["ours_no_gemv"]["decode_tokens_per_s"]
         print(f"decode kernels: {res['gemv_speedup']:.3f}x decode tokens/s", flush=True)
-    if "ours_prefetch_off" in res:  # the default's first tile before the PDL wait, and the L2 prefetch on top
-        res["prefetch_tile_speedup"] = ours["decode_tokens_per_s"] / res["ours_prefetch_off"]["decode_tokens_per_s"]
-        res["prefetch_l2_speedup"] = (res["ours_prefetch_l2"]["decode_tokens_per_s"]
-                                      / ours["decode_tokens_per_s"])
-        print(f"W before the PDL wait: first tile {res['prefetch_tile_speedup']:.3f}x decode tokens/s against nothing; "
-              f"+ L2 bulk prefetch {res['prefetch_l2_speedup']:.3f}x against the first tile", flush=True)
+    if "ours_no_prefetch" in res:
+        res["prefetch_speedup"] = ours["decode_tokens_per_s"] / res["ours_no_prefetch"]["decode_tokens_per_s"]
+        print(f"W prefetched before the PDL wait: {res['prefetch_speedup']:.3f}x decode tokens/s", flush=True)
     # ratios, ours sampled against each transformers row (the static compiled one is the peer)
     for row in ("hf_static_compiled", "hf_eager_dynamic"):
         if row in res and "error" not in res[row]:

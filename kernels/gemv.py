@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from kernels import tune_cache
 from kernels.launch import (cdiv, compile_in_parallel, gdc_launch_dependents, gdc_wait, launch_options, next_power_of_2,
-                            pdl_enabled, tl, triton)
+                            tl, triton)
 
 
 if triton is not None:
@@ -70,18 +70,6 @@ if triton is not None:
         return x.to(tl.float32)
 
     @triton.jit
-    def _prefetch_l2(w_ptr, rows, N, K, stride_wn, col0, PF_COLS: tl.constexpr, W_BYTES: tl.constexpr):
-        # cp.async.bulk.prefetch.L2 (sm_90): columns [col0, col0 + PF_COLS) of these rows of W into L2, no
-        # registers held, so that the program's loads of them after the wait hit L2. Issued before the wait, it
-        # streams weights while the kernel before finishes (the attention kernel is latency-bound: the o_proj that
-        # follows can fill L2 meanwhile). Rows past N repeat row N - 1; a split past K takes the row's last 8 columns
-        r = tl.minimum(rows, N - 1).to(tl.int64)
-        c0 = tl.minimum(col0, K - 8)
-        nbytes = tl.zeros_like(rows) + tl.maximum(tl.minimum(K - c0, PF_COLS), 8) * W_BYTES
-        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
-                                  [w_ptr + r * stride_wn + c0, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
     def _rows_dot_x(x_ptr, w_ptr, rows, pid_s, N, K, stride_wn, K_PER_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NORM: tl.constexpr,
                     ss_ptr, n_ss, g_ptr, eps, N_SS: tl.constexpr, WAIT: tl.constexpr, PREFETCH: tl.constexpr):
@@ -110,8 +98,7 @@ if triton is not None:
     def _gemv_partials_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, ss_ptr, n_ss, g_ptr, eps,
                               K_PER_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NORM: tl.constexpr, N_SS: tl.constexpr,
-                              PREFETCH: tl.constexpr, PF_COLS: tl.constexpr, W_BYTES: tl.constexpr,
-                              PDL: tl.constexpr):
+                              PREFETCH: tl.constexpr, PDL: tl.constexpr):
         # program (n, s): rows [n*BLOCK_N, (n+1)*BLOCK_N) of W times x (NORM: times RMSNorm(x)) over the s-th
         # split of the columns
         if PDL:  # the next kernel may be scheduled now; this one waits for its inputs in _rows_dot_x
@@ -119,8 +106,6 @@ if triton is not None:
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        if PF_COLS > 0:
-            _prefetch_l2(w_ptr, rows, N, K, stride_wn, pid_s * K_PER_SPLIT, PF_COLS, W_BYTES)
         y = _rows_dot_x(x_ptr, w_ptr, rows, pid_s, N, K, stride_wn, K_PER_SPLIT, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K,
                         NORM, ss_ptr, n_ss, g_ptr, eps, N_SS, PDL, PREFETCH)
         if EVEN_N:
@@ -131,8 +116,7 @@ if triton is not None:
     @triton.jit
     def _gemv_residual_kernel(x_ptr, w_ptr, res_ptr, out_ptr, ss_ptr, N, stride_wn, K: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                              PREFETCH: tl.constexpr, PF_COLS: tl.constexpr, W_BYTES: tl.constexpr,
-                              PDL: tl.constexpr):
+                              PREFETCH: tl.constexpr, PDL: tl.constexpr):
         # program n: rows [n*BLOCK_N, (n+1)*BLOCK_N) of residual + W x over all of K (the projection rounded to
         # the dtype, then the sum, as `h + o_proj(a)` rounds them), and the sum of their squares: the next
         # RMSNorm's statistic, finished by its consumer (_rms_scale) without a kernel of its own
@@ -140,8 +124,6 @@ if triton is not None:
             gdc_launch_dependents()
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        if PF_COLS > 0:
-            _prefetch_l2(w_ptr, rows, N, K, stride_wn, 0, PF_COLS, W_BYTES)
         dtype = out_ptr.dtype.element_ty
         y = _rows_dot_x(x_ptr, w_ptr, rows, 0, N, K, stride_wn, K, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K,
                         False, x_ptr, 1, x_ptr, 0.0, 1, PDL, PREFETCH)
@@ -161,16 +143,12 @@ if triton is not None:
     @triton.jit
     def _gemv_swiglu_kernel(x_ptr, w_ptr, out_ptr, N, stride_wn, ss_ptr, n_ss, g_ptr, eps, K: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                            NORM: tl.constexpr, N_SS: tl.constexpr, PREFETCH: tl.constexpr, PF_COLS: tl.constexpr,
-                            W_BYTES: tl.constexpr, PDL: tl.constexpr):
+                            NORM: tl.constexpr, N_SS: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
         # W = (gate | up) stacked, (2N, K): program n does rows [n*BLOCK_N, (n+1)*BLOCK_N) of both over all of K
         # and writes silu(gate) * up, each product rounded to x's dtype first as nn.Linear's output would be
         if PDL:
             gdc_launch_dependents()
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        if PF_COLS > 0:  # the gate rows and the up rows
-            _prefetch_l2(w_ptr, rows, N, K, stride_wn, 0, PF_COLS, W_BYTES)
-            _prefetch_l2(w_ptr + N * stride_wn, rows, N, K, stride_wn, 0, PF_COLS, W_BYTES)
         dtype = out_ptr.dtype.element_ty
         gate = _rows_dot_x(x_ptr, w_ptr, rows, 0, N, K, stride_wn, K, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K,
                            NORM, ss_ptr, n_ss, g_ptr, eps, N_SS, PDL, PREFETCH)
@@ -185,35 +163,13 @@ if triton is not None:
             tl.store(out_ptr + rows, h.to(dtype), mask=rows < N)
 
 
-# What of W each program asks for before waiting for the kernel before it (programmatic dependent launch, Hopper):
-#   "off"   nothing: it waits first, as before
-#   "tile"  its first tile, into registers
-#   "tile+l2"  that, and its rows' first columns into L2 by bulk prefetch (cp.async.bulk.prefetch.L2), up to
-#           L2_PREFETCH_BYTES of the weight in all
-# None of it is timed on a GPU yet: bench_decode.py --gemv-prefetch all times the three in one run.
-PREFETCH_W = "tile"
-PREFETCH_MODES = ("off", "tile", "tile+l2")
-L2_PREFETCH_BYTES = 16 << 20  # a third of an H100's L2: the kernel before keeps its own lines
+# request each program's first tile of W before waiting for the kernel before (programmatic dependent launch);
+# False waits first, as before (bench_decode.py --gemv-prefetch both times the two in one run)
+PREFETCH_W = True
 
 
-def _l2_prefetch_cols(x, weight, k_per_split):
-    """Columns a row of each program prefetches into L2 (0: none): only with PDL (Hopper, where the bulk prefetch
-    exists and the wait gives it something to overlap), on 16-byte aligned rows and row slices."""
-    if PREFETCH_W != "tile+l2" or not pdl_enabled(x.device):
-        return 0
-    N, K = weight.shape
-    e = weight.element_size()
-    if (weight.data_ptr() % 16 or (weight.stride(0) * e) % 16 or (K * e) % 16 or (k_per_split * e) % 16
-            or K < 16):
-        return 0
-    share = min(1.0, L2_PREFETCH_BYTES / weight.nbytes)
-    return max(16 // e, int(k_per_split * share) // (16 // e) * (16 // e))
-
-
-def _options(x, weight, k_per_split, num_warps):
-    assert PREFETCH_W in PREFETCH_MODES, PREFETCH_W
-    return dict(**launch_options(x, num_warps), PREFETCH=PREFETCH_W != "off",
-                PF_COLS=_l2_prefetch_cols(x, weight, k_per_split), W_BYTES=weight.element_size())
+def _options(x, num_warps):
+    return dict(**launch_options(x, num_warps), PREFETCH=PREFETCH_W)
 
 
 def _geometry(N, K, split_k, block_n, block_k):
@@ -238,7 +194,7 @@ def launch_gemv_partials(x, weight, out, split_k, block_n, block_k, num_warps, n
     grid = (cdiv(N, block_n), split_k)
     _gemv_partials_kernel[grid](x, weight, out, N, K, weight.stride(0), **_norm_args(x, norm), K_PER_SPLIT=k_per_split,
                                 BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=even_n, EVEN_K=even_k,
-                                **_options(x, weight, k_per_split, num_warps))
+                                **_options(x, num_warps))
     return out
 
 
@@ -270,7 +226,7 @@ def launch_gemv_swiglu(x, weight, out, split_k, block_n, block_k, num_warps, nor
     N, K = weight.shape[0] // 2, weight.shape[1]
     _gemv_swiglu_kernel[(cdiv(N, block_n),)](x, weight, out, N, weight.stride(0), **_norm_args(x, norm), K=K,
                                              BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=N % block_n == 0,
-                                             EVEN_K=K % block_k == 0, **_options(x, weight, K, num_warps))
+                                             EVEN_K=K % block_k == 0, **_options(x, num_warps))
     return out
 
 
@@ -296,7 +252,7 @@ def launch_gemv_residual(x, weight, residual, out, ss, block_n, block_k, num_war
     N, K = weight.shape
     _gemv_residual_kernel[(cdiv(N, block_n),)](x, weight, residual, out, ss, N, weight.stride(0), K=K,
                                                BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=N % block_n == 0,
-                                               EVEN_K=K % block_k == 0, **_options(x, weight, K, num_warps))
+                                               EVEN_K=K % block_k == 0, **_options(x, num_warps))
     return out, ss
 
 

@@ -54,14 +54,6 @@ class CompiledKernel:
     def has_wait(self):
         return self._wait_line() is not None
 
-    def l2_prefetches(self):
-        """Bulk prefetches into L2 (cp.async.bulk.prefetch.L2: UBLKPF) in the final SASS."""
-        return sum(1 for line in self.sass_lines if re.search(r"\bUBLKPF\b", line))
-
-    def l2_prefetches_before_wait(self):
-        wait = self._wait_line()
-        return 0 if wait is None else sum(1 for line in self.sass_lines[:wait] if re.search(r"\bUBLKPF\b", line))
-
     def loads_before_wait(self):
         """Global loads (LDG) issued before the first programmatic-dependent-launch wait, in the final SASS."""
         wait = self._wait_line()
