@@ -54,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--cuda-graph", action="store_true",
                    help="time CUDA-graph replays of every call (ours, fla, SDPA alike): GPU time without the Python and "
                         "launch overhead that a single call at these sizes is bound by; without it, one call's wall time")
-    p.add_argument("--lookback-segments", default="16",
+    p.add_argument("--lookback-segments", default="32",
                    help="caps on the segments a row of the experimental look-back forward (kernels.gla."
                         "LOOKBACK_MAX_SEGMENTS) to time, comma-separated, e.g. 4,8,16,32; its column shows the fastest")
     p.add_argument("--copy-mib", type=int, default=2048, help="buffer of the bandwidth-measuring copy")
