@@ -34,8 +34,6 @@ class CompiledKernel:
     name: str
     constexprs: dict
     num_warps: int
-    ptx: str
-    sass: str
     registers: int        # per thread
     local_bytes: int      # per thread: registers spilled to local memory
     stack_bytes: int
@@ -74,8 +72,8 @@ def _inspect(name, constexprs, compiled):
         usage = _tool("cuobjdump", "--dump-resource-usage", path)
         sass = _tool("nvdisasm", path)
     stat = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
-    return CompiledKernel(name, constexprs, compiled.metadata.num_warps, compiled.asm["ptx"], sass, stat["REG"],
-                          stat["LOCAL"], stat["STACK"], compiled.metadata.shared, sass.splitlines())
+    return CompiledKernel(name, constexprs, compiled.metadata.num_warps, stat["REG"], stat["LOCAL"], stat["STACK"],
+                          compiled.metadata.shared, sass.splitlines())
 
 
 @contextlib.contextmanager
