@@ -14,10 +14,10 @@ its LLaVA side), and Hugging Face folders (LlamaForCausalLM / LlavaForConditiona
 models/hf_weights.py; utils/load_model.py loads them all.
 
 How it is fast (gpt-fast's recipe, in utils/decoding.py): the prompt runs once (prefill) into a static KV
-cache (Llama) or the recurrent state (Coeus); then each token is one call of a fixed-shape decode step,
-compiled on CUDA with mode="reduce-overhead" (a CUDA graph). Penalties and filters work on preallocated
-buffers and sampling happens on the device (utils/sampling.py), so the token loop never waits for the host;
-the host reads the tokens once every --sync-every tokens to stream text and check EOS / stop strings.
+cache (Llama) or the recurrent state (Coeus); then each token is one call of a fixed-shape decode step, replayed
+on CUDA as a CUDA graph (--compile: captured as it runs around the fused decode kernels, or compiled). Penalties
+and filters work on preallocated buffers and sampling happens on the device (utils/sampling.py), so the token loop
+never waits for the host; the host reads the tokens once every --sync-every tokens to stream text and check EOS / stop strings.
 """
 import time  # noqa: I001 - the clock first: the start-up a user waits for includes the imports
 
@@ -32,8 +32,8 @@ import torch  # noqa: E402
 
 from utils.checkpoint import load_checkpoint  # noqa: E402
 from utils.data_files import open_image  # noqa: E402
-from utils.decoding import (Decoder, Session, Streamer, decode_tokens, inference_lm, make_step,  # noqa: E402
-                            warn_on_tie_overflow)
+from utils.decoding import (PREFILL_MODES, STEP_MODES, Decoder, Session, Streamer, decode_tokens,  # noqa: E402
+                            inference_lm, make_step, warn_on_tie_overflow)
 from utils.lm_metrics import degeneration_metrics, perplexity, words  # noqa: E402
 from utils.load_model import fail, load_model  # noqa: E402
 from utils.errors import DataError  # noqa: E402
@@ -149,7 +149,7 @@ def run_eval(args, loaded, device, ckpt_args=None):
     for name, cfg in samplers.items():
         seed_everything(args.seed)
         dec = Decoder(lm, cfg, loaded.extras.get("n_tokens")).to(device)
-        step = make_step(dec, device, args.compile)
+        step = make_step(dec, device, args.compile, prefill=args.prefill, batch=args.batch_size)
         outs = []
         for i in range(0, N, args.batch_size):
             p = prompts[i:i + args.batch_size]
@@ -233,8 +233,15 @@ def build_parser():
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
       help="weights dtype; auto = bfloat16 on CUDA, float32 on CPU")
-    a("--compile", default="auto", choices=["auto", "on", "off"],
-      help="torch.compile the decode step; auto = on for CUDA (CUDA graphs), off on CPU")
+    a("--compile", default="auto", choices=list(STEP_MODES),
+      help="the decode step: on = torch.compile with CUDA graphs (a minute of compilation on a GPU); graph = "
+           "captured as a CUDA graph as it runs, its small glue compiled (seconds); off = eager; auto = graph on "
+           "CUDA where the layers run as the fused decode kernels (a Llama-family model, one sample), else on for "
+           "CUDA, off on CPU")
+    a("--prefill", default="auto", choices=list(PREFILL_MODES),
+      help="the prompt's forward: graph = a CUDA graph per prompt length (the first prompt of a length runs eagerly), "
+           "compile = torch.compile with dynamic shapes (tens of seconds first), eager; auto = graph on CUDA unless "
+           "--compile off")
     a("--sync-every", type=int, default=16,
       help="the host reads new tokens (streaming, EOS, stop strings) once per this many tokens")
     a("--quiet", action="store_true", help="print only the generated text, no timing line")
@@ -293,7 +300,7 @@ def main(argv=None, t_start=None):
         os.replace(tmp, out)
         print(f"report written to {out}")
         return report
-    session = Session(loaded, sampler, device, args.compile)
+    session = Session(loaded, sampler, device, args.compile, args.prefill, batch=args.num_samples)
     stream = args.num_samples == 1
     results = []
 

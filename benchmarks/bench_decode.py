@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels import gemv as kernels_gemv, tune_cache  # noqa: E402
 from kernels.launch import kernels_by_default, pdl_enabled  # noqa: E402
 from models.llama import Llama, llama_config  # noqa: E402
-from utils.decoding import CoeusLM, Decoder, LlamaLM, make_step  # noqa: E402
+from utils.decoding import PREFILL_MODES, STEP_MODES, CoeusLM, Decoder, LlamaLM, make_step  # noqa: E402
 from utils.sampling import SamplerConfig  # noqa: E402
 
 # HBM bandwidth in TB/s by GPU name (vendor data sheets): printed beside the measured one, for reference only
@@ -141,7 +141,7 @@ def fp32_prefill_with_cache_check(config_name, prompt_len, device, n_layers=2):
 
 
 @torch.no_grad()
-def time_ours(lm, prompt, new_tokens, sampler, device, compile_mode, warmup, repeats, tune=False):
+def time_ours(lm, prompt, new_tokens, sampler, device, compile_mode, warmup, repeats, tune=False, prefill="auto"):
     """Our decoding: prefill, then new_tokens - 1 compiled steps. Also first_run_s: the first warm-up run,
     i.e. compilation and CUDA-graph capture with one run's tokens."""
     from torch._dynamo.utils import counters
@@ -149,7 +149,7 @@ def time_ours(lm, prompt, new_tokens, sampler, device, compile_mode, warmup, rep
     t_setup = time.perf_counter()
     dec = Decoder(lm, sampler).to(device)
     dec.setup(prompt.shape[0], prompt.shape[1] + new_tokens, device)
-    step = make_step(dec, device, compile_mode, tune=tune)
+    step = make_step(dec, device, compile_mode, tune=tune, prefill=prefill, batch=prompt.shape[0])
 
     def once():
         sync(device)
@@ -182,6 +182,7 @@ def time_ours(lm, prompt, new_tokens, sampler, device, compile_mode, warmup, rep
     return dict(tokens_per_s=new_tokens / total, decode_tokens_per_s=(new_tokens - 1) / decode,
                 total_s=total, prefill_s=total - decode, warmup_s=t_compile, first_run_s=first_run_s,
                 runs_s=[r[0] for r in runs], compiled=bool(getattr(step, "is_compiled", lambda: False)()),
+                step_mode=step.mode, prefill_mode=step.prefill,
                 coordinate_descent_tuning=bool(tune and getattr(step, "is_compiled", lambda: False)()),
                 # > 0: a graph ran without CUDA graphs
                 cudagraph_skips=int(counters["inductor"]["cudagraph_skips"]) - skips0)
@@ -338,8 +339,14 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per run")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="weights dtype")
     p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda:N")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="compile our decode step and transformers' static-cache forward (auto: on CUDA only)")
+    p.add_argument("--compile", default="auto", choices=list(STEP_MODES),
+                   help="our decode step (utils.decoding.make_step: on = torch.compile + CUDA graphs, graph = a CUDA "
+                        "graph of the step as it runs with its glue compiled, off; auto: graph on CUDA for the fused "
+                        "decode kernels, else on; off on CPU); transformers' static-cache forward is compiled unless "
+                        "off (or on CPU under auto)")
+    p.add_argument("--prefill", default="auto", choices=list(PREFILL_MODES),
+                   help="our prompt forward: graph (a CUDA graph per prompt shape), compile (torch.compile, dynamic "
+                        "shapes), eager; auto: graph on CUDA unless --compile off")
     p.add_argument("--coordinate-descent", action="store_true",
                    help="inductor's coordinate-descent tuning of our decode step's kernels (gpt-fast's setting): "
                         "a little faster steps, minutes more compilation (it was the default: > 200 s)")
@@ -390,7 +397,7 @@ def main(argv=None):
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
         "cpu" if args.device == "auto" else args.device)
     cuda = device.startswith("cuda")
-    compile_ok = args.compile == "on" or (args.compile == "auto" and cuda)
+    compile_ok = args.compile in ("on", "graph") or (args.compile == "auto" and cuda)
     dtype = getattr(torch, args.dtype)
     sampler = SAMPLED
     caches = tune_cache.compile_caches()  # inductor's FX-graph / autotune / AOTAutograd caches on disk (default on)
@@ -459,12 +466,13 @@ def main(argv=None):
                         "gemv_configs": lm.gemv_report or {},
                         "programmatic_dependent_launch": with_gemv and pdl_enabled(device),
                         **time_ours(lm, prompt, args.new_tokens, sampler, device, args.compile, args.warmup,
-                                    args.repeats, tune=args.coordinate_descent)}
+                                    args.repeats, tune=args.coordinate_descent, prefill=args.prefill)}
         # to the end of our first (warm-up) run: GEMV tuning (or its disk cache), decoder set-up, compilation of
         # prefill and step, CUDA-graph capture, and that run's tokens
         r["startup_s"] = tune_s + r["first_run_s"]
         print(f"{key} (static KV cache, decode kernels {with_gemv}, PDL {r['programmatic_dependent_launch']}, "
               f"W prefetched before the wait {r['gemv_prefetch']}, "
+              f"step {r['step_mode']}, prefill {r['prefill_mode']}, "
               f"compiled={r['compiled']}, coordinate descent {r['coordinate_descent_tuning']}, cudagraph skips "
               f"{r['cudagraph_skips']}): {r['tokens_per_s']:.1f} tokens/s ({r['decode_tokens_per_s']:.1f} "
               f"decode-only; start-up {r['startup_s']:.1f} s: GEMV tuning {tune_s:.1f} s)", flush=True)
@@ -505,7 +513,8 @@ def main(argv=None):
             cprompt = torch.randint(0, ccfg.vocab_size, (1, args.prompt_len), device=device)
             res["coeus"] = {"config": args.coeus_config, "params": coeus.num_params(),
                             **time_ours(CoeusLM(coeus), cprompt, args.new_tokens, sampler, device, args.compile,
-                                        args.warmup, args.repeats, tune=args.coordinate_descent)}
+                                        args.warmup, args.repeats, tune=args.coordinate_descent,
+                                        prefill=args.prefill)}
             print(f"coeus {args.coeus_config}: {res['coeus']['tokens_per_s']:.1f} tokens/s "
                   f"({res['coeus']['decode_tokens_per_s']:.1f} decode-only)", flush=True)
     if cuda:

@@ -167,7 +167,13 @@ def test_compiled_decoding_through_the_kernels_equals_nn_linear(family):
             step = make_step(dec, "cpu", "on")
             toks.append(torch.cat(list(decode_tokens(dec, step, prompt, 10)), 1))
             assert step.is_compiled()
-        assert torch.equal(toks[0], toks[1]), toks
+        # make_step's "graph": the step as it runs (a CUDA graph on a GPU), its glue (inputs, head, sampler) compiled
+        dec = Decoder(lm, SamplerConfig(temperature=0.0))
+        dec.setup(1, 40, "cpu")
+        step = make_step(dec, "cpu", "graph")
+        toks.append(torch.cat(list(decode_tokens(dec, step, prompt, 10)), 1))
+        assert step.mode == "graph" and lm._head.is_compiled() and dec._sample.is_compiled()
+        assert torch.equal(toks[0], toks[1]) and torch.equal(toks[0], toks[2]), toks
         print("ok")
     """)
     assert out.strip() == "ok"

@@ -3,7 +3,7 @@
     lm = LlamaLM(llama) | CoeusLM(coeus)          # one interface over a KV cache and a recurrent state
     lm = inference_lm(lm, device)                 # fused projections; on CUDA the kernels/ path, tuned here
     dec = Decoder(lm, SamplerConfig(...)); dec.setup(batch, capacity, device)
-    step = make_step(dec, device)                 # torch.compile(mode="reduce-overhead") on CUDA
+    step = make_step(dec, device)                 # on CUDA a CUDA graph of the step (compiled or as it runs)
     for chunk in decode_tokens(dec, step, prompt_ids, max_new_tokens, sync_every=16): ...
     Session(loaded, sampler, device).generate(ids, ...)   # all of that for one prompt after another, as text
 
@@ -24,7 +24,7 @@ from kernels.fused_decode import (KINDS as FUSED_KINDS, can_run_fused_layers, fu
                                   fused_layers_unsupported, new_arrivals)
 from kernels.gemv import use_gemv
 from kernels.launch import kernels_by_default
-from utils.runtime import CompiledOrEager
+from utils.runtime import CompiledOrEager, GraphedCalls
 from utils.sampling import TIE_SLACK, ContextState, SamplerConfig, choose
 
 
@@ -75,14 +75,28 @@ class LlamaLM(nn.Module):
         """tok (B,) at absolute position pos (1,) -> logits (B, V)."""
         return self._last_logits(tok[:, None], None, pos)
 
+    def compile_glue(self):
+        """torch.compile the small work around the fused layers (embedding, RoPE, mask; the final norm and head):
+        what a CUDA graph of the eager step would otherwise run as a dozen tiny kernels (make_step's "graph")."""
+        self._inputs = CompiledOrEager(self.model.layer_inputs, "the decode step's inputs", fullgraph=True)
+        self._head = CompiledOrEager(self._head_eager, "the decode step's head", fullgraph=True)
+
+    def _inputs(self, input_ids, inputs_embeds=None, input_pos=None):
+        return self.model.layer_inputs(input_ids, inputs_embeds, input_pos=input_pos)
+
+    def _head_eager(self, h):
+        return self.model.lm_head(self.model.norm(h))[:, -1]
+
+    _head = _head_eager
+
     def _last_logits(self, input_ids, inputs_embeds, pos):
         """Logits (B, V) of the last of these tokens, which go into the cache at pos: a batch-1 one-token call
         through the fused layers where they can run (half precision, kernels ready on this device)."""
-        if self.arrivals is not None and not torch.is_grad_enabled():
-            x, cos, sin, mask = self.model.layer_inputs(input_ids, inputs_embeds, input_pos=pos)
+        if self.arrivals is not None and not torch.is_grad_enabled() and input_ids.shape[1] == 1:
+            x, cos, sin, mask = self._inputs(input_ids, inputs_embeds, input_pos=pos)
             if can_run_fused_layers(self.model.layers, x, pos):
                 h = fused_layers(self.model.layers, x, cos, sin, mask, pos, self.arrivals)  # (1, 1, dim)
-                return self.model.lm_head(self.model.norm(h))[:, -1]
+                return self._head(h)
         if inputs_embeds is not None:
             return self.model(inputs_embeds=inputs_embeds, input_pos=pos)[:, -1]
         return self.model(input_ids, input_pos=pos)[:, -1]
@@ -159,9 +173,12 @@ class Decoder(nn.Module):
         self.register_buffer("banned", banned, persistent=False)
         # rows where the fast top-k sampler met more ties than it keeps (utils.sampling.TIE_SLACK)
         self.register_buffer("tie_overflow", torch.zeros(0, dtype=torch.bool), persistent=False)
-        self.lm_prefill = lm.prefill  # make_step compiles it on CUDA
+        self.lm_prefill = lm.prefill  # make_step compiles it or replays it from CUDA graphs on CUDA
+        self.graphed = []  # make_step's GraphedCalls: their graphs hold the buffers' addresses
 
     def setup(self, batch, capacity, device):
+        for g in self.graphed:  # the cache and buffers may be reallocated: graphs captured on them are stale
+            g.reset()
         self.lm.setup(batch, capacity)
         self.ctx.setup(batch, capacity, device)
         self.banned = self.banned.to(device)
@@ -173,24 +190,32 @@ class Decoder(nn.Module):
         logits = self.ctx.process(logits, cur_len)
         return choose(logits, self.sampler, overflow=self.tie_overflow)
 
+    def _sample_eager(self, logits, cur):
+        """The token at position cur from the logits before it, recorded in the context state."""
+        nxt = self._next(logits, cur)
+        self.ctx.append(nxt, cur)
+        return nxt
+
+    _sample = _sample_eager
+
+    def compile_glue(self):
+        """torch.compile the sampler and the model's small work around its kernels (make_step's "graph")."""
+        self._sample = CompiledOrEager(self._sample_eager, "the sampler", fullgraph=True)
+        if hasattr(self.lm, "compile_glue"):
+            self.lm.compile_glue()
+
     def prefill(self, prompt_ids, inputs_embeds=None):
         """prompt (B, T) -> first new token (B,), written at position T."""
         T = prompt_ids.shape[1]
         self.ctx.reset(prompt_ids)
         self.tie_overflow.zero_()
         logits = self.lm_prefill(prompt_ids, inputs_embeds)
-        pos = torch.tensor([T], device=prompt_ids.device)
-        tok = self._next(logits, pos)
-        self.ctx.append(tok, pos)
-        return tok
+        return self._sample(logits, torch.tensor([T], device=prompt_ids.device))
 
     def decode_one(self, tok, pos):
         """tok (B,) sits at position pos (1,): run it, return the token for position pos + 1."""
         logits = self.lm.step(tok, pos)
-        cur = pos + 1
-        nxt = self._next(logits, cur)
-        self.ctx.append(nxt, cur)
-        return nxt
+        return self._sample(logits, pos + 1)
 
 
 def warn_on_tie_overflow(decoder):
@@ -202,31 +227,73 @@ def warn_on_tie_overflow(decoder):
     return False
 
 
-def make_step(decoder, device, compile_mode="auto", tune=False):
-    """decode_one, compiled (CUDA: reduce-overhead = CUDA graphs; CPU: eager unless asked) with an eager
-    fallback when the compiler fails; on CUDA the decoder's prefill forward is compiled too (dynamic shapes,
-    no CUDA graphs). tune: gpt-fast's inductor settings (coordinate descent tuning of the kernels: faster
-    steps, much longer compilation)."""
-    use = compile_mode == "on" or (compile_mode == "auto" and device.startswith("cuda"))
-    if not use:
-        return decoder.decode_one
+STEP_MODES = ("auto", "on", "graph", "off")
+PREFILL_MODES = ("auto", "graph", "compile", "eager")
+
+
+def step_mode(decoder, device, compile_mode="auto", batch=1):
+    """What make_step does for compile_mode on device: "auto" is "graph" where the model's layers run as the fused
+    kernels (LlamaLM at batch 1 on CUDA: little is left for a compiler to fuse), else "on" on CUDA, "off" on CPU."""
+    if compile_mode != "auto":
+        return compile_mode
+    if not device.startswith("cuda"):
+        return "off"
+    return "graph" if batch == 1 and getattr(decoder.lm, "layer_kernels", False) else "on"
+
+
+def make_step(decoder, device, compile_mode="auto", tune=False, prefill="auto", batch=1):
+    """decode_one made fast for device, and the decoder's prefill with it. compile_mode (step_mode for "auto", for
+    the batch the decoder will be set up with):
+      on     torch.compile(mode="reduce-overhead"): inductor fuses the step and replays it as a CUDA graph
+             (gpt-fast's recipe); tune: gpt-fast's coordinate-descent tuning of its kernels (much longer compilation)
+      graph  the step captured as a CUDA graph as it runs eagerly (utils.runtime.GraphedCalls), its small glue
+             (embedding, RoPE, mask, final norm, sampler) compiled as three small graphs: seconds of compilation
+             where "on" takes a minute, for a step that is mostly hand-written kernels anyway
+      off    eager
+    prefill ("auto": "graph" on CUDA when the step is not "off", else "eager"): "graph" replays the prompt's forward
+    from a CUDA graph per prompt shape (a shape's first prefill runs eagerly, its second is captured); "compile"
+    compiles it with dynamic shapes (tens of seconds before the first token). A compiler failure falls back to
+    eager, with a warning."""
     cuda = device.startswith("cuda")
-    if cuda:
+    mode = step_mode(decoder, device, compile_mode, batch)
+    if prefill == "auto":
+        prefill = "graph" if cuda and mode != "off" else "eager"
+    if mode != "off" and cuda:
         import torch._inductor.config as ic
         ic.triton.unique_kernel_names = True
         ic.fx_graph_cache = True
-        if tune:
+        if tune and mode == "on":
             ic.coordinate_descent_tuning = True
+    if prefill == "graph":  # the prompt's forward: eager it is hundreds of launches from Python (~17 ms for TinyLlama)
+        decoder.lm_prefill = GraphedCalls(decoder.lm.prefill, "the prefill")
+        decoder.graphed.append(decoder.lm_prefill)
+    elif prefill == "compile":
+        decoder.lm_prefill = CompiledOrEager(decoder.lm.prefill, "the prefill", dynamic=True)
+    if mode == "off":
+        def step(tok, pos):
+            return decoder.decode_one(tok, pos)
+        step.is_compiled = lambda: False
+        step.mode, step.prefill = "off", prefill
+        return step
+    if mode == "graph":
+        decoder.compile_glue()
+        step_fn = GraphedCalls(decoder.decode_one, "the decode step")
+        decoder.graphed.append(step_fn)
+
+        def step(tok, pos):
+            return step_fn(tok, pos)  # a copy of the graph's output
+        step.is_compiled = lambda: step_fn.captured() > 0
+        step.mode, step.prefill = "graph", prefill
+        return step
     step_fn = CompiledOrEager(decoder.decode_one, "the decode step", mode="reduce-overhead" if cuda else None,
                               fullgraph=True)
-    if cuda:  # the prompt's forward too: eager it is hundreds of launches from Python (~17 ms for TinyLlama)
-        decoder.lm_prefill = CompiledOrEager(decoder.lm.prefill, "the prefill", dynamic=True)
 
     def step(tok, pos):
         if cuda and step_fn.is_compiled():
             torch.compiler.cudagraph_mark_step_begin()
         return step_fn(tok, pos).clone()  # a CUDA graph overwrites its output on the next replay
     step.is_compiled = step_fn.is_compiled
+    step.mode, step.prefill = "on", prefill
     return step
 
 
@@ -267,10 +334,10 @@ class Session:
     (generate.py's interactive mode): cache and buffers keep one size while prompts fit, so the step is compiled
     once."""
 
-    def __init__(self, loaded, sampler, device, compile_mode="auto"):
+    def __init__(self, loaded, sampler, device, compile_mode="auto", prefill="auto", batch=1):
         self.loaded, self.device, self.sampler = loaded, device, sampler
         self.decoder = Decoder(loaded.lm, sampler, loaded.extras.get("n_tokens")).to(device)
-        self.step = make_step(self.decoder, device, compile_mode)
+        self.step = make_step(self.decoder, device, compile_mode, prefill=prefill, batch=batch)
         self.capacity, self.batch = 0, None
 
     def _setup(self, batch, need):

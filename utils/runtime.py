@@ -87,6 +87,67 @@ def cuda_graph(fn, warmup=2):
     return graph.replay, torch.cuda.max_memory_allocated()
 
 
+class GraphedCalls:
+    """fn(*args) replayed from CUDA graphs, one graph per shape of the tensor arguments, without a compiler.
+
+    A shape's first `eager_calls` calls run eagerly: they are real calls and also the warm-up (Triton's JIT, cuBLAS,
+    the attention backend's choice), so a capture never runs fn an extra time; the next call of that shape is
+    captured, then replayed, and so is every later one, its tensor arguments copied into the graph's own. fn must
+    touch only tensors that keep their addresses between calls (a static KV cache, preallocated buffers): reset()
+    forgets every graph, to be called when those are reallocated. Up to max_graphs shapes keep a graph (each holds
+    its own memory); others run eagerly. Off a GPU, or once a capture has failed (an op that syncs with the host),
+    fn runs eagerly. Returns a copy of the graph's output, which the next replay overwrites."""
+
+    def __init__(self, fn, what, eager_calls=1, max_graphs=4):
+        self.fn, self.what, self.eager_calls, self.max_graphs = fn, what, eager_calls, max_graphs
+        self.failed = False
+        self.reset()
+
+    def reset(self):
+        self.graphs, self.calls = {}, {}
+
+    def captured(self):
+        return len(self.graphs)
+
+    @staticmethod
+    def _key(args):
+        return tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
+
+    def __call__(self, *args):
+        key = self._key(args)
+        entry = self.graphs.get(key)
+        if entry is None:
+            usable = not self.failed and all(a.is_cuda for a in args if isinstance(a, torch.Tensor))
+            n = self.calls[key] = self.calls.get(key, 0) + 1
+            if not usable or n <= self.eager_calls or len(self.graphs) >= self.max_graphs \
+                    or torch.is_grad_enabled():
+                return self.fn(*args)
+            entry = self._capture(key, args)
+            if entry is None:
+                return self.fn(*args)
+        static, graph, out = entry
+        for s, a in zip(static, args):
+            if isinstance(a, torch.Tensor) and a is not s:
+                s.copy_(a)
+        graph.replay()
+        return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
+
+    def _capture(self, key, args):
+        static = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.graph(graph, stream=side):
+                out = self.fn(*static)
+        except Exception as e:  # pragma: no cover - needs a GPU
+            self.failed = True
+            warnings.warn(f"CUDA-graph capture of {self.what} failed ({_first_line(e)}); running it eagerly")
+            return None
+        torch.cuda.current_stream().wait_stream(side)
+        self.graphs[key] = entry = (static, graph, out)
+        return entry
+
+
 class CompiledOrEager:
     """torch.compile(fn, **kw) that falls back to fn, with a warning, for good once compiling it fails.
     on_fail(error): called instead of the warning (CompiledBlocks turns a whole group eager at once)."""
