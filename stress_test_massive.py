@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from models.coeus import COEUS_CONFIGS, Coeus, coeus_config
+from models.coeus import COEUS_CONFIGS, RECOMPUTE_MIXER, Coeus, CoeusConfig, coeus_config
 from models.llama import Llama, LlamaConfig
 from utils.memory_peak import record_live_at_peak
 from utils.runtime import CompiledBlocks, CompiledOrEager, cuda_graph, peak_rss_bytes, pick_device
@@ -54,6 +54,10 @@ def parse_args(argv=None):
                         "kernels (CUDA only; the CPU keeps the PyTorch form)")
     p.add_argument("--config", default="nano", choices=sorted(COEUS_CONFIGS))
     p.add_argument("--vocab-size", type=int, default=65, help="65 = tinyshakespeare characters")
+    p.add_argument("--recompute-mixer", default=CoeusConfig.recompute_mixer, choices=RECOMPUTE_MIXER,
+                   help="train mode: what of Coeus's mixer the backward redoes (all: norm, projection and both "
+                   "branches; branches: the projection's output is kept; alternate: all in the even layers, branches "
+                   "in the odd ones; none: nothing is redone)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--step-tokens", type=int, default=256, help="tokens timed in step mode")
     p.add_argument("--train-tokens", type=int, default=65536,
@@ -83,7 +87,7 @@ def parse_args(argv=None):
 
 def build(mode, args, device, dtype):
     """The model of a mode, in eval mode for the inference modes and in train mode (dropout is 0) for training."""
-    cfg = coeus_config(args.config, vocab_size=args.vocab_size)
+    cfg = coeus_config(args.config, vocab_size=args.vocab_size, recompute_mixer=args.recompute_mixer)
     if mode in ("llama", "llama-train"):
         lcfg = LlamaConfig(vocab_size=args.vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                            n_kv_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim, max_seq_len=2048, tie_embeddings=True)
@@ -202,7 +206,8 @@ def run_point(mode, T, args, device, dtype):
         return {"mode": mode, "T": T, "seconds": "OOM", "peak_mib": "OOM"}
     # CPU: a fresh interpreter per point, so ru_maxrss is this point's peak
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{mode}:{T}", "--config", args.config,
-           "--vocab-size", str(args.vocab_size), "--batch-size", str(args.batch_size), "--repeats", str(args.repeats),
+           "--vocab-size", str(args.vocab_size), "--recompute-mixer", args.recompute_mixer,
+           "--batch-size", str(args.batch_size), "--repeats", str(args.repeats),
            "--step-tokens", str(args.step_tokens), "--train-tokens", str(args.train_tokens), "--device", device,
            "--dtype", args.dtype, "--gla", args.gla] + (["--compile"] if args.compile else []) \
         + (["--cuda-graph"] if args.cuda_graph else [])
@@ -303,6 +308,7 @@ def main(argv=None):
         w.writerows(rows)
     with open(os.path.join(args.out, "stress.json"), "w") as f:
         json.dump({"device": device, "dtype": dtype_name, "config": args.config, "train_tokens": args.train_tokens,
+                   "recompute_mixer": args.recompute_mixer,
                    "compile": args.compile, "cuda_graph": args.cuda_graph, "gla": args.gla, "rows": rows,
                    "vs_llama": comparison}, f, indent=1)
     plot(rows, os.path.join(args.out, "stress.png"))

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.coeus import COEUS_CONFIGS, Coeus, CoeusBlock, coeus_config
+from models.coeus import COEUS_CONFIGS, RECOMPUTE_MIXER, Coeus, CoeusBlock, coeus_config
 from models.llama import Block as LlamaBlock, Llama, LlamaConfig
 from models.lora import format_report, lora_report, merge_lora
 from utils.adapters import (add_lora_args, apply_lora_spec, export_merged_hf, load_merged, lora_of_run,
@@ -121,6 +121,10 @@ def parse_args(argv=None):
                    "DistributedDataParallel; fsdp: FSDP2 fully_shard per block (bf16 mixed precision when --dtype "
                    "is bf16) plus a sharded checkpoint folder")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    g.add_argument("--recompute-mixer", default=None, choices=RECOMPUTE_MIXER,
+                   help="Coeus: what of each mixer the backward redoes (all: norm, projection and both branches, "
+                   "the least memory; branches: keeps the projection's output, faster; alternate: all in the even "
+                   "layers, branches in the odd ones; none); default: the config's")
     add_lora_args(p)
     add_monitoring_args(p)
     args = p.parse_args(argv)
@@ -151,6 +155,8 @@ def build_model(args, vocab_size, cfg=None, lora=None):
         overrides["window"] = args.window
     if args.chunk_size:
         overrides["chunk_size"] = args.chunk_size
+    if getattr(args, "recompute_mixer", None):
+        overrides["recompute_mixer"] = args.recompute_mixer
     cfg = coeus_config(args.config, **overrides)
     if args.model == "coeus":
         return Coeus(cfg), cfg

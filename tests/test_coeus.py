@@ -294,11 +294,12 @@ def _grads(model, ids):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("recompute", ["all", "alternate", "branches"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_recomputed_mixer_gives_the_same_gradients(dropout):
+def test_recomputed_mixer_gives_the_same_gradients(dropout, recompute):
     # recompute_mixer redoes both branches in backward (checkpoint, RNG restored): gradients must not change
     torch.manual_seed(0)
-    cfg = coeus_config("tiny", attn_dropout=dropout, gla_dropout=dropout)
+    cfg = coeus_config("tiny", attn_dropout=dropout, gla_dropout=dropout, recompute_mixer=recompute)
     model = Coeus(cfg).double().train()
     with torch.no_grad():
         for layer in model.layers:
@@ -336,8 +337,20 @@ def test_training_keeps_fewer_bytes_than_the_matched_llama():
     llama = Llama(LlamaConfig(vocab_size=65, dim=cfg.dim, n_layers=2, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads,
                               ffn_dim=cfg.ffn_dim, max_seq_len=512, tie_embeddings=True)).train()
     ids = torch.randint(0, 65, (1, 512))
-    ours, theirs = saved_bytes_per_token(coeus, ids), saved_bytes_per_token(llama, ids)
-    assert ours < 0.8 * theirs, (ours, theirs)
-    for layer in coeus.layers:  # and it is the recomputation that earns it
-        layer.mixer.cfg = coeus_config("nano", n_layers=2, recompute_mixer=False)
-    assert saved_bytes_per_token(coeus, ids) > 1.1 * theirs
+    theirs = saved_bytes_per_token(llama, ids)
+    kept = {}
+    for mode in ("all", "alternate", "branches", "none"):  # and it is the recomputation that earns it
+        for layer in coeus.layers:
+            layer.mixer.cfg = coeus_config("nano", n_layers=2, recompute_mixer=mode)
+        kept[mode] = saved_bytes_per_token(coeus, ids)
+    assert kept["all"] < 0.8 * theirs, (kept, theirs)
+    assert kept["all"] < kept["alternate"] < kept["branches"] < theirs < kept["none"], (kept, theirs)
+    assert kept["none"] > 1.1 * theirs
+
+
+def test_recompute_mixer_takes_the_old_booleans_and_refuses_unknown_modes():
+    assert coeus_config("tiny").recompute_mixer == "all"
+    assert coeus_config("tiny", recompute_mixer=True).recompute_mixer == "all"
+    assert coeus_config("tiny", recompute_mixer=False).recompute_mixer == "none"
+    with pytest.raises(ValueError, match="recompute_mixer 'some'"):
+        coeus_config("tiny", recompute_mixer="some")
