@@ -10,8 +10,9 @@ forward + backward must move at least (q, k, v, o, their gradients and g, dg rea
 bandwidth of a large device-to-device copy measured in the same run. fla's chunk_simple_gla backward is
 refused on Hopper with Triton 3.6 (fla issue #640): that cell then reads "unsupported (fla #640)".
 When fla is importable, ours is checked against it numerically. On CUDA the Triton kernels of kernels/gla.py have
-columns of their own: the three-launch forward ("triton") and the experimental one-launch forward whose segments
-are chained by decoupled look-back ("look-back", kernels.gla.FWD_LOOKBACK; timed only if its output matches).
+columns of their own: the three-launch forward ("triton fwd") and the one-launch forward whose segments are chained
+by decoupled look-back ("look-back", kernels.gla.FWD_LOOKBACK, the default; timed only if its output matches it);
+"triton f+b" runs the default forward (GLA_FWD_LOOKBACK=0: the three-launch one) and the backward.
 
 GPU:   python benchmarks/bench_gla_kernel.py --out $OUT/bench_gla
        python benchmarks/bench_gla_kernel.py --lengths 32768 --tokens 65536 --out $OUT/bench_gla_32k  # 32k x 2
@@ -250,11 +251,10 @@ def main(argv=None):
         if kernel_ok(device):  # the Triton kernels of kernels/gla.py (same math, fused per chunk)
             import kernels.gla as gla_kernels
             from kernels.gla import chunk_gla_triton
+            default = gla_kernels.FWD_LOOKBACK
             gla_kernels.FWD_LOOKBACK = False  # the three-launch forward first; the look-back one is its own column
             tri = lambda q_, k_, v_, g_: chunk_gla_triton(q_, k_, v_, g_, chunk_size=chunk_sizes[0])[0]  # noqa: E731
             row["triton_fwd_ms"] = timed_or_error(timer, fwd_only(tri, (q, k, v, g)), args, "kernels/gla.py forward")
-            leaves = [t.clone().requires_grad_() for t in (q, k, v, g)]
-            row["triton_ms"] = timed_or_error(timer, fwd_bwd(tri, leaves, do), args, "kernels/gla.py fwd+bwd")
             if isinstance(row["triton_fwd_ms"], float):
                 with torch.no_grad():
                     o_tri = tri(q, k, v, g)
@@ -280,13 +280,17 @@ def main(argv=None):
                         row[key] = f"error: {first_line(e)}"
                         print(f"note: the look-back forward failed ({first_line(e)})", flush=True)
                     lookback[n_seg] = row[key]
-                gla_kernels.FWD_LOOKBACK, gla_kernels.LOOKBACK_MAX_SEGMENTS = False, cap
+                gla_kernels.LOOKBACK_MAX_SEGMENTS = cap
                 timed = {n: t for n, t in lookback.items() if isinstance(t, float)}
                 if timed:
                     row["lookback_best_segments"] = min(timed, key=timed.get)
                     row["triton_lookback_fwd_ms"] = timed[row["lookback_best_segments"]]
                 elif lookback:  # the first failure, as the column's cell
                     row["triton_lookback_fwd_ms"] = next(iter(lookback.values()))
+            # forward + backward as training runs it: the default forward (look-back unless GLA_FWD_LOOKBACK=0)
+            gla_kernels.FWD_LOOKBACK = default
+            leaves = [t.clone().requires_grad_() for t in (q, k, v, g)]
+            row["triton_ms"] = timed_or_error(timer, fwd_bwd(tri, leaves, do), args, "kernels/gla.py fwd+bwd")
         qt, kt, vt, dot = (t.transpose(1, 2).contiguous() for t in (q, k, v, do))   # (B, T, H, D) for fla
         gs = g.transpose(1, 2).contiguous()                                          # (B, T, H)
         if fla_note:
