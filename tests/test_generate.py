@@ -244,6 +244,24 @@ def test_loading_only_loads_and_the_decoder_fuses(tmp_path):
     assert lm.gemv_report is None and lm.arrivals is None  # no kernels off CUDA
 
 
+def test_loading_skips_the_random_initialisation_and_keeps_every_weight(tmp_path):
+    """load_model builds the checkpoint's model with torch.nn.init switched off (the load sets every weight): no
+    random numbers are drawn, the loaded weights are the saved ones, and the init functions work again afterwards."""
+    from utils.load_model import no_init_weights
+    for kind, model in (("llama", tiny_llama()), ("coeus", tiny_coeus())):
+        path = save(tmp_path, kind, model)
+        state = torch.get_rng_state()
+        loaded = load_model(path)
+        assert torch.equal(torch.get_rng_state(), state), kind  # nothing drawn while building
+        for (n, a), b in zip(model.state_dict().items(), loaded.lm.model.state_dict().values()):
+            assert torch.equal(a, b), (kind, n)
+    with no_init_weights():
+        w = torch.full((3, 3), 7.0)
+        assert torch.nn.init.normal_(w) is w and torch.equal(w, torch.full((3, 3), 7.0))
+    torch.nn.init.normal_(w)
+    assert not torch.equal(w, torch.full((3, 3), 7.0))
+
+
 def test_missing_and_corrupt_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="not found"):
         generate.main(["--ckpt", str(tmp_path / "nope.pt")])
