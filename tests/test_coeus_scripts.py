@@ -65,6 +65,15 @@ def test_stress_point_in_process():
         assert row["tokens"] == {"step": 5, "train": 140, "llama-train": 140}.get(mode, 70), mode
 
 
+def test_stress_recompute_mixer_reaches_the_model_and_the_json(tmp_path):
+    args = stress_test_massive.parse_args(["--config", "tiny", "--recompute-mixer", "branches"])
+    model = stress_test_massive.build("train", args, "cpu", torch.float32)
+    assert all(layer.mixer.cfg.recompute_mixer == "branches" for layer in model.layers)
+    stress_test_massive.main(["--config", "tiny", "--lengths", "64", "--modes", "train", "--train-tokens", "128",
+                              "--repeats", "1", "--recompute-mixer", "alternate", "--out", str(tmp_path)])
+    assert json.load(open(tmp_path / "stress.json"))["recompute_mixer"] == "alternate"
+
+
 def test_stress_gla_triton_flag_keeps_the_pytorch_form_off_cuda():
     args = stress_test_massive.parse_args(["--config", "tiny", "--gla", "triton"])
     model = stress_test_massive.build("parallel", args, "cpu", torch.float32)
