@@ -97,9 +97,10 @@ class LlamaLM(nn.Module):
             if can_run_fused_layers(self.model.layers, x, pos):
                 h = fused_layers(self.model.layers, x, cos, sin, mask, pos, self.arrivals)  # (1, 1, dim)
                 return self._head(h)
-        if inputs_embeds is not None:
-            return self.model(inputs_embeds=inputs_embeds, input_pos=pos)[:, -1]
-        return self.model(input_ids, input_pos=pos)[:, -1]
+        # the head on the last position only: a prompt's (B, T, V) logits were 2 GB at Llama-3's 128k vocabulary and
+        # 8k tokens (and a prefill's CUDA graph keeps its peak)
+        h = self.model.hidden(None if inputs_embeds is not None else input_ids, inputs_embeds, input_pos=pos)
+        return self.model.lm_head(h[:, -1])
 
     def full_logits(self, input_ids):
         return self.model(input_ids)
