@@ -229,6 +229,7 @@ def warn_on_tie_overflow(decoder):
 
 
 STEP_MODES = ("auto", "on", "graph", "off")
+PREFILL_GRAPH_TOKENS = 2048  # make_step's prefill graphs: prompts (batch x length) of up to this many tokens
 PREFILL_MODES = ("auto", "graph", "compile", "eager")
 
 
@@ -252,7 +253,8 @@ def make_step(decoder, device, compile_mode="auto", tune=False, prefill="auto", 
              where "on" takes a minute, for a step that is mostly hand-written kernels anyway
       off    eager
     prefill ("auto": "graph" on CUDA when the step is not "off", else "eager"): "graph" replays the prompt's forward
-    from a CUDA graph per prompt shape (a shape's first prefill runs eagerly, its second is captured); "compile"
+    from a CUDA graph per prompt shape of up to PREFILL_GRAPH_TOKENS tokens (a shape's first prefill runs eagerly, its
+    second is captured); "compile"
     compiles it with dynamic shapes (tens of seconds before the first token). A compiler failure falls back to
     eager, with a warning."""
     cuda = device.startswith("cuda")
@@ -266,7 +268,10 @@ def make_step(decoder, device, compile_mode="auto", tune=False, prefill="auto", 
         if tune and mode == "on":
             ic.coordinate_descent_tuning = True
     if prefill == "graph":  # the prompt's forward: eager it is hundreds of launches from Python (~17 ms for TinyLlama)
-        decoder.lm_prefill = GraphedCalls(decoder.lm.prefill, "the prefill")
+        # up to PREFILL_GRAPH_TOKENS: a longer prompt's forward is compute-bound, and its graph would keep the memory
+        # of its activations
+        decoder.lm_prefill = GraphedCalls(decoder.lm.prefill, "the prefill",
+                                          capture_if=lambda ids, embeds=None: ids.numel() <= PREFILL_GRAPH_TOKENS)
         decoder.graphed.append(decoder.lm_prefill)
     elif prefill == "compile":
         decoder.lm_prefill = CompiledOrEager(decoder.lm.prefill, "the prefill", dynamic=True)

@@ -95,11 +95,13 @@ class GraphedCalls:
     captured, then replayed, and so is every later one, its tensor arguments copied into the graph's own. fn must
     touch only tensors that keep their addresses between calls (a static KV cache, preallocated buffers): reset()
     forgets every graph, to be called when those are reallocated. Up to max_graphs shapes keep a graph (each holds
-    its own memory); others run eagerly. Off a GPU, or once a capture has failed (an op that syncs with the host),
-    fn runs eagerly. Returns a copy of the graph's output, which the next replay overwrites."""
+    its own memory), and only calls for which capture_if(*args) holds (default: all); others run eagerly. Off a GPU,
+    or once a capture has failed (an op that syncs with the host), fn runs eagerly. Returns a copy of the graph's
+    output, which the next replay overwrites."""
 
-    def __init__(self, fn, what, eager_calls=1, max_graphs=4):
+    def __init__(self, fn, what, eager_calls=1, max_graphs=4, capture_if=None):
         self.fn, self.what, self.eager_calls, self.max_graphs = fn, what, eager_calls, max_graphs
+        self.capture_if = capture_if
         self.failed = False
         self.reset()
 
@@ -120,7 +122,7 @@ class GraphedCalls:
             usable = not self.failed and all(a.is_cuda for a in args if isinstance(a, torch.Tensor))
             n = self.calls[key] = self.calls.get(key, 0) + 1
             if not usable or n <= self.eager_calls or len(self.graphs) >= self.max_graphs \
-                    or torch.is_grad_enabled():
+                    or torch.is_grad_enabled() or (self.capture_if is not None and not self.capture_if(*args)):
                 return self.fn(*args)
             entry = self._capture(key, args)
             if entry is None:
