@@ -17,7 +17,8 @@ How it is fast (gpt-fast's recipe, in utils/decoding.py): the prompt runs once (
 cache (Llama) or the recurrent state (Coeus); then each token is one call of a fixed-shape decode step, replayed
 on CUDA as a CUDA graph (--compile: captured as it runs around the fused decode kernels, or compiled). Penalties
 and filters work on preallocated buffers and sampling happens on the device (utils/sampling.py), so the token loop
-never waits for the host; the host reads the tokens once every --sync-every tokens to stream text and check EOS / stop strings.
+never waits for the host; the host reads the tokens once every --sync-every tokens to stream text and check EOS /
+stop strings.
 """
 import time  # noqa: I001 - the clock first: the start-up a user waits for includes the imports
 

@@ -1,8 +1,9 @@
-"""Device, precision, compilation and the learning-rate schedule: what every script sets up the same way
+"""Device, precision, compilation, CUDA graphs and the learning-rate schedule: what every script sets up the same way
 (nanoGPT's one block).
 
     compiled = CompiledBlocks(model.layers, mode="default")   # regional torch.compile, eager fallback
     compiled.warm_up(lambda: model(x).mean().backward())     # or compiled.run(step_fn) inside the loop
+    step = GraphedCalls(fn, "the decode step")                # fn replayed from CUDA graphs, no compiler
     lr = base_lr * warmup_cosine(step, warmup, total, min_ratio)
 """
 import contextlib
