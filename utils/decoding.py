@@ -254,9 +254,8 @@ def make_step(decoder, device, compile_mode="auto", tune=False, prefill="auto", 
       off    eager
     prefill ("auto": "graph" on CUDA when the step is not "off", else "eager"): "graph" replays the prompt's forward
     from a CUDA graph per prompt shape of up to PREFILL_GRAPH_TOKENS tokens (a shape's first prefill runs eagerly, its
-    second is captured); "compile"
-    compiles it with dynamic shapes (tens of seconds before the first token). A compiler failure falls back to
-    eager, with a warning."""
+    second is captured); "compile" compiles it with dynamic shapes (tens of seconds before the first token). A
+    compiler failure falls back to eager, with a warning."""
     cuda = device.startswith("cuda")
     mode = step_mode(decoder, device, compile_mode, batch)
     if prefill == "auto":
