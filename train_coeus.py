@@ -155,7 +155,7 @@ def build_model(args, vocab_size, cfg=None, lora=None):
         overrides["window"] = args.window
     if args.chunk_size:
         overrides["chunk_size"] = args.chunk_size
-    if getattr(args, "recompute_mixer", None):
+    if args.recompute_mixer:
         overrides["recompute_mixer"] = args.recompute_mixer
     cfg = coeus_config(args.config, **overrides)
     if args.model == "coeus":
