@@ -335,13 +335,18 @@ def tune_gemv(weight, kind="partials", candidates=None, l2_flush_bytes=256e6):
     The candidates run on enough copies of the weight (l2_flush_bytes in all) that the L2 cache never holds
     the one being read, as in decoding, where every weight is read once per token.
     The default candidates' winner is kept on disk (kernels/tune_cache.py: keyed by GPU, torch and Triton
-    versions, kind, N, K, dtype), so the next process reads it instead of timing them again."""
+    versions, kind, N, K, dtype), so the next process reads it instead of timing them again; on a miss, a winner
+    shipped for this GPU model and shape (kernels/gemv_tuned.json, from benchmarks/tune_gemv.py) is used untimed
+    (microseconds None)."""
     assert kind in KINDS, kind
     key = _key(weight, kind)
     if key in _TUNED:
         return _TUNED[key]
     stored = tune_cache.get(key) if candidates is None else None
     best = _stored_config(stored)
+    if best is None and candidates is None:  # tuned on this GPU model by benchmarks/tune_gemv.py and shipped
+        best = _stored_config({"config": tune_cache.shipped(kind, *weight.shape, weight.dtype, weight.device),
+                               "us": None})
     if best is None:
         best = _time_candidates(weight, kind, candidates or CANDIDATES, l2_flush_bytes)
         if candidates is None:
@@ -351,9 +356,10 @@ def tune_gemv(weight, kind="partials", candidates=None, l2_flush_bytes=256e6):
 
 
 def is_tuned(weight, kind):
-    """Whether tune_gemv(weight, kind) has its answer without timing: in this process or in the disk cache."""
+    """Whether tune_gemv(weight, kind) has its answer without timing: in this process, in the disk cache or shipped."""
     key = _key(weight, kind)
-    return key in _TUNED or _stored_config(tune_cache.get(key)) is not None
+    return (key in _TUNED or _stored_config(tune_cache.get(key)) is not None
+            or tune_cache.shipped(kind, *weight.shape, weight.dtype, weight.device) is not None)
 
 
 def _stored_config(stored):

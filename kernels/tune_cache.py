@@ -9,11 +9,18 @@ key holds every thing a configuration depends on, so a new GPU, driver stack or 
 file that does not parse is set aside (warned about) and rebuilt; a file that cannot be written is only
 warned about (the configuration is still used, just not kept). KERNELS_CACHE_DIR=off turns the cache off.
 
+shipped(...) is the other source, read when the disk cache misses: kernels/gemv_tuned.json, the winners that
+benchmarks/tune_gemv.py timed for the named configs' decode shapes on the GPUs it ran on (as vLLM ships its fused-MoE
+tiles per GPU), so a cold start on such a GPU times nothing. Keyed by GPU name, kind, shape and dtype, not by
+versions: a tile configuration stays valid across them, if perhaps no longer the fastest. KERNELS_SHIPPED=off
+ignores it (every shape is timed here again).
+
 compile_caches() reports (and switches on, where off) torch.compile's own on-disk caches: inductor's FX graph
 cache, its autotune cache and AOTAutograd's cache are on by default since torch 2.5 (torch._inductor.config
 fx_graph_cache / autotune_local_cache, torch._functorch.config.enable_autograd_cache), under
 $TORCHINDUCTOR_CACHE_DIR (default /tmp/torchinductor_$USER); Triton keeps its binaries in ~/.triton/cache.
 """
+import functools
 import json
 import os
 import tempfile
@@ -122,6 +129,37 @@ def cached(key, tune):
     value = tune()
     put(key, value)
     return value, False
+
+
+SHIPPED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gemv_tuned.json")
+_OFF = ("off", "0", "none", "false")
+
+
+@functools.lru_cache(maxsize=None)
+def _shipped_table(path):
+    try:
+        with open(path) as f:
+            table = json.load(f)["gpus"]
+        if not isinstance(table, dict):
+            raise ValueError("'gpus' is not an object")
+        return table
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        warnings.warn(f"shipped kernel configurations {path} are unreadable ({type(e).__name__}: {e}); ignoring them")
+        return {}
+
+
+def shipped_key(kind, N, K, dtype):
+    return f"{kind}|{N}x{K}|{str(dtype).replace('torch.', '')}"
+
+
+def shipped(kind, N, K, dtype, device, path=None):
+    """The configuration shipped in kernels/gemv_tuned.json for this GPU model, kind, shape and dtype, or None
+    (none shipped, or KERNELS_SHIPPED=off)."""
+    if os.environ.get("KERNELS_SHIPPED", "").strip().lower() in _OFF:
+        return None
+    return _shipped_table(path or SHIPPED_PATH).get(device_name(device), {}).get(shipped_key(kind, N, K, dtype))
 
 
 def compile_caches():

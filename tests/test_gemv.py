@@ -311,3 +311,50 @@ def test_tune_cache_tolerates_a_corrupt_file(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave no temp files
     monkeypatch.setenv("KERNELS_CACHE_DIR", "off")
     assert tune_cache.get(key) is None and tune_cache.put(key, 1) is False
+
+
+def test_shipped_configurations_fill_a_disk_cache_miss(tmp_path, monkeypatch):
+    """On a disk-cache miss, tune_gemv takes the winner benchmarks/tune_gemv.py shipped for this GPU model and shape
+    (kernels/gemv_tuned.json) without timing; KERNELS_SHIPPED=off or another shape times as before. A fake tuner and
+    a table written for the "cpu" device, no GPU."""
+    import json
+
+    from benchmarks.tune_gemv import ship
+    from kernels import gemv, tune_cache
+    monkeypatch.setenv("KERNELS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(gemv, "_TUNED", {})
+    calls = []
+    monkeypatch.setattr(gemv, "_time_candidates", lambda w, kind, c, f: calls.append(kind) or ((1, 4, 256, 4), 7.0))
+    table = tmp_path / "gemv_tuned.json"
+    ship(str(table), "cpu", {"normed|48x256|bfloat16": [2, 8, 256, 8]})
+    ship(str(table), "cpu", {"swiglu|96x256|bfloat16": [1, 16, 256, 4]})  # merged, not replaced
+    assert set(json.loads(table.read_text())["gpus"]["cpu"]) == {"normed|48x256|bfloat16", "swiglu|96x256|bfloat16"}
+    monkeypatch.setattr(tune_cache, "SHIPPED_PATH", str(table))
+    w = torch.empty(48, 256, dtype=torch.bfloat16)
+    assert gemv.is_tuned(w, "normed") and not gemv.is_tuned(w, "partials")
+    assert gemv.tune_gemv(w, "normed") == ((2, 8, 256, 8), None) and calls == []  # shipped: nothing timed
+    assert gemv.tune_gemv(w, "partials") == ((1, 4, 256, 4), 7.0) and calls == ["partials"]  # not shipped: timed
+    gemv._TUNED.clear()
+    monkeypatch.setenv("KERNELS_SHIPPED", "off")
+    assert not gemv.is_tuned(w, "normed")
+    assert gemv.tune_gemv(w, "normed") == ((1, 4, 256, 4), 7.0) and calls == ["partials", "normed"]
+
+
+def test_the_shipped_table_holds_only_runnable_candidates():
+    """Every configuration in kernels/gemv_tuned.json is one of the candidates tune_gemv would time for its kind and
+    shape (one split for swiglu / residual), so a shipped winner is a configuration the kernels were tested with."""
+    import json
+    import os
+
+    from kernels import gemv, tune_cache
+    if not os.path.exists(tune_cache.SHIPPED_PATH):
+        pytest.skip("no shipped table")
+    with open(tune_cache.SHIPPED_PATH) as f:
+        gpus = json.load(f)["gpus"]
+    assert gpus
+    for gpu, entries in gpus.items():
+        for key, cfg in entries.items():
+            kind, shape, dtype = key.split("|")
+            N, K = map(int, shape.split("x"))
+            assert kind in gemv.KINDS and dtype in ("bfloat16", "float16") and N > 0, (gpu, key)
+            assert tuple(cfg) in gemv._runnable(kind, K, gemv.CANDIDATES), (gpu, key, cfg)
