@@ -17,6 +17,7 @@ start-up). Other shapes and GPUs are still tuned on first use.
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -58,10 +59,12 @@ def ship(path, gpu, winners):
             table = json.load(f)
     table["gpus"].setdefault(gpu, {}).update(winners)
     table["gpus"][gpu] = dict(sorted(table["gpus"][gpu].items()))
+    text = json.dumps(table, indent=1)
+    text = re.sub(r"\[\s+([-\d,\s]+?)\s+\]", lambda m: "[" + ", ".join(m.group(1).split()).replace(",,", ",") + "]",
+                  text)  # one configuration a line
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(table, f, indent=1)
-        f.write("\n")
+        f.write(text + "\n")
     os.replace(tmp, path)
 
 
