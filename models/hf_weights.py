@@ -31,12 +31,14 @@ both transformers 4 and 5 load, and both rope spellings in config.json.
 Missing, unexpected and mis-shaped keys raise ValueError listing them. Buffers that old checkpoints carry
 (`rotary_emb.inv_freq`, `position_ids`) and the text half of a CLIPModel / SiglipModel are skipped on purpose.
 """
+import contextlib
 import glob
 import json
 import os
 import re
 
 import torch
+import torch.nn as nn
 
 from models.llama import ROPE_SCALING_KEYS, Llama, LlamaConfig
 from models.llava import LlavaConfig, LlavaModel
@@ -614,6 +616,27 @@ def load_streamed(model, folder, device="cpu", dtype=None, family=None):
     return model
 
 
+_INITS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "xavier_uniform_",
+          "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
+
+
+@contextlib.contextmanager
+def no_init_weights():
+    """Build modules without initialising their weights (torch.nn.init's functions do nothing inside), for a model
+    whose every weight a checkpoint then sets (load_state_dict, strict): transformers' no_init_weights. A 1.1B Llama's
+    random initialisation took 14 s on a 2-core CPU, all of it thrown away by the load. On the meta device
+    (load_pretrained) it computes nothing, yet torch.nn.init's calls there went through torch._refs, which imports
+    torch._dynamo: 1.5 s of a CPU generate.py's start that never compiles."""
+    saved = {name: getattr(nn.init, name) for name in _INITS}
+    try:
+        for name in _INITS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
 def load_pretrained(folder, dtype=torch.float32, device="cpu", family=None):
     """Build our model from an HF folder and load its weights. Returns the model (in eval mode).
 
@@ -624,7 +647,7 @@ def load_pretrained(folder, dtype=torch.float32, device="cpu", family=None):
     family = family or detect_family(config)
     config_from_hf, cls = BUILDERS[family]
     cfg = config_from_hf(config)
-    with torch.device("meta"):
+    with torch.device("meta"), no_init_weights():
         model = cls(cfg)
     state = hf_to_ours(model, family, read_state_dict(folder), source=folder)
     state = {k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype) for k, v in state.items()}

@@ -2,6 +2,7 @@
 input (utils/load_model.py), --eval."""
 import io
 import json
+import os
 import time
 
 import pytest
@@ -149,6 +150,33 @@ def test_cli_reports_its_start_up(tmp_path, capsys):
     t = time.perf_counter()
     res = generate.main(["--ckpt", ck, "--prompt", "All:", "--max-new-tokens", "8", "--quiet"], t_start=t - 2.0)
     assert res[0]["startup_s"]["imports"] >= 2.0 and "start-up" not in capsys.readouterr().err
+
+
+def test_cpu_generate_never_imports_the_compiler(tmp_path):
+    """On the CPU generate.py decodes eagerly, so nothing of its path may import torch._dynamo (1.4 s of a 2-core
+    start each: a custom op's first call, the meta-device init of an HF folder's model did). A fresh process reads
+    an HF folder, a Llama and a Coeus checkpoint and samples from each."""
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from models.hf_weights import export_pretrained
+    folder = tmp_path / "hf"
+    export_pretrained(tiny_llama(vocab=512), str(folder))
+    words = Tokenizer(models.WordLevel({"<unk>": 0, **{f"w{i}": i for i in range(1, 512)}}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.save(str(folder / "tokenizer.json"))
+    ck, coeus = save(tmp_path, "llama", tiny_llama()), save(tmp_path, "coeus", tiny_coeus(), name="coeus.pt")
+    code = ("import sys, generate\n"
+            f"generate.main(['--ckpt', {coeus!r}, '--prompt', 'All:', '--max-new-tokens', '4', '--quiet'])\n"
+            f"generate.main(['--ckpt', {str(folder)!r}, '--prompt', 'w1 w2', '--max-new-tokens', '4', '--quiet'])\n"
+            f"generate.main(['--ckpt', {ck!r}, '--prompt', 'All:', '--max-new-tokens', '4', '--quiet'])\n"
+            "print('dynamo imported:', 'torch._dynamo' in sys.modules)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "dynamo imported: False" in out.stdout
 
 
 def test_cli_coeus_greedy_matches_reference(tmp_path, capsys):

@@ -9,13 +9,13 @@ Loading only loads: the model keeps the checkpoint's parameters (not fused, noth
 script may start from it too; generate.py makes the decoding adapter afterwards (utils.decoding.inference_lm).
 Bad input ends in one line, `error: ...` (SystemExit).
 """
-import contextlib
 import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
+from models.hf_weights import no_init_weights
 from utils.adapters import load_merged
 from utils.checkpoint import load_checkpoint
 from utils.decoding import CoeusLM, LlamaLM
@@ -34,25 +34,6 @@ class Loaded:
 
 def fail(msg):
     raise SystemExit(f"error: {msg}")
-
-
-_INITS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "xavier_uniform_",
-          "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
-
-
-@contextlib.contextmanager
-def no_init_weights():
-    """Build modules without initialising their weights (torch.nn.init's functions do nothing inside), for a model
-    whose every weight a checkpoint then sets (load_state_dict, strict): transformers' no_init_weights. A 1.1B Llama's
-    random initialisation took 14 s on a 2-core CPU, all of it thrown away by the load."""
-    saved = {name: getattr(nn.init, name) for name in _INITS}
-    try:
-        for name in _INITS:
-            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(nn.init, name, fn)
 
 
 def load_model(path, device="cpu", dtype=torch.float32, tokenizer_path=None, adapter=None):

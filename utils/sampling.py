@@ -30,7 +30,7 @@ from dataclasses import dataclass, asdict
 import torch
 import torch.nn as nn
 
-from kernels.topk import topk
+from kernels.topk import topk, triton_topk_available
 
 NEG_INF = -float("inf")
 
@@ -247,8 +247,9 @@ def top_k_top_p_candidates(logits, cfg: SamplerConfig):
     k = min(max(cfg.top_k, cfg.min_tokens_to_keep), V)
     K = min(k + TIE_SLACK, V)
     # (B, K), descending; on CUDA two Triton kernels (kernels/topk.py: ~10 us where torch.topk takes ~45 in a
-    # decode step on an H200), whose ties go to the lower index
-    vals, idx = topk(logits, K)
+    # decode step on an H200), whose ties go to the lower index. Elsewhere torch.topk, called directly: the custom
+    # op's dispatch imports torch._dynamo at its first call (1.4 s of a CPU generate.py start that never compiles)
+    vals, idx = topk(logits, K) if triton_topk_available(logits.device) else torch.topk(logits, K)
     kth = vals[:, k - 1:k]
     overflow = (vals[:, -1] >= kth[:, 0]) & (K < V)
     vals = vals.masked_fill(vals < kth, NEG_INF)                 # top_k_filter: the k-th and its ties stay
