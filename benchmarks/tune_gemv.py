@@ -6,9 +6,9 @@
 A decode step's projections run as kernels/gemv.py's four kinds (kernels/fused_decode.py's KINDS): q/k/v "normed"
 (the RMSNorm in the prologue), o_proj and down_proj "residual", gate/up "swiglu", the head "partials". For each
 distinct (kind, N, K) of the configs, every candidate of kernels.gemv.CANDIDATES is compiled (all at once, on a
-pool of threads) and timed as tune_gemv times it: replayed in a CUDA graph over enough copies of the weight that L2
-never holds the one being read. The JSON holds every candidate's microseconds, the winner, and the winner's share
-of the device bandwidth measured in this run (bytes of the weight / time / bandwidth).
+pool of threads) and timed as tune_gemv times it (kernels.gemv.candidate_times: replayed in a CUDA graph over enough
+copies of the weight that L2 never holds the one being read). The JSON holds every candidate's microseconds, the
+winner, and the winner's share of the device bandwidth measured in this run (bytes of the weight / time / bandwidth).
 
 --ship merges the winners, under this GPU's name, into the table that kernels/tune_cache.shipped reads when the disk
 cache misses: a cold generate.py on this GPU model then times no GEMV candidate for these shapes (issue 19's
@@ -39,15 +39,6 @@ def decode_shapes(config):
     D = c.dim // c.n_heads
     return {("normed", (c.n_heads + 2 * c.n_kv_heads) * D, c.dim), ("residual", c.dim, c.n_heads * D),
             ("swiglu", 2 * c.ffn_dim, c.dim), ("residual", c.dim, c.ffn_dim), ("partials", c.vocab_size, c.dim)}
-
-
-def time_all(kind, N, K, dtype, l2_flush_bytes=256e6):
-    """{"split,block_n,block_k,warps": microseconds} of every runnable candidate, as tune_gemv times them."""
-    w0 = torch.randn(N, K, device="cuda", dtype=dtype)
-    ws = [w0] + [torch.randn_like(w0) for _ in range(max(2, int(l2_flush_bytes // w0.nbytes)) - 1)]
-    x = torch.randn(K, device="cuda", dtype=dtype)
-    return {",".join(map(str, cfg)): G.graph_time_us([G._launcher(kind, x, w, cfg) for w in ws])
-            for cfg in G._runnable(kind, K, G.CANDIDATES)}
 
 
 def ship(path, gpu, winners):
@@ -97,7 +88,8 @@ def main(argv=None):
           f"{bandwidth:.2f} TB/s", flush=True)
     rows, winners = {}, {}
     for (kind, N, K), configs in sorted(shapes.items()):
-        times = time_all(kind, N, K, dtype)
+        times = {",".join(map(str, cfg)): us for cfg, us in
+                 G.candidate_times(torch.empty(N, K, device="cuda", dtype=dtype), kind).items()}
         best = min(times, key=times.get)
         floor_us = N * K * dtype.itemsize / (bandwidth * 1e6)
         rows[f"{kind}|{N}x{K}"] = dict(configs=configs, best=best, best_us=round(times[best], 3),

@@ -388,20 +388,24 @@ def precompile_candidates(jobs, candidates=None):
                 _launcher(kind, x, weight, cfg)()
 
 
+def candidate_times(weight, kind, candidates=None, l2_flush_bytes=256e6):
+    """{config: microseconds} of every runnable candidate for weight's shape and kind (CUDA): each replayed in a CUDA
+    graph over random weights of that shape, enough copies (l2_flush_bytes in all) that L2 never holds the one read.
+    tune_gemv keeps the fastest; benchmarks/tune_gemv.py reports them all."""
+    K = weight.shape[1]
+    ws = [torch.randn_like(weight) for _ in range(max(2, int(l2_flush_bytes // weight.nbytes)))]
+    x = torch.randn(K, device=weight.device, dtype=weight.dtype)
+    return {cfg: graph_time_us([_launcher(kind, x, w, cfg) for w in ws])
+            for cfg in _runnable(kind, K, candidates or CANDIDATES)}
+
+
 def _time_candidates(weight, kind, candidates, l2_flush_bytes):
     """The fastest of candidates for weight's shape and kind, (config, microseconds): CUDA-graph timings."""
-    N, K = weight.shape
-    copies = max(2, int(l2_flush_bytes // weight.nbytes))
-    ws = [torch.randn_like(weight) for _ in range(copies)]
-    x = torch.randn(K, device=weight.device, dtype=weight.dtype)
-    best = (None, float("inf"))
-    for cfg in _runnable(kind, K, candidates):
-        t = graph_time_us([_launcher(kind, x, w, cfg) for w in ws])
-        if t < best[1]:
-            best = (cfg, t)
-    if best[0] is None:  # K smaller than every candidate's tile: one tile of K columns
-        best = ((1, 16, max(16, next_power_of_2(K)), 4), None)
-    return best
+    times = candidate_times(weight, kind, candidates, l2_flush_bytes)
+    if not times:  # K smaller than every candidate's tile: one tile of K columns
+        return (1, 16, max(16, next_power_of_2(weight.shape[1])), 4), None
+    best = min(times, key=times.get)
+    return best, times[best]
 
 
 def gemv(x, weight, config=DEFAULT, bias=None):
