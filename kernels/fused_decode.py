@@ -22,6 +22,7 @@ import torch
 
 from kernels.decode_attention import attention_step
 from kernels.gemv import DecodeLinear, gemv_partials, gemv_residual, gemv_swiglu
+from kernels.launch import compile_in_parallel
 
 
 # what each projection runs as here: the kind of kernel kernels.gemv.use_gemv tunes it for
@@ -95,3 +96,20 @@ def fused_layers(layers, x, cos, sin, mask, input_pos, arrivals):
         c = mlp.down_proj.gemv_config
         h, ss = gemv_residual(m, mlp.down_proj.weight, h, c[1], c[2], c[3])
     return h.view(x.shape)
+
+
+def precompile_fused_layers(layers, x, cos, sin, mask, input_pos, arrivals, head=None):
+    """Compile every Triton kernel a fused_layers call with these arguments launches (then head(h), e.g. the lm_head
+    DecodeLinear) at once, on a pool of threads (kernels.launch.compile_in_parallel), without running any: the
+    launches only compile, so no cache slot or arrival counter is touched and the outputs are left unwritten. (A
+    Triton before 3.4 cannot compile without launching: there the step runs, on the caller's inputs; LlamaLM passes a
+    token at position 0, a cache slot its prefill then overwrites.)
+
+    The GEMV tuner compiled its candidates with other arguments than a step passes (an RMSNorm statistic of K/4 parts
+    where the first layer reads one, Triton specialising an int equal to 1; the residual kernels' own parts after
+    that), and the attention kernel not at all, so without this each of those compiled in turn inside the first
+    decode step."""
+    with compile_in_parallel():
+        h = fused_layers(layers, x, cos, sin, mask, input_pos, arrivals)
+        if head is not None:
+            head(h)

@@ -234,3 +234,64 @@ def test_gla_heads_that_fit_a_hopper_and_those_that_do_not():
                 gla.launch_fwd(q, q, q, torch.empty(1, 2, 777), None, 0.1, 64)
                 gla.launch_bwd(q, q, q, torch.empty(1, 2, 777), None, q, None, 0.1, 64)
             assert (max(k.shared_bytes for k in kernels) <= HOPPER_SMEM) == ok, (dtype, D)
+
+
+def test_a_steps_kernels_compile_before_its_first_call(monkeypatch, tmp_path):
+    # generate.py's cold start on a GPU, through the fake Hopper driver: after the GEMV tuner compiled its candidates,
+    # a decode step through the fused layers still had kernels to compile (its attention kernel, the first layer's
+    # GEMV with a one-part norm statistic), one after another inside the first step; precompile_fused_layers compiles
+    # exactly the step's kernels, on the pool of threads, so the step then finds every one in Triton's caches
+    import threading
+    from collections import defaultdict
+    from triton.runtime import driver
+
+    from kernels.decode_attention import _decode_attention_kernel
+    from kernels.fused_decode import KINDS, fused_layers, new_arrivals, precompile_fused_layers
+    from kernels.launch import compile_in_parallel
+    from models.llama import Llama, llama_config
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # cold
+    kernel_fns = (gemv._gemv_partials_kernel, gemv._gemv_residual_kernel, gemv._gemv_swiglu_kernel,
+                  _decode_attention_kernel)
+    monkeypatch.setattr(driver, "_active", FakeHopperDriver())
+    compiled = []
+
+    def cold_caches():  # this test's JIT caches only, empty; every compile recorded
+        for fn in kernel_fns:
+            monkeypatch.setattr(fn, "device_caches", defaultdict(fn.create_binder))
+            fn.device_caches[0]  # the binder for the fake GPU, which sets fn.compile
+            compile_ = fn.compile
+            monkeypatch.setattr(fn, "compile", lambda *a, c=compile_, name=fn.__name__, **k:
+                                compiled.append((name, threading.get_ident())) or c(*a, **k))
+
+    cold_caches()
+    torch.manual_seed(0)
+    model = Llama(llama_config("tiny", dim=128, n_heads=4, n_kv_heads=2, ffn_dim=256)).to(BF16).fuse_projections()
+    gemv.use_gemv(model, tune=False, kinds=KINDS)
+    layers = model.layers
+    for layer in layers:  # the tiles a tuner could have chosen (what the GEMV tuner compiles below)
+        for p in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+            p.gemv_config = (1 if p.kind in ("swiglu", "residual") else 2, 16, 128, 4)
+    gemv.precompile_candidates([(p.weight, p.kind) for p in (layers[0].self_attn.qkv_proj, layers[0].self_attn.o_proj,
+                                                             layers[0].mlp.gate_up_proj, layers[0].mlp.down_proj)],
+                               candidates=[(1, 16, 128, 4), (2, 16, 128, 4)])
+    model.setup_cache(1, 64)
+    arrivals = new_arrivals(layers)
+    pos = torch.zeros(1, dtype=torch.long)
+    x, cos, sin, mask = model.layer_inputs(torch.zeros(1, 1, dtype=torch.long), None, input_pos=pos)
+
+    def step_compiles():
+        before = len(compiled)
+        with compile_in_parallel():  # the launches a step makes, compiled (none run on this CPU)
+            fused_layers(layers, x, cos, sin, mask, pos, arrivals)
+        return compiled[before:]
+
+    left = step_compiles()
+    assert {name for name, _ in left} >= {"_decode_attention_kernel", "_gemv_partials_kernel"}, left
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cold"))  # cold again
+    cold_caches()
+    compiled.clear()
+    precompile_fused_layers(layers, x, cos, sin, mask, pos, arrivals)
+    assert {name for name, _ in compiled} == {fn.__name__ for fn in kernel_fns}
+    assert threading.get_ident() not in {t for _, t in compiled}  # on the pool
+    assert step_compiles() == []  # the step finds every kernel compiled

@@ -21,11 +21,12 @@ import torch
 import torch.nn as nn
 
 from kernels.fused_decode import (KINDS as FUSED_KINDS, can_run_fused_layers, fused_layers,
-                                  fused_layers_unsupported, new_arrivals)
+                                  fused_layers_unsupported, new_arrivals, precompile_fused_layers)
 from kernels.gemv import use_gemv
-from kernels.launch import kernels_by_default
+from kernels.launch import compile_in_parallel, kernels_by_default
 from utils.runtime import CompiledOrEager, GraphedCalls
-from utils.sampling import TIE_SLACK, ContextState, SamplerConfig, choose
+from utils.sampling import (TIE_SLACK, ContextState, SamplerConfig, choose, samples_from_candidates,
+                            top_k_top_p_candidates)
 
 
 # --- model adapters: one interface over a KV-cache decoder and a recurrent one ------------------------------
@@ -63,7 +64,18 @@ class LlamaLM(nn.Module):
             self.model.setup_cache(batch, capacity)
             if self.layer_kernels:
                 self.arrivals = new_arrivals(self.model.layers)
+                self._precompile_step()
             self._shape = (batch, capacity)
+
+    @torch.no_grad()
+    def _precompile_step(self):
+        """On CUDA, compile the kernels of a one-token step through the fused layers, all at once on a pool of
+        threads, before the first step would compile them one after another (a cold start's first tokens)."""
+        pos = torch.zeros(1, dtype=torch.long, device=self.arrivals.device)
+        tok = torch.zeros(1, 1, dtype=torch.long, device=pos.device)
+        x, cos, sin, mask = self.model.layer_inputs(tok, None, input_pos=pos)
+        if pos.is_cuda and can_run_fused_layers(self.model.layers, x, pos):
+            precompile_fused_layers(self.model.layers, x, cos, sin, mask, pos, self.arrivals, head=self.model.lm_head)
 
     def prefill(self, input_ids, inputs_embeds=None):
         """(B, T) prompt -> logits of its last position (B, V); fills cache slots 0..T-1."""
@@ -183,6 +195,10 @@ class Decoder(nn.Module):
         self.lm.setup(batch, capacity)
         self.ctx.setup(batch, capacity, device)
         self.banned = self.banned.to(device)
+        if str(device).startswith("cuda") and samples_from_candidates(self.sampler):
+            # the top-k kernels compiled now, beside nothing else, rather than inside the first step (no launch runs)
+            with compile_in_parallel():
+                top_k_top_p_candidates(torch.zeros(batch, self.lm.vocab_size, device=device), self.sampler)
         if self.tie_overflow.shape != (batch,) or self.tie_overflow.device != torch.device(device):
             self.tie_overflow = torch.zeros(batch, dtype=torch.bool, device=device)  # zeroed again by prefill
 

@@ -271,13 +271,18 @@ def top_k_candidates_as_logits(logits, cfg: SamplerConfig):
     return full.scatter(1, idx, vals), overflow
 
 
+def samples_from_candidates(cfg: SamplerConfig):
+    """Whether choose() samples among top_k_top_p_candidates (top-k set, no min-p) rather than the whole vocabulary."""
+    return not cfg.greedy and bool(cfg.top_k) and not cfg.min_p
+
+
 def choose(logits, cfg: SamplerConfig, overflow=None):
     """logits (B, V) already through ContextState.process -> next token ids (B,), on device.
 
     overflow: an optional (B,) bool buffer, or-ed in place with the fast path's tie overflow."""
     if cfg.greedy:
         return torch.argmax(logits, dim=-1)
-    if cfg.top_k and not cfg.min_p:
+    if samples_from_candidates(cfg):
         vals, idx, over = top_k_top_p_candidates(logits, cfg)
         if overflow is not None:
             overflow |= over
