@@ -340,6 +340,16 @@ def test_shipped_configurations_fill_a_disk_cache_miss(tmp_path, monkeypatch):
     assert gemv.tune_gemv(w, "normed") == ((1, 4, 256, 4), 7.0) and calls == ["partials", "normed"]
 
 
+def test_an_unreadable_shipped_table_is_ignored_with_a_warning(tmp_path):
+    from kernels import tune_cache
+    for i, text in enumerate(('{"gpus": {"cpu": {"normed|48x256|bfloat16": [2, 8', '{"configs": {}}', '{"gpus": [1]}')):
+        path = tmp_path / f"table{i}.json"
+        path.write_text(text)
+        with pytest.warns(UserWarning, match="unreadable"):
+            assert tune_cache.shipped("normed", 48, 256, torch.bfloat16, "cpu", path=str(path)) is None
+    assert tune_cache.shipped("normed", 48, 256, torch.bfloat16, "cpu", path=str(tmp_path / "none.json")) is None
+
+
 def test_the_shipped_table_holds_only_runnable_candidates():
     """Every configuration in kernels/gemv_tuned.json is one of the candidates tune_gemv would time for its kind and
     shape (one split for swiglu / residual), so a shipped winner is a configuration the kernels were tested with."""
