@@ -22,7 +22,8 @@ The floor: a decoded token reads every weight but the embedding table once, and 
 tokens/s <= bandwidth / bytes read a token; the bandwidth is measured in this run (a large device-to-device
 copy: bytes read + written over its time), not taken from a data sheet (--bandwidth-tbs overrides it).
 Start-up: startup_s is ours from the model to the end of its first (warm-up) run: GEMV tuning (or its disk
-cache, kernels/tune_cache.py), compilation of prefill and step, CUDA-graph capture; wall_s is the whole run.
+cache, or the tiles shipped for this GPU in kernels/gemv_tuned.json; KERNELS_SHIPPED=off times them), compilation of
+the step's kernels, prefill and glue, CUDA-graph capture; wall_s is the whole run.
 Inductor's coordinate-descent tuning is off unless --coordinate-descent (it cost > 200 s of compilation).
 Also a float32 prefill-with-KV-cache check (models/llama.py's grouped-query path, on the device: it crashed on
 CUDA) and nano Coeus decode tokens/s.
