@@ -71,10 +71,12 @@ class LlamaLM(nn.Module):
     def _precompile_step(self):
         """On CUDA, compile the kernels of a one-token step through the fused layers, all at once on a pool of
         threads, before the first step would compile them one after another (a cold start's first tokens)."""
+        if not self.arrivals.is_cuda:
+            return
         pos = torch.zeros(1, dtype=torch.long, device=self.arrivals.device)
-        tok = torch.zeros(1, 1, dtype=torch.long, device=pos.device)
-        x, cos, sin, mask = self.model.layer_inputs(tok, None, input_pos=pos)
-        if pos.is_cuda and can_run_fused_layers(self.model.layers, x, pos):
+        x, cos, sin, mask = self.model.layer_inputs(torch.zeros(1, 1, dtype=torch.long, device=pos.device), None,
+                                                    input_pos=pos)
+        if can_run_fused_layers(self.model.layers, x, pos):
             precompile_fused_layers(self.model.layers, x, cos, sin, mask, pos, self.arrivals, head=self.model.lm_head)
 
     def prefill(self, input_ids, inputs_embeds=None):
